@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test env clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Prepares the default corpus (cached), trains the demo config, evaluates the checkpoint in a fresh process.
+demo: $(STAMP)
+	$(BIN)/python -m train.train --config=configs/demo.py --workdir=$(DEMO_DIR)
+	$(BIN)/python -m eval.evaluate --workdir=$(DEMO_DIR) --baseline
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,98 @@
+"""Every default of an experiment, one comment per field.
+
+Experiment files start from `get_config()` here and change what they need. The whole tree is
+converted to frozen dataclasses (`configs.schema.load`) and validated before any work starts.
+
+Usage: python -m train.train --config=configs/base.py --workdir=/tmp/run
+Hardware: a ~125M-parameter dense model (12 layers, width 768, sequence 1024); meant for a GPU.
+Expected: a reference point for the routed experiments, not a result by itself.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 384          # embedding rows; >= tokenizer vocabulary (byte level: 257), padded for speed
+  m.num_layers = 12           # transformer blocks
+  m.d_model = 768             # residual width
+  m.num_heads = 12            # query heads; must divide d_model
+  m.num_kv_heads = 12         # key/value heads (grouped-query attention when < num_heads); divides num_heads
+  m.mlp_dim = 2048            # SwiGLU hidden width
+  m.tie_embeddings = True     # output projection is the transposed input embedding
+  m.rope_theta = 10000.0      # RoPE base frequency
+  m.norm_eps = 1e-6           # RMSNorm epsilon
+  m.init_std = 0.02           # std of the normal initialiser of every projection and the embedding
+  m.dtype = 'bfloat16'        # compute dtype of matmuls and activations (softmax and loss stay f32)
+  m.param_dtype = 'float32'   # parameter storage dtype
+  m.scan_layers = True        # stack the blocks and jax.lax.scan over them (fast compile at depth)
+  m.remat = 'none'            # rematerialisation of each block: none | full | save_dots | save_dots_no_batch
+
+  c.attention = a = ml_collections.ConfigDict()
+  a.impl = 'auto'             # jax.nn.dot_product_attention backend: auto (cudnn on GPU when it applies) | xla | cudnn
+
+  c.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 0           # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP
+
+  c.data = d = ml_collections.ConfigDict()
+  d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)
+  d.tokenizer = 'byte'        # tokenizer of the default corpus: byte
+  d.heldout_fraction = 0.02   # default corpus: share of files held out for evaluation (split by file name hash)
+  d.cache_dir = ''            # where the default corpus is prepared; '' = $ROUTED_CACHE or ~/.cache/routed_transformers
+  d.seed = 0                  # shuffling seed of the training windows
+  d.worker_count = 0          # grain worker processes (0 = in the main process)
+  d.prefetch = 2              # grain prefetch buffer per worker
+
+  c.optimizer = o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-4      # peak learning rate after warmup
+  o.warmup_steps = 200        # linear warmup from 0
+  o.decay = 'cosine'          # schedule after warmup: cosine | linear | constant
+  o.min_lr_ratio = 0.1        # final learning rate as a fraction of the peak
+  o.b1 = 0.9                  # AdamW beta1
+  o.b2 = 0.95                 # AdamW beta2
+  o.eps = 1e-8                # AdamW epsilon
+  o.weight_decay = 0.1        # decoupled weight decay; never applied to norms, biases or embedding norms
+  o.grad_clip = 1.0           # global-norm clipping threshold; 0 disables
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10000             # optimizer steps in the run
+  t.batch_size = 64           # global batch in sequences (all devices, all processes)
+  t.seq_len = 1024            # tokens per sequence
+  t.grad_accum = 1            # micro-batches per step; batch_size must divide by it (times the data-parallel size)
+  t.seed = 0                  # parameter initialisation seed
+  t.log_every = 10            # steps between metric lines, metrics.jsonl rows and TensorBoard points
+  t.peak_tflops = 989.0       # per-device peak for the MFU estimate (989 = H100 SXM dense bf16); 0 hides MFU
+  t.stop_after = 0            # stop (with a checkpoint) after this many steps in this process; 0 = run to train.steps
+
+  c.checkpoint = k = ml_collections.ConfigDict()
+  k.every_steps = 1000        # steps between checkpoints (a final one is always written)
+  k.max_to_keep = 3           # newest checkpoints kept on disk
+  k.async_save = True         # write checkpoints in the background while training continues
+
+  c.mesh = h = ml_collections.ConfigDict()
+  h.shape = (1, -1, 1, 1)     # device mesh over axes (data, fsdp, tensor, expert); one -1 takes the remaining devices
+  h.rules = 'fsdp'            # logical->mesh rule preset from configs/sharding.py: dp | fsdp | fsdp_tp | fsdp_ep
+
+  c.eval = v = ml_collections.ConfigDict()
+  v.batch_size = 16           # evaluation batch in sequences
+  v.max_batches = 50          # held-out batches per evaluation; 0 = the whole held-out split
+  v.every_steps = 0           # held-out evaluation during training every N steps; 0 = never
+
+  return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to the size of `:tiny`: same mechanisms, about a minute on 2 CPU cores.
+
+  f32 compute so tests can compare sharded and unsharded runs to f32 tolerance.
+  """
+  c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                 dtype='float32', remat='none')
+  c.train.update(steps=20, batch_size=8, seq_len=64, log_every=5, peak_tflops=0.0)
+  c.optimizer.update(warmup_steps=2, learning_rate=3e-3)
+  c.checkpoint.update(every_steps=10, max_to_keep=2)
+  c.eval.update(batch_size=8, max_batches=2)
+  c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')
+  return c

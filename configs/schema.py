@@ -1,0 +1,230 @@
+"""ConfigDict -> frozen dataclasses, validated once at the boundary.
+
+`load(config_dict, num_devices)` is the only place a ConfigDict is read. Every error is a
+`ConfigError` whose one-line message names the field and what was expected.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+from configs import sharding
+from model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+
+DECAYS = ('cosine', 'linear', 'constant')
+TOKENIZERS = ('byte',)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = ''
+  tokenizer: str = 'byte'
+  heldout_fraction: float = 0.02
+  cache_dir: str = ''
+  seed: int = 0
+  worker_count: int = 0
+  prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-4
+  warmup_steps: int = 200
+  decay: str = 'cosine'
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 10000
+  batch_size: int = 64
+  seq_len: int = 1024
+  grad_accum: int = 1
+  seed: int = 0
+  log_every: int = 10
+  peak_tflops: float = 989.0
+  stop_after: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 1000
+  max_to_keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  shape: tuple[int, ...] = (1, -1, 1, 1)
+  rules: str = 'fsdp'
+
+  def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
+    """The shape with its -1 filled in; assumes `validate` passed."""
+    known = math.prod(s for s in self.shape if s != -1)
+    return tuple(num_devices // known if s == -1 else s for s in self.shape)
+
+  def axis_size(self, axis: str, num_devices: int) -> int:
+    return self.resolved_shape(num_devices)[sharding.MESH_AXES.index(axis)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batch_size: int = 16
+  max_batches: int = 50
+  every_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig
+  data: DataConfig
+  optimizer: OptimizerConfig
+  train: TrainConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+  eval: EvalConfig
+
+  @property
+  def attention(self) -> AttentionConfig:
+    return self.model.attention
+
+  @property
+  def moe(self) -> MoEConfig:
+    return self.model.moe
+
+  def to_dict(self) -> dict:
+    """The nested plain dict written to `config.json` (groups as in the config file)."""
+    out = dataclasses.asdict(self)
+    out['attention'] = out['model'].pop('attention')
+    out['moe'] = out['model'].pop('moe')
+    return out
+
+
+_GROUPS = {
+    'model': ModelConfig, 'attention': AttentionConfig, 'moe': MoEConfig, 'data': DataConfig,
+    'optimizer': OptimizerConfig, 'train': TrainConfig, 'checkpoint': CheckpointConfig,
+    'mesh': MeshConfig, 'eval': EvalConfig,
+}
+
+
+def _coerce(path: str, value: Any, kind: Any) -> Any:
+  """Checks one value against its dataclass field type, allowing int where float is expected."""
+  origin = typing.get_origin(kind)
+  if origin in (tuple,):
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value):
+      raise ConfigError(f'{path}={value!r}: expected a tuple of integers')
+    return tuple(value)
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    raise ConfigError(f'{path}={value!r}: expected {kind.__name__}, got {type(value).__name__}')
+  return value
+
+
+def _group(name: str, values: dict, **nested) -> Any:
+  cls = _GROUPS[name]
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)} - set(nested)
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ConfigError(f'{name}.{unknown[0]}: unknown field; expected one of {sorted(fields)}')
+  kwargs = {k: _coerce(f'{name}.{k}', v, hints[k]) for k, v in values.items()}
+  return cls(**kwargs, **nested)
+
+
+def from_dict(tree: dict) -> Config:
+  """Builds the dataclasses from a nested dict (a ConfigDict's `to_dict()` or `config.json`)."""
+  unknown = sorted(set(tree) - set(_GROUPS))
+  if unknown:
+    raise ConfigError(f'{unknown[0]}: unknown config group; expected one of {sorted(_GROUPS)}')
+  get = lambda name: dict(tree.get(name) or {})
+  model = _group('model', get('model'), attention=_group('attention', get('attention')),
+                 moe=_group('moe', get('moe')))
+  return Config(model=model, **{g: _group(g, get(g)) for g in
+                                ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')})
+
+
+def load(config: ml_collections.ConfigDict | dict, num_devices: int) -> Config:
+  """Converts and validates a whole experiment config for a run on `num_devices` devices."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  cfg = from_dict(tree)
+  validate(cfg, num_devices)
+  return cfg
+
+
+def _positive(path: str, value: float) -> None:
+  if value <= 0:
+    raise ConfigError(f'{path}={value}: expected a positive value')
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+  """Cross-field checks; raises ConfigError naming the first offending field."""
+  cfg.model.validate()
+  t, o, d, k, m, e = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint, cfg.mesh, cfg.eval
+  for path, value in (('train.steps', t.steps), ('train.batch_size', t.batch_size),
+                      ('train.seq_len', t.seq_len), ('train.grad_accum', t.grad_accum),
+                      ('train.log_every', t.log_every), ('optimizer.learning_rate', o.learning_rate),
+                      ('checkpoint.every_steps', k.every_steps),
+                      ('checkpoint.max_to_keep', k.max_to_keep), ('eval.batch_size', e.batch_size)):
+    _positive(path, value)
+  if o.decay not in DECAYS:
+    raise ConfigError(f'optimizer.decay={o.decay!r}: expected one of {DECAYS}')
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError(f'optimizer.min_lr_ratio={o.min_lr_ratio}: expected a value in [0, 1]')
+  if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
+    raise ConfigError(f'optimizer.warmup_steps={o.warmup_steps}: expected 0 <= warmup < train.steps={t.steps}')
+  if o.weight_decay < 0 or o.grad_clip < 0:
+    raise ConfigError('optimizer.weight_decay and optimizer.grad_clip must be >= 0')
+  if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
+    raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
+  if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:
+    raise ConfigError('train.stop_after, train.peak_tflops, eval.max_batches and eval.every_steps must be >= 0')
+  if d.tokenizer not in TOKENIZERS:
+    raise ConfigError(f'data.tokenizer={d.tokenizer!r}: expected one of {TOKENIZERS}')
+  if not 0 < d.heldout_fraction < 1:
+    raise ConfigError(f'data.heldout_fraction={d.heldout_fraction}: expected a value in (0, 1)')
+  if d.worker_count < 0 or d.prefetch < 1:
+    raise ConfigError('data.worker_count must be >= 0 and data.prefetch >= 1')
+  _validate_mesh(cfg, num_devices)
+
+
+def _validate_mesh(cfg: Config, num_devices: int) -> None:
+  m, t = cfg.mesh, cfg.train
+  if m.rules not in sharding.PRESETS:
+    raise ConfigError(f'mesh.rules={m.rules!r}: expected one of {sorted(sharding.PRESETS)}')
+  if len(m.shape) != len(sharding.MESH_AXES):
+    raise ConfigError(f'mesh.shape={m.shape}: expected {len(sharding.MESH_AXES)} sizes for axes {sharding.MESH_AXES}')
+  if m.shape.count(-1) > 1 or any(s == 0 or s < -1 for s in m.shape):
+    raise ConfigError(f'mesh.shape={m.shape}: expected positive sizes and at most one -1')
+  known = math.prod(s for s in m.shape if s != -1)
+  if known > num_devices or (-1 not in m.shape and known != num_devices) or num_devices % known:
+    raise ConfigError(f'mesh.shape={m.shape} needs {known} devices{" (or a divisor of the count)" if -1 in m.shape else ""}; '
+                      f'{num_devices} are available')
+  size = dict(zip(sharding.MESH_AXES, m.resolved_shape(num_devices)))
+  data_parallel = size['data'] * size['fsdp'] * size['expert']
+  if t.batch_size % (data_parallel * t.grad_accum):
+    raise ConfigError(f'train.batch_size={t.batch_size} must divide by the data-parallel size '
+                      f'{data_parallel} times train.grad_accum={t.grad_accum}')
+  if cfg.eval.batch_size % data_parallel:
+    raise ConfigError(f'eval.batch_size={cfg.eval.batch_size} must divide by the data-parallel size {data_parallel}')
+  rules = sharding.rules(m.rules)
+  model = cfg.model
+  dims = {'embed': 'd_model', 'mlp': 'mlp_dim', 'heads': 'num_heads', 'kv_heads': 'num_kv_heads',
+          'vocab': 'vocab_size'}
+  for logical, field in dims.items():
+    axes = rules.get(logical)
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    n = math.prod(size[a] for a in axes)
+    if getattr(model, field) % n:
+      raise ConfigError(f'model.{field}={getattr(model, field)} must divide over mesh axes {axes} '
+                        f'of size {n} (mesh.rules={m.rules!r}, mesh.shape={m.shape})')

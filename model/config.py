@@ -1,0 +1,79 @@
+"""Frozen, validated configuration of the model: what model code reads instead of a ConfigDict."""
+
+import dataclasses
+
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """A configuration value is wrong; the message names the field and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  impl: str = 'auto'
+
+  def validate(self) -> None:
+    if self.impl not in ATTENTION_IMPLS:
+      raise ConfigError(f'attention.impl={self.impl!r}: expected one of {ATTENTION_IMPLS}')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_experts: int = 0
+
+  def validate(self) -> None:
+    if self.num_experts < 0:
+      raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
+    if self.num_experts > 0:
+      raise ConfigError(
+          f'moe.num_experts={self.num_experts}: MoE layers are not available in this version; use 0')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 384
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 12
+  num_kv_heads: int = 12
+  mlp_dim: int = 2048
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat: str = 'none'
+  attention: AttentionConfig = AttentionConfig()
+  moe: MoEConfig = MoEConfig()
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def validate(self) -> None:
+    for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'mlp_dim'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'model.{name}={getattr(self, name)}: expected a positive integer')
+    if self.d_model % self.num_heads:
+      raise ConfigError(
+          f'model.num_heads={self.num_heads} must divide model.d_model={self.d_model}')
+    if self.head_dim % 2:
+      raise ConfigError(
+          f'model.d_model/model.num_heads={self.head_dim}: RoPE needs an even head dimension')
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f'model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}')
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f'model.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
+    if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
+      raise ConfigError('model.init_std, model.norm_eps and model.rope_theta must be positive')
+    self.attention.validate()
+    self.moe.validate()
