@@ -1,0 +1,37 @@
+"""Command-line parsing that turns every flag or config-override mistake into one clear line."""
+
+import re
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for `app.run(..., flags_parser=parse_flags)`; exits 2 with one line on error."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).splitlines()[0]
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
+    text = str(e.args[0] if e.args else e)
+    key = re.search(r'[A-Za-z_]\w*', text).group()
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    culprit = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and
+                    re.search(rf'[.]{re.escape(key)}(=|$|[.])', a.split('=')[0])), f'config field {key!r}')
+    message = f'{culprit}: no such config field' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+  except Exception as e:  # a config file that does not load (missing, syntax error, ...)
+    message = f'{type(e).__name__}: {e}'.splitlines()[0]
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def config_value(holder: flags.FlagHolder):
+  """The loaded ConfigDict of a config-file flag; exits 2 with one line if the file did not load."""
+  try:
+    value = holder.value
+    value.keys()  # a file that failed to load raises here, not at .value
+    return value
+  except (OSError, ImportError, SyntaxError, AttributeError) as e:
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    print(f'error: --{holder.name}: the config file did not load ({detail})', file=sys.stderr)
+    sys.exit(2)

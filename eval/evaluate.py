@@ -1,0 +1,133 @@
+"""`python -m eval.evaluate --workdir=DIR [--step=N] [--data=PATH] [--baseline]`.
+
+Restores a checkpoint in a fresh process (config from DIR/config.json), evaluates the held-out
+split, writes DIR/eval/step_N.json and prints one JSON line last. `--baseline` also evaluates the
+same architecture at initialisation, for comparison.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+
+from configs import cli, schema, sharding
+from data import corpus, pipeline
+from data.tokenizer import get_tokenizer
+from model.config import ConfigError
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.step import StepFns, make_step_fns
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+_DATA = flags.DEFINE_string('data', None, 'Prepared dataset to evaluate; default: the run\'s own.')
+_BASELINE = flags.DEFINE_bool('baseline', False, 'Also evaluate the untrained model (same seed).')
+
+
+def _sum_loss(fns: StepFns):
+  """Jitted (model_state, batch) -> (sum of token losses, token count), f32."""
+
+  def fn(model_state, batch):
+    model = nnx.merge(fns.model_def, model_state)
+    logits, _ = model(batch['inputs'])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch['targets'])
+    return ce.sum(), jnp.float32(ce.size)
+
+  return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
+
+
+def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config) -> dict:
+  """Held-out loss, perplexity, token count and bits per byte of `state['model']`."""
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  step_fn = _sum_loss(fns)
+  total, count, num_bytes = 0.0, 0.0, 0
+  for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
+                                     batch_size=cfg.eval.batch_size,
+                                     max_batches=cfg.eval.max_batches):
+    num_bytes += tokenizer.num_bytes(batch['targets'])
+    loss_sum, n = step_fn(state['model'], pipeline.make_global_batch(batch, fns.batch_sharding))
+    total, count = total + float(loss_sum), count + float(n)
+  if count == 0:
+    raise corpus.DataError(f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; '
+                           'nothing to evaluate')
+  loss = total / count
+  out = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)), 'tokens': int(count)}
+  if tokenizer.byte_level and num_bytes:
+    out['bits_per_byte'] = total / math.log(2) / num_bytes
+  return out
+
+
+def _eval_config(cfg: schema.Config) -> tuple[schema.Config, int]:
+  """The run's config and device count; data-parallel over the devices here if its mesh does not fit."""
+  try:
+    schema.validate(cfg, jax.device_count())
+    return cfg, jax.device_count()
+  except ConfigError as e:
+    n = jax.device_count()
+    while cfg.eval.batch_size % n:
+      n -= 1
+    logging.info('training mesh does not fit here (%s); evaluating data-parallel on %d devices', e, n)
+    return dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(n, 1, 1, 1), rules='dp')), n
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
+                        baseline: bool = False) -> dict:
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
+  with open(config_path) as f:
+    cfg = schema.from_dict(json.load(f))
+  if data is not None:
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+  cfg, num_devices = _eval_config(cfg)
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:num_devices])
+  fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
+  model_state = ckpt.restore_model(step, fns.abstract_state()['model'])
+  tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'heldout')
+  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg)}
+  if baseline:
+    init = evaluate_model(fns, fns.init(), tokens, cfg)
+    result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, 'eval')
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'step_{step}.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _WORKDIR.value is None:
+    raise app.UsageError('--workdir is required')
+  try:
+    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA.value, _BASELINE.value)
+  except (ConfigError, corpus.DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(result))
+
+
+def run():
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,58 @@
+"""Orbax checkpoints of the train state and the data iterator.
+
+Items: `model` (parameters), `opt` (optimizer state) and `data` (grain iterator state), so
+evaluation restores only `model`. Orbax writes each step into a temporary directory and renames it
+when complete, so a half-written step is never listed and never chosen for restore.
+"""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+from configs.schema import CheckpointConfig
+
+
+class Checkpointer:
+  """A CheckpointManager under `workdir/checkpoints` keeping the newest `max_to_keep` steps."""
+
+  def __init__(self, workdir: str, cfg: CheckpointConfig, *, read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
+        create=not read_only, read_only=read_only)
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: dict, data_iterator=None) -> bool:
+    items = {'model': ocp.args.StandardSave(state['model']),
+             'opt': ocp.args.StandardSave(state['opt'])}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
+    """Restores `step` onto the shardings carried by `abstract_state` (and the iterator in place)."""
+    items = {'model': ocp.args.StandardRestore(abstract_state['model']),
+             'opt': ocp.args.StandardRestore(abstract_state['opt'])}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return {'model': restored['model'], 'opt': restored['opt']}
+
+  def restore_model(self, step: int, abstract_model_state):
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model_state)))
+    return restored['model']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,86 @@
+"""Host-side metrics: window averages, metrics.jsonl, TensorBoard events, the progress line."""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+# Metrics reported as their value at the logging step rather than a window mean.
+_POINT_METRICS = ('learning_rate', 'step')
+
+
+class MetricsLogger:
+  """Accumulates per-step host metrics and writes one record per logging window.
+
+  Only the primary process writes files; every process may call it.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
+               flops_per_token: float, peak_flops: float, primary: bool = True):
+    self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+    self.primary = primary
+    self._window: dict[str, list[float]] = {}
+    self._window_steps = 0
+    self._t0 = time.perf_counter()
+    self._jsonl = self._tb = None
+    if primary:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def restart_clock(self) -> None:
+    """Starts a fresh timing window (after compilation, restore or evaluation)."""
+    self._window, self._window_steps, self._t0 = {}, 0, time.perf_counter()
+
+  def add(self, metrics: dict) -> None:
+    for name, value in metrics.items():
+      self._window.setdefault(name, []).append(float(np.asarray(value)))
+    self._window_steps += 1
+
+  def write(self, step: int) -> dict:
+    """Closes the window ending at `step`: returns and records its summary."""
+    elapsed = time.perf_counter() - self._t0
+    record = {'step': step}
+    for name, values in self._window.items():
+      record[name] = values[-1] if name in _POINT_METRICS else float(np.mean(values))
+    record.pop('finite', None)
+    steps_per_sec = self._window_steps / max(elapsed, 1e-9)
+    record['tokens_per_sec'] = steps_per_sec * self.tokens_per_step
+    record['step_time'] = 1.0 / max(steps_per_sec, 1e-9)
+    if self.peak_flops > 0:
+      record['mfu'] = record['tokens_per_sec'] * self.flops_per_token / self.peak_flops
+    self.record(step, record)
+    eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
+    mfu = f" mfu {100 * record['mfu']:.1f}%" if 'mfu' in record else ''
+    logging.info('step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.3f s/step%s  eta %s',
+                 step, self.total_steps, record.get('loss', math.nan),
+                 record.get('learning_rate', math.nan), record['tokens_per_sec'],
+                 record['step_time'], mfu, _duration(eta))
+    self.restart_clock()
+    return record
+
+  def record(self, step: int, record: dict) -> None:
+    """Writes an arbitrary record (e.g. held-out metrics) to metrics.jsonl and TensorBoard."""
+    if not self.primary:
+      return
+    self._jsonl.write(json.dumps(record) + '\n')
+    for name, value in record.items():
+      if name != 'step' and isinstance(value, (int, float)):
+        self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.primary:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'

@@ -1,0 +1,132 @@
+"""Train state, its shardings, and the one jitted train step.
+
+The state is a plain dict `{'model': nnx.State, 'opt': nnx.State}` so that it is a pytree that
+`jax.jit` donates and Orbax saves. The graph definitions live in `StepFns` and never change.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from configs.schema import Config
+from model import axes
+from model.transformer import Transformer
+from train import mesh as mesh_lib
+from train.optimizer import learning_rate_schedule, make_optimizer
+
+
+def build_model(cfg: Config, seed: int | None = None) -> Transformer:
+  return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
+
+
+def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
+  model = build_model(cfg)
+  return model, nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
+
+
+def lm_loss(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array | None = None):
+  """Mean next-token cross-entropy in f32 over the tokens with nonzero weight."""
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
+  if weights_BL is None:
+    return ce_BL.mean()
+  return (ce_BL * weights_BL).sum() / jnp.maximum(weights_BL.sum(), 1.0)
+
+
+def model_loss(model: Transformer, batch: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  """Training objective: LM loss plus the routed layers' weighted auxiliary losses."""
+  logits, aux = model(batch['inputs'], positions_BL=batch.get('positions'),
+                      segment_ids_BL=batch.get('segment_ids'))
+  lm = lm_loss(logits, batch['targets'], batch.get('weights'))
+  return lm + aux['loss'], (lm, aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """Everything static about training: graph definitions, shardings, jitted functions."""
+  cfg: Config
+  mesh: Mesh
+  rules: dict
+  model_def: nnx.GraphDef
+  opt_def: nnx.GraphDef
+  state_shardings: dict
+  batch_sharding: NamedSharding
+  init: Callable[[], dict]
+  train_step: Callable[[dict, dict], tuple[dict, dict]]
+
+  def abstract_state(self) -> dict:
+    """Shape/dtype/sharding targets of the state, for restoring a checkpoint without a copy."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self._abstract, self.state_shardings)
+
+  @functools.cached_property
+  def _abstract(self) -> dict:
+    model, opt = nnx.eval_shape(lambda: _build(self.cfg))
+    return {'model': nnx.state(model), 'opt': nnx.state(opt)}
+
+  def model(self, state: dict) -> Transformer:
+    return nnx.merge(self.model_def, state['model'])
+
+
+def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
+  model, opt = nnx.eval_shape(lambda: _build(cfg))
+  model_def, model_state = nnx.split(model)
+  opt_def, opt_state = nnx.split(opt)
+  shardings = {'model': axes.state_shardings(model_state, mesh, rules),
+               'opt': axes.state_shardings(opt_state, mesh, rules)}
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+  accum = cfg.train.grad_accum
+
+  def init() -> dict:
+    with axes.axis_rules(mesh, rules):
+      m, o = _build(cfg)
+      return {'model': nnx.state(m), 'opt': nnx.state(o)}
+
+  def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    with axes.axis_rules(mesh, rules):
+      model = nnx.merge(model_def, state['model'])
+      optimizer = nnx.merge(opt_def, state['opt'])
+      graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss_of(p, micro):
+        return model_loss(nnx.merge(graph, p, rest), micro)
+
+      grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+      if accum == 1:
+        (loss, (lm, aux)), grads = grad_fn(params, batch)
+      else:
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+          (loss, (lm, aux)), g = grad_fn(params, mb)
+          return jax.tree.map(jnp.add, carry, (g, loss, lm, aux)), None
+
+        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))[0][1][1])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (params, jnp.float32(0), jnp.float32(0), zero_aux))
+        (grads, loss, lm, aux), _ = jax.lax.scan(body, zeros, micro)
+        grads, loss, lm, aux = jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux))
+      grad_norm = optax.global_norm(grads)
+      optimizer.update(model, grads)
+      new_state = {'model': nnx.state(model), 'opt': nnx.state(optimizer)}
+      # Non-finite guard: a bad step leaves the state untouched, so no checkpoint is ever poisoned.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+      metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,
+                 'learning_rate': schedule(state['opt']['step'][...]), 'finite': finite,
+                 **aux['metrics']}
+      return new_state, metrics
+
+  return StepFns(
+      cfg=cfg, mesh=mesh, rules=rules, model_def=model_def, opt_def=opt_def,
+      state_shardings=shardings, batch_sharding=batch_sharding,
+      init=jax.jit(init, out_shardings=shardings),
+      train_step=jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, None), donate_argnums=0),
+  )

@@ -1,0 +1,176 @@
+"""Entry point: `python -m train.train --config=configs/NAME.py --workdir=DIR [--config.a.b=v ...]`.
+
+Trains, and resumes from the newest complete checkpoint in DIR if there is one. SIGTERM (a
+preemption) writes a final checkpoint and exits cleanly; a non-finite loss stops the run with the
+last good checkpoint intact (the step that produced it is not applied).
+"""
+
+import json
+import os
+import signal
+import sys
+
+import jax
+from absl import app, flags, logging
+from clu import parameter_overview
+from flax import nnx
+from ml_collections import config_flags
+
+from configs import cli, schema, sharding
+from data import corpus, pipeline
+from eval import evaluate as eval_lib
+from model.config import ConfigError
+from model.transformer import flops_per_token
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.metrics import MetricsLogger
+from train.step import make_step_fns
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, config.json).')
+
+
+class TrainingError(RuntimeError):
+  """Training cannot continue; the message says why and where the last good checkpoint is."""
+
+
+# Groups that must not change under an existing workdir (they define what the checkpoint is).
+_FROZEN_GROUPS = ('model', 'attention', 'moe', 'data')
+
+
+def write_config(cfg: schema.Config, workdir: str) -> None:
+  """Writes DIR/config.json; refuses a workdir whose model or data differ from this config."""
+  path = os.path.join(workdir, 'config.json')
+  new = cfg.to_dict()
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for group in _FROZEN_GROUPS:
+      for field, value in new[group].items():
+        before = old.get(group, {}).get(field)
+        if json.loads(json.dumps(value)) != before:
+          raise ConfigError(f'{group}.{field}={value!r} but {workdir} was trained with {before!r}; '
+                            'use a new --workdir')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(new, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics record."""
+  primary = jax.process_index() == 0
+  write_config(cfg, workdir)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  rules = sharding.rules(cfg.mesh.rules)
+  fns = make_step_fns(cfg, mesh, rules)
+  dataset_dir = corpus.resolve_dataset(cfg.data)
+  train_tokens = corpus.load_split(dataset_dir, 'train')
+  heldout_tokens = corpus.load_split(dataset_dir, 'heldout') if cfg.eval.every_steps else None
+  data_iter = iter(pipeline.train_dataset(
+      train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
+      seed=cfg.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch))
+
+  ckpt = Checkpointer(workdir, cfg.checkpoint)
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, fns.init()
+    if primary:
+      logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+          nnx.to_pure_dict(state['model']), include_stats=False))
+  else:
+    logging.info('Resuming from checkpoint step %d in %s', start, ckpt.directory)
+    state = ckpt.restore(start, fns.abstract_state(), data_iter)
+
+  tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+  logger = MetricsLogger(
+      workdir, total_steps=cfg.train.steps, tokens_per_step=tokens_per_step,
+      flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+      peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(), primary=primary)
+  end = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps,
+                                                               start + cfg.train.stop_after)
+  preemption = _Preemption()
+  record, pending, step, saved = {}, None, start, start
+
+  def consume(done_step, metrics):
+    nonlocal record
+    metrics = jax.device_get(metrics)
+    if not metrics['finite']:
+      ckpt.wait()
+      raise TrainingError(
+          f'non-finite loss or gradient at step {done_step} (loss={float(metrics["loss"])}); '
+          f'the update was skipped and training stopped; last good checkpoint: step '
+          f'{ckpt.latest_step()} in {ckpt.directory}')
+    logger.add(metrics)
+    if done_step % cfg.train.log_every == 0 or done_step == end:
+      record = logger.write(done_step)
+    if cfg.eval.every_steps and done_step % cfg.eval.every_steps == 0:
+      result = eval_lib.evaluate_model(fns, state, heldout_tokens, cfg)
+      logger.record(done_step, {'step': done_step, **{f'eval_{k}': v for k, v in result.items()}})
+      logger.restart_clock()
+
+  try:
+    while step < end and not preemption.requested:
+      batch = pipeline.make_global_batch(next(data_iter), fns.batch_sharding)
+      state, metrics = fns.train_step(state, batch)
+      step += 1
+      if pending is not None:
+        consume(*pending)
+      elif step == start + 1:
+        jax.block_until_ready(metrics)
+        logger.restart_clock()  # the first step compiles; keep it out of throughput
+      pending = (step, metrics)
+      if step % cfg.checkpoint.every_steps == 0:
+        ckpt.save(step, state, data_iter)
+        saved = step
+    if pending is not None:
+      consume(*pending)
+    if saved != step:
+      ckpt.save(step, state, data_iter)
+    if preemption.requested:
+      logging.warning('SIGTERM: wrote checkpoint at step %d; exiting cleanly', step)
+    ckpt.close()
+  finally:
+    preemption.restore()
+    logger.close()
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _WORKDIR.value is None:
+    raise app.UsageError('--workdir is required')
+  try:
+    cfg = schema.load(cli.config_value(_CONFIG), jax.device_count())
+    train_and_evaluate(cfg, _WORKDIR.value)
+  except (ConfigError, TrainingError, corpus.DataError) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  flags.mark_flags_as_required(['config'])
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()
