@@ -1,0 +1,212 @@
+"""Data path: tokenizer, default corpus cache, grain train pipeline (sharding, resume), eval batches."""
+
+import dataclasses
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.schema import DataConfig
+from data import corpus, pipeline
+from data.tokenizer import ByteTokenizer, get_tokenizer
+
+L = 16  # window length of the synthetic tests
+TOKENS = np.arange(64 * L + 1, dtype=np.uint16)  # 64 windows; window i starts with token i*L
+
+
+def window_ids(batch):
+  return [int(x) // L for x in batch['inputs'][:, 0]]
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def make(seed=0, process_index=0, process_count=1, batch=8, **kw):
+  return pipeline.train_dataset(TOKENS, seq_len=L, global_batch_size=batch, seed=seed,
+                                process_index=process_index, process_count=process_count, **kw)
+
+
+@pytest.fixture(scope='session')
+def stdlib_cfg(tmp_path_factory):
+  return DataConfig(cache_dir=str(tmp_path_factory.mktemp('cache')), heldout_fraction=0.05)
+
+
+@pytest.fixture(scope='session')
+def stdlib_dir(stdlib_cfg):
+  return corpus.prepare_default_corpus(stdlib_cfg)
+
+
+def test_tokenizer_round_trip():
+  tok = get_tokenizer('byte')
+  text = 'plain ASCII, héllo wörld, 日本語, 🚀\n'
+  ids = tok.encode(text, add_eos=True)
+  assert ids.dtype == np.uint16 and ids[-1] == tok.eos_id and tok.vocab_size == 257
+  assert tok.decode(ids) == text
+  assert tok.decode(tok.encode(text.encode('utf-8'))) == text
+  assert list(tok.encode(b'\x00\xff')) == [0, 255]
+  assert tok.decode(np.array([0xff, 65])) == '\ufffdA'  # invalid UTF-8 is replaced, not raised
+  assert tok.count_bytes(ids) == len(text.encode('utf-8'))
+  np.testing.assert_array_equal(tok.bytes_per_token(np.array([1, 256, 7])), [1, 0, 1])
+  assert tok.bytes_per_token(jax.numpy.array([256, 3])).sum() == 1
+  assert tok.fingerprint == ByteTokenizer().fingerprint == 'byte-v1'
+  with pytest.raises(ValueError, match='unknown tokenizer'):
+    get_tokenizer('sentencepiece')
+  with pytest.raises(ValueError, match='vocab_size'):
+    tok.decode([300])
+
+
+def test_window_source():
+  src = pipeline.WindowSource(TOKENS, L)
+  assert len(src) == 64 and len(pipeline.WindowSource(TOKENS[:-1], L)) == 63
+  w = src[5]
+  assert w.dtype == np.int32 and w.shape == (L + 1,)
+  ex = pipeline.split_window(w)
+  assert ex['inputs'].shape == ex['targets'].shape == (L,)
+  np.testing.assert_array_equal(ex['inputs'][1:], ex['targets'][:-1])
+  np.testing.assert_array_equal(ex['inputs'], np.arange(5 * L, 6 * L))
+  with pytest.raises(IndexError):
+    src[64]
+
+
+def test_heldout_split_is_deterministic_and_roughly_sized():
+  _, files = corpus.stdlib_files()
+  held = [f for f in files if corpus.is_heldout(f, 0.1)]
+  assert held == [f for f in files if corpus.is_heldout(f, 0.1)]
+  assert 0.07 < len(held) / len(files) < 0.13
+  assert set(held) <= {f for f in files if corpus.is_heldout(f, 0.2)}  # nested in the fraction
+  assert not any('site-packages' in f for f in files)
+
+
+def test_default_corpus(stdlib_dir, stdlib_cfg):
+  meta = corpus.load_metadata(stdlib_dir)
+  _, files = corpus.stdlib_files()
+  held = sum(corpus.is_heldout(f, 0.05) for f in files)
+  assert meta['files'] == {'train': len(files) - held, 'heldout': held}
+  tok = ByteTokenizer()
+  for split in corpus.SPLITS:
+    arr = corpus.load_split(stdlib_dir, split)
+    assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
+    assert arr.size == meta['tokens'][split] and arr[-1] == tok.eos_id
+    assert int((arr == tok.eos_id).sum()) == meta['files'][split]  # one EOS per document
+  assert meta['tokenizer'] == 'byte-v1' and meta['heldout_fraction'] == 0.05
+  assert corpus.resolve_dataset(stdlib_cfg) == stdlib_dir
+  assert corpus.resolve_dataset(dataclasses.replace(stdlib_cfg, path=stdlib_dir)) == stdlib_dir
+  with pytest.raises(FileNotFoundError, match='data.path'):
+    corpus.resolve_dataset(dataclasses.replace(stdlib_cfg, path=os.path.dirname(stdlib_dir)))
+
+
+def test_corpus_cache_is_reused_and_incomplete_dirs_rebuilt(stdlib_dir, stdlib_cfg):
+  files = [os.path.join(stdlib_dir, n) for n in ('train.npy', 'heldout.npy', 'metadata.json')]
+  before = [os.stat(f).st_mtime_ns for f in files]
+  assert corpus.prepare_default_corpus(stdlib_cfg) == stdlib_dir
+  assert [os.stat(f).st_mtime_ns for f in files] == before
+  meta = corpus.load_metadata(stdlib_dir)
+  os.remove(files[2])  # as if a preparer died before finishing: must not count as complete
+  with open(files[0], 'wb') as fh:
+    fh.write(b'garbage')
+  assert corpus.prepare_default_corpus(stdlib_cfg) == stdlib_dir
+  assert corpus.load_metadata(stdlib_dir) == meta
+  assert corpus.load_split(stdlib_dir, 'train').size == meta['tokens']['train']
+  assert sorted(os.listdir(os.path.dirname(stdlib_dir))) == [os.path.basename(stdlib_dir)]
+
+
+def test_train_pipeline_deterministic_per_seed():
+  a, b, c = (take(iter(make(seed=s)), 16) for s in (0, 0, 1))
+  assert all(x['inputs'].shape == (8, L) and x['inputs'].dtype == np.int32 for x in a)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+    np.testing.assert_array_equal(x['targets'], y['targets'])
+  np.testing.assert_array_equal(a[0]['inputs'][:, 1:], a[0]['targets'][:, :-1])
+  assert [window_ids(x) for x in a] != [window_ids(x) for x in c]
+  epoch1, epoch2 = sum(map(window_ids, a[:8]), []), sum(map(window_ids, a[8:]), [])
+  assert sorted(epoch1) == list(range(64)) and epoch1 != list(range(64))
+  assert sorted(epoch2) == list(range(64)) and epoch2 != epoch1  # each epoch reshuffled
+
+
+def test_process_shards_are_disjoint_and_cover_the_single_process_stream():
+  single = sum(map(window_ids, take(iter(make()), 8)), [])  # one epoch: 8 x 8 windows
+  shards = [sum(map(window_ids, take(iter(make(process_index=p, process_count=2)), 8)), [])
+            for p in (0, 1)]
+  assert all(len(s) == 32 for s in shards) and not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(single) == list(range(64))
+  assert shards[0] == single[0::2] and shards[1] == single[1::2]
+
+
+def test_resume_from_iterator_state():
+  it = iter(make())
+  take(it, 5)
+  state = it.get_state()
+  expected = take(it, 7)
+  fresh = iter(make())
+  fresh.set_state(json.loads(json.dumps(state)))  # state must survive JSON
+  for x, y in zip(take(fresh, 7), expected):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+
+def test_resume_through_orbax(tmp_path):
+  it = iter(make(seed=3))
+  take(it, 3)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = take(it, 4)
+  fresh = iter(make(seed=3))
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
+    assert mngr.latest_step() == 3
+    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  for x, y in zip(take(fresh, 4), expected):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+
+def test_train_pipeline_rejects_bad_arguments():
+  with pytest.raises(ValueError, match='process_count'):
+    make(batch=7, process_count=2)
+  with pytest.raises(ValueError, match='seq_len'):
+    pipeline.train_dataset(TOKENS[:L], seq_len=L, global_batch_size=2, seed=0,
+                           process_index=0, process_count=1)
+
+
+def test_eval_batches():
+  run = lambda **kw: list(pipeline.eval_batches(TOKENS, seq_len=L, batch_size=6, **kw))
+  full = run(max_batches=0)
+  assert len(full) == 10  # 64 windows -> 10 full batches of 6; the partial one is dropped
+  assert [window_ids(b) for b in full[:2]] == [list(range(6)), list(range(6, 12))]
+  np.testing.assert_array_equal(full[0]['inputs'][:, 1:], full[0]['targets'][:, :-1])
+  again = run(max_batches=3)
+  assert len(again) == 3
+  for x, y in zip(again, full):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+  halves = [run(max_batches=2, process_index=p, process_count=2) for p in (0, 1)]
+  assert window_ids(halves[0][1]) + window_ids(halves[1][1]) == list(range(6, 12))
+
+
+def test_make_global_batch():
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  local = next(iter(make()))
+  out = pipeline.make_global_batch(local, sharding)
+  assert set(out) == {'inputs', 'targets'} and out['inputs'].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out['targets']), local['targets'])
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume():
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (DESIGN.md §6)
+  expected = take(iter(make()), 6)
+  it = iter(make(worker_count=2, prefetch=2))
+  got = take(it, 3)
+  state = it.get_state()
+  it.close()
+  fresh = iter(make(worker_count=2, prefetch=2))
+  fresh.set_state(state)
+  got += take(fresh, 3)
+  fresh.close()
+  for x, y in zip(got, expected):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
