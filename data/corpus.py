@@ -26,6 +26,11 @@ import numpy as np
 from data.tokenizer import get_tokenizer
 
 SPLITS = ('train', 'heldout')
+
+
+class DataError(ValueError):
+  """A dataset that is missing, incomplete or too small; the message is one line for the CLI."""
+
 _SKIP_DIRS = ('site-packages', 'dist-packages', '__pycache__')
 
 
@@ -80,7 +85,7 @@ def prepare_default_corpus(data_cfg) -> str:
         non_utf8[split] += 1  # still fine as bytes; counted so nothing is hidden
       docs[split].append(tokenizer.encode(data, add_eos=True))
     if not docs['heldout'] or not docs['train']:
-      raise ValueError(f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
+      raise DataError(f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
                        f'of the {len(files)} stdlib files in {root}')
     tokens = {}
     for split in SPLITS:
@@ -124,7 +129,10 @@ def load_split(directory: str, split: str) -> np.ndarray:
   """One split of a prepared dataset as a read-only memory-mapped flat token array."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r}: expected one of {SPLITS}')
-  return np.load(os.path.join(directory, f'{split}.npy'), mmap_mode='r')
+  path = os.path.join(directory, f'{split}.npy')
+  if not os.path.isfile(path):
+    raise DataError(f'{path} does not exist: not a prepared dataset')
+  return np.load(path, mmap_mode='r')
 
 
 def load_metadata(directory: str) -> dict:
@@ -139,6 +147,6 @@ def resolve_dataset(data_cfg) -> str:
   needed = ['metadata.json'] + [f'{s}.npy' for s in SPLITS]
   missing = [n for n in needed if not os.path.isfile(os.path.join(data_cfg.path, n))]
   if missing:
-    raise FileNotFoundError(f'data.path={data_cfg.path!r} is not a prepared dataset: missing '
+    raise DataError(f'data.path={data_cfg.path!r} is not a prepared dataset: missing '
                             f'{", ".join(missing)} (expected {", ".join(needed)})')
   return data_cfg.path

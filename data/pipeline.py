@@ -26,6 +26,8 @@ import grain
 import jax
 import numpy as np
 
+from data.corpus import DataError
+
 
 class WindowSource:
   """Random-access source: record i is tokens[i*L : i*L + L + 1] as int32 (inputs plus 1 target).
@@ -97,7 +99,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
   src = WindowSource(tokens, seq_len)
   if len(src) == 0:
-    raise ValueError(f'{len(tokens)} tokens hold no window of seq_len={seq_len} (+1 target)')
+    raise DataError(f'{len(tokens)} tokens hold no window of seq_len={seq_len} (+1 target)')
   ds = grain.MapDataset.source(src).shuffle(seed=shuffle_seed(seed)).repeat(None)
   ds = ds[process_index::process_count].map(split_window)
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)

@@ -2,7 +2,7 @@
 
 Byte level: ids 0..255 are the bytes themselves, id 256 (EOS) ends a document. No text is ever
 out of vocabulary, and a token covers exactly one byte of text (EOS none), which is what lets
-evaluation report bits per byte: `bits_per_byte = sum(nll_nats) / ln(2) / count_bytes(targets)`.
+evaluation report bits per byte: `bits_per_byte = sum(nll_nats) / ln(2) / num_bytes(targets)`.
 """
 
 import numpy as np
@@ -14,6 +14,7 @@ class ByteTokenizer:
   """UTF-8 bytes as ids, plus one end-of-document id."""
 
   vocab_size = 257
+  byte_level = True  # one token = one byte of text (EOS none), so bits per byte are defined
   eos_id = 256
   dtype = np.uint16  # storage dtype of token arrays on disk
 
@@ -40,7 +41,7 @@ class ByteTokenizer:
     """Per-token byte counts (1 for a byte, 0 for EOS), same shape; works on numpy and jax arrays."""
     return (ids != self.eos_id).astype(np.int32)
 
-  def count_bytes(self, ids) -> int:
+  def num_bytes(self, ids) -> int:
     """How many bytes of text a run of (target) ids represents."""
     return int(self.bytes_per_token(np.asarray(ids)).sum())
 

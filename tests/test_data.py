@@ -50,7 +50,7 @@ def test_tokenizer_round_trip():
   assert tok.decode(tok.encode(text.encode('utf-8'))) == text
   assert list(tok.encode(b'\x00\xff')) == [0, 255]
   assert tok.decode(np.array([0xff, 65])) == '\ufffdA'  # invalid UTF-8 is replaced, not raised
-  assert tok.count_bytes(ids) == len(text.encode('utf-8'))
+  assert tok.num_bytes(ids) == len(text.encode('utf-8'))
   np.testing.assert_array_equal(tok.bytes_per_token(np.array([1, 256, 7])), [1, 0, 1])
   assert tok.bytes_per_token(jax.numpy.array([256, 3])).sum() == 1
   assert tok.fingerprint == ByteTokenizer().fingerprint == 'byte-v1'
@@ -96,7 +96,7 @@ def test_default_corpus(stdlib_dir, stdlib_cfg):
   assert meta['tokenizer'] == 'byte-v1' and meta['heldout_fraction'] == 0.05
   assert corpus.resolve_dataset(stdlib_cfg) == stdlib_dir
   assert corpus.resolve_dataset(dataclasses.replace(stdlib_cfg, path=stdlib_dir)) == stdlib_dir
-  with pytest.raises(FileNotFoundError, match='data.path'):
+  with pytest.raises(corpus.DataError, match='data.path'):
     corpus.resolve_dataset(dataclasses.replace(stdlib_cfg, path=os.path.dirname(stdlib_dir)))
 
 
@@ -166,7 +166,7 @@ def test_resume_through_orbax(tmp_path):
 def test_train_pipeline_rejects_bad_arguments():
   with pytest.raises(ValueError, match='process_count'):
     make(batch=7, process_count=2)
-  with pytest.raises(ValueError, match='seq_len'):
+  with pytest.raises(corpus.DataError, match='seq_len'):
     pipeline.train_dataset(TOKENS[:L], seq_len=L, global_batch_size=2, seed=0,
                            process_index=0, process_count=1)
 
