@@ -26,21 +26,18 @@ from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.step import StepFns, make_step_fns
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
-_DATA = flags.DEFINE_string('data', None, 'Prepared dataset to evaluate; default: the run\'s own.')
-_BASELINE = flags.DEFINE_bool('baseline', False, 'Also evaluate the untrained model (same seed).')
 
 
-def _sum_loss(fns: StepFns):
-  """Jitted (model_state, batch) -> (sum of token losses, token count), f32."""
+def _sum_loss(fns: StepFns, tokenizer):
+  """Jitted (model_state, batch) -> (sum of token losses, tokens, bytes the targets stand for)."""
 
   def fn(model_state, batch):
     model = nnx.merge(fns.model_def, model_state)
     logits, _ = model(batch['inputs'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch['targets'])
-    return ce.sum(), jnp.float32(ce.size)
+    num_bytes = tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32).sum()
+    return ce.sum(), jnp.float32(ce.size), num_bytes
 
   return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
 
@@ -48,14 +45,15 @@ def _sum_loss(fns: StepFns):
 def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config) -> dict:
   """Held-out loss, perplexity, token count and bits per byte of `state['model']`."""
   tokenizer = get_tokenizer(cfg.data.tokenizer)
-  step_fn = _sum_loss(fns)
-  total, count, num_bytes = 0.0, 0.0, 0
+  step_fn = _sum_loss(fns, tokenizer)
+  total, count, num_bytes = 0.0, 0.0, 0.0
   for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
                                      batch_size=cfg.eval.batch_size,
-                                     max_batches=cfg.eval.max_batches):
-    num_bytes += tokenizer.num_bytes(batch['targets'])
-    loss_sum, n = step_fn(state['model'], pipeline.make_global_batch(batch, fns.batch_sharding))
-    total, count = total + float(loss_sum), count + float(n)
+                                     max_batches=cfg.eval.max_batches,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    loss_sum, n, b = step_fn(state['model'], pipeline.make_global_batch(batch, fns.batch_sharding))
+    total, count, num_bytes = total + float(loss_sum), count + float(n), num_bytes + float(b)
   if count == 0:
     raise corpus.DataError(f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; '
                            'nothing to evaluate')
@@ -115,10 +113,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is None:
-    raise app.UsageError('--workdir is required')
+  f = flags.FLAGS
   try:
-    result = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA.value, _BASELINE.value)
+    result = evaluate_checkpoint(f.workdir, f.step, f.data, f.baseline)
   except (ConfigError, corpus.DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -126,6 +123,12 @@ def main(argv):
 
 
 def run():
+  # Flags are defined here, not at import, so train/eval modules can be imported together.
+  flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+  flags.DEFINE_string('data', None, "Prepared dataset to evaluate; default: the run's own.")
+  flags.DEFINE_bool('baseline', False, 'Also evaluate the untrained model (same seed).')
+  flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -69,7 +69,7 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Names,
   """A parameter initialised by `init` and annotated with logical axis names."""
   if len(names) != len(shape):
     raise ValueError(f'logical names {tuple(names)} do not match shape {tuple(shape)}')
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
                    eager_sharding=False)
 
 

@@ -90,6 +90,9 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
 
   def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
     with axes.axis_rules(mesh, rules):
+      # merge() shares Variables with `state` and update() mutates them: keep the old arrays.
+      old_leaves, treedef = jax.tree.flatten(state)
+      step_before = state['opt']['step'][...]
       model = nnx.merge(model_def, state['model'])
       optimizer = nnx.merge(opt_def, state['opt'])
       graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -112,14 +115,15 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
                              (params, jnp.float32(0), jnp.float32(0), zero_aux))
         (grads, loss, lm, aux), _ = jax.lax.scan(body, zeros, micro)
         grads, loss, lm, aux = jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux))
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads)
       optimizer.update(model, grads)
       new_state = {'model': nnx.state(model), 'opt': nnx.state(optimizer)}
       # Non-finite guard: a bad step leaves the state untouched, so no checkpoint is ever poisoned.
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+      new_state = jax.tree.unflatten(treedef, [
+          jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new_state), old_leaves)])
       metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,
-                 'learning_rate': schedule(state['opt']['step'][...]), 'finite': finite,
+                 'learning_rate': schedule(step_before), 'finite': finite,
                  **aux['metrics']}
       return new_state, metrics
 

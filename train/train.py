@@ -26,8 +26,6 @@ from train.checkpoint import Checkpointer
 from train.metrics import MetricsLogger
 from train.step import make_step_fns
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, config.json).')
 
 
 class TrainingError(RuntimeError):
@@ -153,14 +151,12 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   return record
 
 
-def main(argv):
+def main(argv, config_flag, workdir_flag):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is None:
-    raise app.UsageError('--workdir is required')
   try:
-    cfg = schema.load(cli.config_value(_CONFIG), jax.device_count())
-    train_and_evaluate(cfg, _WORKDIR.value)
+    cfg = schema.load(cli.config_value(config_flag), jax.device_count())
+    train_and_evaluate(cfg, workdir_flag.value)
   except (ConfigError, TrainingError, corpus.DataError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
@@ -168,8 +164,12 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=cli.parse_flags)
+  # Flags are defined here, not at import, so train/eval modules can be imported together.
+  config_flag = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                                lock_config=True)
+  workdir_flag = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, config.json).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(lambda argv: main(argv, config_flag, workdir_flag), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
