@@ -1,0 +1,76 @@
+"""Dense causal multi-head attention with grouped-query heads, RoPE and optional document masks."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig
+from model.layers import apply_rope, init_normal
+
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_impl(impl: str, dtype) -> str:
+  """The `jax.nn.dot_product_attention` implementation for a config value.
+
+  'auto' picks cuDNN only on a GPU backend with a half-precision compute dtype (the only case cuDNN
+  flash attention handles); everywhere else it is the XLA reference implementation.
+  """
+  if impl in ('xla', 'cudnn'):
+    return impl
+  if impl != 'auto':
+    raise ValueError(f'attention.impl={impl!r}: expected auto, xla or cudnn')
+  if jax.default_backend() == 'gpu' and jnp.dtype(dtype) in _HALF_DTYPES:
+    return 'cudnn'
+  return 'xla'
+
+
+def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
+  """[B, 1, L, L] boolean mask: query and key belong to the same packed segment."""
+  return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+
+
+def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, *,
+                     segment_ids_BL: jax.Array | None = None, impl: str = 'xla') -> jax.Array:
+  """Causal softmax attention (softmax in f32); G kv heads serve H // G query heads each.
+
+  With `segment_ids_BL`, a token attends only to earlier tokens of its own segment (packed
+  documents). The mask is a dense [B, 1, L, L] array; cuDNN receives it as an additive bias.
+  """
+  mask = None if segment_ids_BL is None else segment_mask(segment_ids_BL)
+  return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask, is_causal=True,
+                                      implementation=impl)
+
+
+class Attention(nnx.Module):
+  """Projections around `causal_attention`: wq [D,H,K], wk/wv [D,G,K], wo [H,K,D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.rope_theta = cfg.rope_theta
+    self.impl = cfg.attention.impl  # resolved per call: 'auto' depends on the backend
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = cfg.param_dtype
+    self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
+    self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
+    self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
+    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
+                         pd)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+    cast = lambda w: w[...].astype(self.dtype)
+    x_BLD = x_BLD.astype(self.dtype)
+    q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
+    k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wk))
+    v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
+    q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+    k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
+    q_BLHK = axes.constrain(q_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
+    k_BLGK = axes.constrain(k_BLGK, ('batch', 'length', 'act_kv_heads', 'act_kv'))
+    v_BLGK = axes.constrain(v_BLGK, ('batch', 'length', 'act_kv_heads', 'act_kv'))
+    o_BLHK = causal_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL,
+                              impl=attention_impl(self.impl, self.dtype))
+    o_BLHK = axes.constrain(o_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
+    return jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
