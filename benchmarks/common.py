@@ -1,0 +1,53 @@
+"""Helpers shared by the benchmark scripts: timing, device description, result files."""
+
+import json
+import os
+import platform
+import time
+
+import jax
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, 'device_kind', d.platform)
+  return f'{len(jax.devices())}x {kind} ({d.platform}), host {platform.node()} with {os.cpu_count()} CPUs'
+
+
+def time_calls(fn, n: int, warmup: int = 2) -> list[float]:
+  """Wall time of each of `n` calls of `fn()` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def write_result(name: str, result: dict) -> str:
+  """Writes benchmarks/results/NAME.json with the device and date, and returns its path."""
+  os.makedirs(RESULTS, exist_ok=True)
+  result = {'benchmark': name, 'device': device_description(), 'jax': jax.__version__,
+            'date': time.strftime('%Y-%m-%d'), **result}
+  path = os.path.join(RESULTS, f'{name}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  return path
+
+
+def print_table(rows: list[dict]) -> None:
+  if not rows:
+    return
+  keys = list(rows[0])
+  widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+  print('  '.join(k.ljust(w) for k, w in zip(keys, widths)))
+  for r in rows:
+    print('  '.join(_fmt(r[k]).ljust(w) for k, w in zip(keys, widths)))
+
+
+def _fmt(v) -> str:
+  return f'{v:.4g}' if isinstance(v, float) else str(v)
