@@ -32,9 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.attention = a = ml_collections.ConfigDict()
   a.impl = 'auto'             # jax.nn.dot_product_attention backend: auto (cudnn on GPU when it applies) | xla | cudnn
+  a.kind = 'dense'            # dense | routing (Routing Transformer heads in attention.routing_layers)
+  a.routing_layers = (-2, -1) # layers with routing heads when kind='routing'; negative counts from the end
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0           # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP
+  e.every = 1                 # MoE in every n-th layer (the last of each group of n), dense MLP between
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)

@@ -82,3 +82,19 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: dict) -> nnx.State:
     return NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh))
 
   return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+class RoutingState(nnx.Variable):
+  """State of a routed layer that is not learned by gradient (k-means centroids, balancing
+  biases, entropy-trigger state). The optimizer never sees it (it updates `nnx.Param` only); the
+  train step updates it after the gradient through the layer's `update_state(stats)`; it is saved
+  and restored with the model."""
+
+
+def routing_state(value: jax.Array, names: Names) -> RoutingState:
+  """A RoutingState holding `value`, annotated with logical axis names."""
+  if len(names) != jnp.ndim(value):
+    raise ValueError(f'logical names {tuple(names)} do not match shape {jnp.shape(value)}')
+  if not names:  # flax drops an empty name tuple when stacking layers, then fails to unstack it
+    raise ValueError('routing state must have rank >= 1: store a scalar as shape (1,)')
+  return RoutingState(value, out_sharding=tuple(names), eager_sharding=False)

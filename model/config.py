@@ -11,20 +11,44 @@ class ConfigError(ValueError):
   """A configuration value is wrong; the message names the field and what was expected."""
 
 
+ATTENTION_KINDS = ('dense', 'routing')
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   impl: str = 'auto'
+  kind: str = 'dense'
+  routing_layers: tuple[int, ...] = (-2, -1)
 
-  def validate(self) -> None:
+  def routing_layers_resolved(self, num_layers: int) -> frozenset[int]:
+    """Indices of the layers with routing heads (none unless kind == 'routing')."""
+    if self.kind != 'routing':
+      return frozenset()
+    return frozenset(i % num_layers for i in self.routing_layers)
+
+  def validate(self, num_layers: int) -> None:
     if self.impl not in ATTENTION_IMPLS:
       raise ConfigError(f'attention.impl={self.impl!r}: expected one of {ATTENTION_IMPLS}')
+    if self.kind not in ATTENTION_KINDS:
+      raise ConfigError(f'attention.kind={self.kind!r}: expected one of {ATTENTION_KINDS}')
+    for i in self.routing_layers:
+      if not -num_layers <= i < num_layers:
+        raise ConfigError(f'attention.routing_layers={self.routing_layers}: layer {i} is outside '
+                          f'a model of model.num_layers={num_layers}')
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   num_experts: int = 0
+  every: int = 1
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """MoE feed-forward in every `every`-th layer (the last of each group), dense between."""
+    return self.num_experts > 0 and layer % self.every == self.every - 1
 
   def validate(self) -> None:
+    if self.every < 1:
+      raise ConfigError(f'moe.every={self.every}: expected >= 1')
     if self.num_experts < 0:
       raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
     if self.num_experts > 0:
@@ -75,5 +99,5 @@ class ModelConfig:
         raise ConfigError(f'model.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
     if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
       raise ConfigError('model.init_std, model.norm_eps and model.rope_theta must be positive')
-    self.attention.validate()
+    self.attention.validate(self.num_layers)
     self.moe.validate()

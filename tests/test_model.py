@@ -61,9 +61,9 @@ def params(model):
 def scan_to_loop(scan_model, loop_model):
   """Copies the stacked [num_layers, ...] block weights of a scan model into a loop model."""
   pure = params(scan_model)
-  stacked = pure.pop('blocks')
+  stacked = pure['stages'][0].pop('blocks')
   n = jax.tree.leaves(stacked)[0].shape[0]
-  pure['blocks'] = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}
+  pure['stages'][0]['blocks'] = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}
   state = nnx.state(loop_model, nnx.Param)
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(loop_model, state)
@@ -81,7 +81,7 @@ def test_init():
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   p = params(model)
   assert count_params(cfg) == sum(a.size for a in jax.tree.leaves(p))
-  blocks = p['blocks']
+  blocks = p['stages'][0]['blocks']
   assert not np.allclose(blocks['mlp']['w_up'][0], blocks['mlp']['w_up'][1]), 'layers identical'
   np.testing.assert_allclose(np.std(blocks['attn']['wq']), cfg.init_std, rtol=0.05)
   np.testing.assert_allclose(np.std(p['embed']['embedding']), cfg.init_std, rtol=0.05)
@@ -125,7 +125,8 @@ def test_scan_equals_loop(monkeypatch):
 
   def with_aux(self, x, *args):
     y, _ = call(self, x, *args)
-    return y, {'loss': jnp.mean(y**2).astype(jnp.float32), 'metrics': {'mean': jnp.mean(y)}}
+    return y, {'loss': jnp.mean(y**2).astype(jnp.float32), 'metrics': {'mean': jnp.mean(y)},
+               'stats': {}}
 
   monkeypatch.setattr(Block, '__call__', with_aux)
   cfg = tiny(num_layers=3)
@@ -171,7 +172,7 @@ def test_gqa_equals_mha_with_repeated_kv():
   gqa = make(gqa_cfg, seed=0)
   mha = make(dataclasses.replace(gqa_cfg, num_kv_heads=4), seed=1)
   pure = params(gqa)
-  for block in pure['blocks'].values():
+  for block in pure['stages'][0]['blocks'].values():
     for name in ('wk', 'wv'):  # [D, G, K] -> [D, H, K]: query head h reads kv head h // (H/G)
       block['attn'][name] = jnp.repeat(block['attn'][name], 2, axis=1)
   state = nnx.state(mha, nnx.Param)
@@ -235,7 +236,7 @@ def test_param_sharding_metadata(scan):
   for path, p in leaves:
     names = p.get_metadata()['out_sharding']
     assert len(names) == p.ndim, (jax.tree_util.keystr(path), names, p.shape)
-    in_block = jax.tree_util.keystr(path).startswith("['blocks']")
+    in_block = jax.tree_util.keystr(path).startswith("['stages'][0]['blocks']")
     assert (names[0] == 'layers') == (scan and in_block), (jax.tree_util.keystr(path), names)
   for spec in jax.tree.leaves(nnx.get_partition_spec(state),
                               is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
@@ -252,7 +253,7 @@ def test_sharded_forward_equals_unsharded():
   rules = configs.sharding.rules('fsdp_tp')
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, axes.state_shardings(state, mesh, rules))
-  wq = state['blocks']['attn']['wq'][...]
+  wq = state['stages'][0]['blocks']['attn']['wq'][...]
   assert wq.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
 
   @jax.jit

@@ -98,7 +98,7 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       graph, params, rest = nnx.split(model, nnx.Param, ...)
 
       def loss_of(p, micro):
-        return model_loss(nnx.merge(graph, p, rest), micro)
+        return model_loss(nnx.merge(graph, p, rest, copy=True), micro)
 
       grad_fn = jax.value_and_grad(loss_of, has_aux=True)
       if accum == 1:
@@ -116,6 +116,9 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
         (grads, loss, lm, aux), _ = jax.lax.scan(body, zeros, micro)
         grads, loss, lm, aux = jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux))
       grad_norm = optax.tree.norm(grads)
+      # Non-gradient routing state (centroids, balancing biases, ...): updated once per step from
+      # the forward statistics, outside the gradient and never during rematerialisation.
+      model.update_state(jax.lax.stop_gradient(aux['stats']))
       optimizer.update(model, grads)
       new_state = {'model': nnx.state(model), 'opt': nnx.state(optimizer)}
       # Non-finite guard: a bad step leaves the state untouched, so no checkpoint is ever poisoned.
