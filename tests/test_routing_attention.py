@@ -37,7 +37,8 @@ def test_segment_ids_never_cross_documents():
   b, l, h, kd = 2, 12, 2, 4
   q, k, v = normal((b, l, h, kd), 5), normal((b, l, h, kd), 6), normal((b, l, h, kd), 7)
   seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12], jnp.int32)
-  out = routing_attention(q, k, v, normal((h, 1, kd), 8), window=l, segment_ids_BL=seg)
+  out = jax.jit(lambda q, k, v: routing_attention(q, k, v, normal((h, 1, kd), 8), window=l,
+                                                  segment_ids_BL=seg))(q, k, v)
   np.testing.assert_allclose(out, dense(q, k, v, True, seg), rtol=1e-5, atol=1e-6)
 
 
@@ -118,17 +119,18 @@ def test_commitment_loss_by_hand_and_its_gradient_reaches_only_x():
   np.testing.assert_array_equal(g_m, 0.0)
 
 
-@pytest.mark.parametrize('l,window,g', [(32, 8, 2), (30, 8, 1), (16, 16, 4)])
-def test_local_attention_equals_dense_with_banded_mask(l, window, g):
+@pytest.mark.parametrize('l,window,g,segments', [(32, 8, 2, True), (30, 8, 1, False)])
+def test_local_attention_equals_dense_with_banded_mask(l, window, g, segments):
+  """Padding when window does not divide L; GQA groups; packed segments."""
   b, h, kd = 2, 4, 8
   q, k, v = normal((b, l, h, kd), 20), normal((b, l, g, kd), 21), normal((b, l, g, kd), 22)
   seg = jnp.asarray(np.repeat([[0, 1, 2]], b, 0).repeat([l // 3, l // 3, l - 2 * (l // 3)], 1))
+  segment_ids = seg if segments else None
   i, j = np.arange(l)[:, None], np.arange(l)[None, :]
-  band = (j <= i) & (j >= (i // window - 1) * window)
-  for segment_ids in (None, seg):
-    mask = jnp.asarray(band)[None, None]
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
-    got = local_attention(q, k, v, window=window, segment_ids_BL=segment_ids)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  mask = jnp.asarray((j <= i) & (j >= (i // window - 1) * window))[None, None]
+  if segments:
+    mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+  got = jax.jit(lambda q, k, v: local_attention(q, k, v, window=window,
+                                                segment_ids_BL=segment_ids))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
