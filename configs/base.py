@@ -34,6 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a.impl = 'auto'             # jax.nn.dot_product_attention backend: auto (cudnn on GPU when it applies) | xla | cudnn
   a.kind = 'dense'            # dense | routing (Routing Transformer heads in attention.routing_layers)
   a.routing_layers = (-2, -1) # layers with routing heads when kind='routing'; negative counts from the end
+  a.window = 256              # routing heads: tokens per cluster (each mean takes its top-window queries/keys)
+  a.local_window = 256        # local heads of a routing layer: block size (a query sees its block and the previous one)
+  a.num_clusters = 0          # k-means means per routing head; 0 = train.seq_len // window (must divide)
+  a.routing_heads = -1        # routing heads per routing layer (the rest are local); -1 = half of model.num_heads
+  a.commitment_weight = 1e-4  # weight of the k-means commitment loss added to the training loss
+  a.kmeans_decay = 0.999      # EMA decay of the k-means sums and counts (centroid update after each step)
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0           # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP

@@ -150,8 +150,18 @@ def from_dict(tree: dict) -> Config:
   get = lambda name: dict(tree.get(name) or {})
   model = _group('model', get('model'), attention=_group('attention', get('attention')),
                  moe=_group('moe', get('moe')))
-  return Config(model=model, **{g: _group(g, get(g)) for g in
-                                ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')})
+  cfg = Config(model=model, **{g: _group(g, get(g)) for g in
+                               ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')})
+  return _derive_clusters(cfg)
+
+
+def _derive_clusters(cfg: Config) -> Config:
+  """attention.num_clusters = 0 means train.seq_len // attention.window (when it divides)."""
+  a, seq_len = cfg.attention, cfg.train.seq_len
+  if a.kind != 'routing' or a.num_clusters or a.window < 1 or seq_len % a.window:
+    return cfg
+  attention = dataclasses.replace(a, num_clusters=seq_len // a.window)
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
 
 
 def load(config: ml_collections.ConfigDict | dict, num_devices: int) -> Config:
@@ -195,7 +205,22 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'data.heldout_fraction={d.heldout_fraction}: expected a value in (0, 1)')
   if d.worker_count < 0 or d.prefetch < 1:
     raise ConfigError('data.worker_count must be >= 0 and data.prefetch >= 1')
+  _validate_routing(cfg)
   _validate_mesh(cfg, num_devices)
+
+
+def _validate_routing(cfg: Config) -> None:
+  a, seq_len = cfg.attention, cfg.train.seq_len
+  if a.kind != 'routing':
+    return
+  if a.window > seq_len:
+    raise ConfigError(f'attention.window={a.window} exceeds train.seq_len={seq_len}')
+  if a.num_clusters == 0:
+    raise ConfigError(f'attention.window={a.window} must divide train.seq_len={seq_len} to derive '
+                      'attention.num_clusters (or set attention.num_clusters)')
+  if a.num_clusters > seq_len:
+    raise ConfigError(f'attention.num_clusters={a.num_clusters}: more clusters than the '
+                      f'train.seq_len={seq_len} tokens of a sequence')
 
 
 def _validate_mesh(cfg: Config, num_devices: int) -> None:

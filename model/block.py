@@ -17,11 +17,12 @@ from model import axes
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm
+from model.routing_layer import RoutingAttention
 
 RESIDUAL = ('batch', 'length', 'act_embed')
 
 # kind name -> constructor(cfg, *, rngs); routed kinds are added by their modules' registration.
-ATTENTION = {'dense': Attention}
+ATTENTION = {'dense': Attention, 'routing': RoutingAttention}
 FEED_FORWARD = {'mlp': MLP}
 
 

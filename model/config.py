@@ -19,6 +19,12 @@ class AttentionConfig:
   impl: str = 'auto'
   kind: str = 'dense'
   routing_layers: tuple[int, ...] = (-2, -1)
+  window: int = 256
+  local_window: int = 256
+  num_clusters: int = 0
+  routing_heads: int = -1
+  commitment_weight: float = 1e-4
+  kmeans_decay: float = 0.999
 
   def routing_layers_resolved(self, num_layers: int) -> frozenset[int]:
     """Indices of the layers with routing heads (none unless kind == 'routing')."""
@@ -35,6 +41,30 @@ class AttentionConfig:
       if not -num_layers <= i < num_layers:
         raise ConfigError(f'attention.routing_layers={self.routing_layers}: layer {i} is outside '
                           f'a model of model.num_layers={num_layers}')
+    for name in ('window', 'local_window'):
+      if getattr(self, name) < 1:
+        raise ConfigError(f'attention.{name}={getattr(self, name)}: expected a positive integer')
+    if self.num_clusters < 0:
+      raise ConfigError(f'attention.num_clusters={self.num_clusters}: expected >= 0 (0 = derived)')
+    if self.commitment_weight < 0:
+      raise ConfigError(f'attention.commitment_weight={self.commitment_weight}: expected >= 0')
+    if not 0 < self.kmeans_decay < 1:
+      raise ConfigError(f'attention.kmeans_decay={self.kmeans_decay}: expected a value in (0, 1)')
+
+  def resolved_routing_heads(self, num_heads: int) -> int:
+    """Routing heads of a routing layer: `routing_heads`, or half the heads when it is -1."""
+    return num_heads // 2 if self.routing_heads == -1 else self.routing_heads
+
+  def validate_heads(self, num_heads: int, num_kv_heads: int) -> None:
+    if self.kind != 'routing':
+      return
+    r = self.resolved_routing_heads(num_heads)
+    if not 1 <= r <= num_heads:
+      raise ConfigError(f'attention.routing_heads={self.routing_heads}: expected -1 (half) or '
+                        f'1..model.num_heads={num_heads}')
+    if (num_heads - r) % (num_heads // num_kv_heads):
+      raise ConfigError(f'attention.routing_heads={r}: the {num_heads - r} local heads must be a '
+                        f'multiple of the GQA group size {num_heads // num_kv_heads}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,4 +130,5 @@ class ModelConfig:
     if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
       raise ConfigError('model.init_std, model.norm_eps and model.rope_theta must be positive')
     self.attention.validate(self.num_layers)
+    self.attention.validate_heads(self.num_heads, self.num_kv_heads)
     self.moe.validate()

@@ -1,0 +1,147 @@
+"""`python -m eval.sample --workdir=DIR --prompt=TEXT [--max_new_tokens=N] [--temperature=T]
+[--top_k=K] [--top_p=P] [--seed=S] [--step=N]`.
+
+Restores a checkpoint like eval/evaluate.py (config from DIR/config.json, model state only) and
+samples a continuation of the prompt; deterministic for a seed. Prints the continuation, then one
+JSON line last.
+
+Decoding re-runs the whole prefix at every step (no KV cache). For a dense causal model a fixed
+buffer of length prompt + max_new_tokens is exact (future positions never reach earlier logits),
+so it compiles once. Routing attention is not: which tokens enter a cluster depends on every token
+in the sequence (docs/routing_attention.md), so padding would change the clusters. For it the exact
+prefix is re-run at each length: one compilation per generated token.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from configs import cli, schema, sharding
+from data.tokenizer import get_tokenizer
+from model.config import ConfigError
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.step import make_step_fns
+
+
+def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Temperature, then top-k (0 = off), then nucleus top-p (1 = off); removed entries are -inf."""
+  logits_V = logits_V.astype(jnp.float32) / max(temperature, 1e-6)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_V, min(top_k, logits_V.shape[-1]))[0][-1]
+    logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits_V)
+    probs = jax.nn.softmax(logits_V[order])
+    keep_sorted = jnp.cumsum(probs) - probs < top_p  # keep the smallest set whose mass reaches p
+    keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+    logits_V = jnp.where(keep, logits_V, -jnp.inf)
+  return logits_V
+
+
+def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, exact_prefix: bool = True,
+           eos_id: int | None = None) -> list[int]:
+  """Appends up to `max_new_tokens` sampled ids to `prompt_ids`; temperature 0 is greedy.
+
+  Only ids < `vocab_size` (the tokenizer's) are ever drawn. `exact_prefix=False` runs a fixed
+  buffer instead of the exact prefix: exact only for causal models whose selection ignores the
+  future (dense attention).
+  """
+  graphdef, state = nnx.split(model)
+  ids = [int(i) for i in prompt_ids]
+  total = len(ids) + max_new_tokens
+
+  @jax.jit
+  def next_token(state, tokens_1L, last, key):
+    logits, _ = nnx.merge(graphdef, state)(tokens_1L)
+    logits_V = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits[0, last], -jnp.inf)
+    if temperature == 0:
+      return jnp.argmax(logits_V)
+    logits_V = filter_logits(logits_V, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(key, logits_V)
+
+  key = jax.random.key(seed)
+  for t in range(max_new_tokens):
+    n = len(ids)
+    tokens = ids if exact_prefix else ids + [0] * (total - n)
+    tok = int(next_token(state, jnp.asarray([tokens], jnp.int32), n - 1, jax.random.fold_in(key, t)))
+    ids.append(tok)
+    if eos_id is not None and tok == eos_id:
+      break
+  return ids
+
+
+def has_routed_attention(cfg: schema.Config) -> bool:
+  return getattr(cfg.attention, 'kind', 'dense') != 'dense'
+
+
+def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
+                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0) -> dict:
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
+  with open(config_path) as f:
+    cfg = schema.from_dict(json.load(f))
+  cfg = dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
+                      sharding.rules(cfg.mesh.rules))
+  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  prompt_ids = tokenizer.encode(prompt)
+  if len(prompt_ids) == 0:
+    raise ConfigError('--prompt is empty: give at least one character')
+  ids = sample(model, prompt_ids, max_new_tokens=max_new_tokens,
+               vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k,
+               top_p=top_p, seed=seed, exact_prefix=has_routed_attention(cfg),
+               eos_id=tokenizer.eos_id)
+  new = ids[len(prompt_ids):]
+  return {'step': step, 'prompt': prompt, 'completion': tokenizer.decode(np.asarray(new)),
+          'tokens': new, 'seed': seed}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    result = sample_checkpoint(f.workdir, f.prompt, step=f.step, max_new_tokens=f.max_new_tokens,
+                               temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                               seed=f.seed)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(result['prompt'] + result['completion'])
+  print(json.dumps(result))
+
+
+def run():
+  flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
+  flags.DEFINE_string('prompt', None, 'Text to continue.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+  flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to sample (fewer if EOS is drawn).')
+  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 = off.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.mark_flags_as_required(['workdir', 'prompt'])
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,122 @@
+"""The Routing Transformer's attention layer: routing heads and local heads, one output projection.
+
+Heads [0, R) are routing heads: a shared query/key projection, layer-normalised without scale or
+bias, clustered by the layer's k-means means (`axes.RoutingState`, one table per head) and attended
+with `routing_attention`; no RoPE (selection and attention are content-based; position reaches them
+through the residual stream and the causal mask). Heads [R, H) are local heads: RoPE and blocked
+causal sliding-window attention, grouped-query like the dense layer. Both concatenate on the head
+axis before `wo`.
+
+`__call__` returns `(y_BLD, aux)`: aux['loss'] is the weighted commitment loss, aux['metrics'] the
+per-layer routing metrics, aux['stats'] the k-means statistics of the (global) batch that
+`update_state` turns into one EMA step after the gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes
+from model.config import ModelConfig
+from model.layers import apply_rope, init_normal
+from model.local_attention import local_attention
+from model.routing_attention import (commitment_loss, kmeans_ema_update, kmeans_stats,
+                                     routing_attention)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis without scale or bias, in f32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def init_means(key: jax.Array, heads: int, clusters: int, head_dim: int) -> jax.Array:
+  """Normalised random vectors (LayerNorm of a standard normal draw, as the google code)."""
+  return layer_norm(jax.random.normal(key, (heads, clusters, head_dim)))
+
+
+class RoutingAttention(nnx.Module):
+  """Attention with R routing heads and H - R local heads (R = attention.routing_heads)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    a = cfg.attention
+    if a.num_clusters <= 0:
+      raise ValueError('attention.num_clusters is unresolved (0); load the config with '
+                       'configs.schema.load, which derives it from train.seq_len // attention.window')
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.rope_theta = cfg.rope_theta
+    self.window, self.local_window = a.window, a.local_window
+    self.decay, self.commitment_weight = a.kmeans_decay, a.commitment_weight
+    d, h, k, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
+    self.r = r = a.resolved_routing_heads(h)
+    self.g = g = cfg.num_kv_heads * (h - r) // h  # local kv heads keep the model's GQA ratio
+    self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
+    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
+                         pd)
+    self.wv_routing = axes.param(rngs, init_normal(cfg), (d, r, k), ('embed', None, 'kv'), pd)
+    if g:
+      self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', None, 'kv'), pd)
+      self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', None, 'kv'), pd)
+    means = init_means(rngs.params(), r, a.num_clusters, k)
+    names = (None, None, None)
+    self.means = axes.routing_state(means, names)
+    self.ema_sum = axes.routing_state(means, names)  # the init counts as one observation per mean
+    self.ema_count = axes.routing_state(jnp.ones((r, a.num_clusters), jnp.float32), names[:2])
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
+               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    cast = lambda w: w[...].astype(self.dtype)
+    x_BLD = x_BLD.astype(self.dtype)
+    b, l, _ = x_BLD.shape
+    r = self.r
+    q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
+    q_BLHK = axes.constrain(q_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
+    outs = []
+
+    # routing heads: shared QK, LN without affine, balanced k-means clusters
+    qr_BLRK = layer_norm(q_BLHK[:, :, :r])
+    vr_BLRK = jnp.einsum('bld,drk->blrk', x_BLD, cast(self.wv_routing))
+    means_RNK = self.means[...]
+    window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
+    qr = qr_BLRK.astype(self.dtype)
+    out_r, picks_BRL = routing_attention(qr, qr, vr_BLRK, means_RNK.astype(self.dtype),
+                                         window=window, segment_ids_BL=segment_ids_BL,
+                                         return_picks=True)
+    outs.append(out_r)
+
+    # local heads: RoPE, blocked causal sliding window
+    if self.g:
+      k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wk))
+      v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
+      q_loc = apply_rope(q_BLHK[:, :, r:], positions_BL, self.rope_theta)
+      k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
+      outs.append(local_attention(q_loc, k_BLGK, v_BLGK, window=min(self.local_window, l),
+                                  segment_ids_BL=segment_ids_BL))
+    o_BLHK = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    o_BLHK = axes.constrain(o_BLHK.astype(self.dtype), ('batch', 'length', 'act_heads', 'act_kv'))
+    y_BLD = jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
+
+    stats = kmeans_stats(qr_BLRK, means_RNK)
+    commit = commitment_loss(qr_BLRK, means_RNK)
+    new_means = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats,
+                                  decay=self.decay)[0]
+    occupancy_RN = stats['count_HN'] / (b * window)
+    metrics = {
+        'routing/occupancy_min': occupancy_RN.min(),
+        'routing/occupancy_max': occupancy_RN.max(),
+        'routing/unpicked_fraction': jnp.mean(picks_BRL == 0),
+        'routing/multi_picked_fraction': jnp.mean(picks_BRL > 1),
+        'routing/commitment_loss': commit,
+        'routing/centroid_drift': jnp.linalg.norm(new_means - means_RNK, axis=-1).mean(),
+    }
+    return y_BLD, {'loss': self.commitment_weight * commit, 'metrics': metrics, 'stats': stats}
+
+  def update_state(self, stats: dict) -> None:
+    """One EMA k-means step from this layer's forward statistics (called after the gradient)."""
+    means, ema_sum, ema_count = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats,
+                                                  decay=self.decay)
+    self.means[...] = means
+    self.ema_sum[...] = ema_sum
+    self.ema_count[...] = ema_count
