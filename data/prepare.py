@@ -12,8 +12,9 @@ Inputs: text files (one document per file), JSONL (one document per line, `--fie
 a hash of its key (file path, plus record index for record formats) falls below
 `--heldout_fraction`, so the split is stable across machines and runs.
 
-Files are tokenized in parallel by `--processes` spawned workers, each writing one piece file
-under DIR/.work/ atomically; a rerun after an interruption skips finished pieces. Single bad
+Files are tokenized in groups of about 4 MB, in parallel by `--processes` spawned workers; each
+group becomes one piece file under DIR/.work/, written atomically, and a rerun after an
+interruption skips finished pieces. Single bad
 records (not UTF-8, not JSON, no such field, empty) are skipped and counted in metadata.json;
 problems with the whole input (no files, a Parquet file without the column, a tokenizer that
 does not load) stop with one line.
@@ -121,41 +122,78 @@ def _json_field(line: bytes, field: str):
 
 
 _TOKENIZERS = {}
+GROUP_BYTES = 4 << 20  # input bytes per piece file (the unit of parallel work and of resume)
+GROUP_FILES = 256      # at most this many input files per piece file
 
 
-def tokenize_file(task: dict) -> dict:
-  """Tokenizes one input file into an atomically written piece file; returns its counts."""
-  spec = task['tokenizer']
-  tok = _TOKENIZERS.get(spec) or _TOKENIZERS.setdefault(spec, get_tokenizer(spec))
+def _tokenizer(spec: str):
+  """One tokenizer per spec per process (workers load the file once)."""
+  if spec not in _TOKENIZERS:
+    _TOKENIZERS[spec] = get_tokenizer(spec)
+  return _TOKENIZERS[spec]
+
+
+def tokenize_file(task: dict, path: str, rel: str) -> tuple[dict, dict]:
+  """Tokenizes one input file: ({split: [id arrays]}, counts)."""
+  tok = _tokenizer(task['tokenizer'])
   ids = {s: [] for s in SPLITS}
   pending = {s: [] for s in SPLITS}
   counts = {'skipped': dict.fromkeys(SKIPS, 0), 'text_bytes': dict.fromkeys(SPLITS, 0),
-            'file_bytes': os.path.getsize(task['path'])}
+            'file_bytes': os.path.getsize(path)}
 
   def flush(split):
     ids[split] += tok.encode_batch(pending[split])
     pending[split].clear()
 
-  for i, (text, reason) in enumerate(read_records(task['path'], task['format'], task['field'])):
+  for i, (text, reason) in enumerate(read_records(path, task['format'], task['field'])):
     if reason:
       counts['skipped'][reason] += 1
       continue
-    key = task['rel'] if task['format'] == 'text' else f'{task["rel"]}#{i}'
+    key = rel if task['format'] == 'text' else f'{rel}#{i}'
     split = 'heldout' if is_heldout(key, task['heldout_fraction']) else 'train'
     pending[split].append(text)
     counts['text_bytes'][split] += len(text.encode('utf-8'))
     if len(pending[split]) >= _ENCODE_BATCH:
       flush(split)
-  arrays = {}
   for s in SPLITS:
     flush(s)
+  return ids, counts
+
+
+def tokenize_group(task: dict) -> dict:
+  """Tokenizes a group of input files into one atomically written piece file; returns its counts."""
+  dtype = _tokenizer(task['tokenizer']).dtype
+  ids = {s: [] for s in SPLITS}
+  counts = {'skipped': dict.fromkeys(SKIPS, 0), 'text_bytes': dict.fromkeys(SPLITS, 0), 'file_bytes': 0}
+  for path, rel in task['files']:
+    file_ids, c = tokenize_file(task, path, rel)
+    for s in SPLITS:
+      ids[s] += file_ids[s]
+      counts['text_bytes'][s] += c['text_bytes'][s]
+    for r in SKIPS:
+      counts['skipped'][r] += c['skipped'][r]
+    counts['file_bytes'] += c['file_bytes']
+  arrays = {}
+  for s in SPLITS:
     arrays[f'{s}_lengths'] = np.array([len(x) for x in ids[s]], dtype=np.int64)
-    arrays[f'{s}_tokens'] = (np.concatenate(ids[s]) if ids[s] else np.zeros(0, tok.dtype)).astype(tok.dtype)
+    arrays[f'{s}_tokens'] = (np.concatenate(ids[s]) if ids[s] else np.zeros(0)).astype(dtype)
   arrays['counts'] = np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8)
   tmp = task['piece'] + f'.tmp{os.getpid()}.npz'
   np.savez(tmp, **arrays)
   os.replace(tmp, task['piece'])
   return counts
+
+
+def _groups(root: str, rel: list[str], sizes: list[int]) -> list[list[tuple[str, str]]]:
+  """Consecutive files in groups of about GROUP_BYTES (at most GROUP_FILES files)."""
+  groups, current, size = [], [], 0
+  for f, n in zip(rel, sizes):
+    if current and (size + n > GROUP_BYTES or len(current) >= GROUP_FILES):
+      groups.append(current)
+      current, size = [], 0
+    current.append((os.path.join(root, f), f))
+    size += n
+  return groups + [current]
 
 
 def _piece_counts(piece: str) -> dict:
@@ -184,7 +222,7 @@ def prepare_dataset(input_pattern: str, output: str, *, fmt: str = '', field: st
   tok = get_tokenizer(tokenizer)
   stats = [os.stat(os.path.join(root, f)) for f in rel]
   listing = ''.join(f'{f}\t{s.st_size}\t{s.st_mtime_ns}\n' for f, s in zip(rel, stats))
-  plan = {'input': input_pattern, 'root': root, 'format': fmt, 'field': field,
+  plan = {'input': input_pattern, 'group': [GROUP_BYTES, GROUP_FILES], 'root': root, 'format': fmt, 'field': field,
           'tokenizer': tok.spec, 'tokenizer_fingerprint': tok.fingerprint,
           'heldout_fraction': heldout_fraction, 'file_list_sha256': hashlib.sha256(listing.encode()).hexdigest()}
   meta_path, work = os.path.join(output, 'metadata.json'), os.path.join(output, '.work')
@@ -203,9 +241,9 @@ def prepare_dataset(input_pattern: str, output: str, *, fmt: str = '', field: st
                         'settings; remove it or choose another directory')
   else:
     _write_json(plan_path, plan)
-  tasks = [{'path': os.path.join(root, f), 'rel': f, 'format': fmt, 'field': field,
-            'tokenizer': tok.spec, 'heldout_fraction': heldout_fraction,
-            'piece': os.path.join(work, f'piece-{i:07d}.npz')} for i, f in enumerate(rel)]
+  tasks = [{'files': g, 'format': fmt, 'field': field, 'tokenizer': tok.spec,
+            'heldout_fraction': heldout_fraction, 'piece': os.path.join(work, f'piece-{i:07d}.npz')}
+           for i, g in enumerate(_groups(root, rel, [st.st_size for st in stats]))]
   counts = {t['piece']: _piece_counts(t['piece']) for t in tasks if os.path.isfile(t['piece'])}
   todo = [t for t in tasks if t['piece'] not in counts]
   _run_tasks(todo, counts, processes, progress, resumed=len(counts))
@@ -228,7 +266,7 @@ def _run_tasks(todo, counts, processes, progress, resumed):
       done_bytes += c['file_bytes']
       if progress:
         rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
-        print(f'\rprepare: {n + resumed}/{len(todo) + resumed} files, {done_bytes / 1e6:.1f} MB, '
+        print(f'\rprepare: {n + resumed}/{len(todo) + resumed} pieces, {done_bytes / 1e6:.1f} MB, '
               f'{rate:.1f} MB/s', end='', file=sys.stderr, flush=True)
     if progress:
       print(file=sys.stderr)
@@ -239,7 +277,7 @@ def _run_tasks(todo, counts, processes, progress, resumed):
 
 
 def _tokenize_task(task):
-  return task['piece'], tokenize_file(task)
+  return task['piece'], tokenize_group(task)
 
 
 def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
@@ -266,7 +304,7 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
   skipped = {r: sum(c['skipped'][r] for c in counts.values()) for r in SKIPS}
   meta = {
       'format_version': 1, 'source': source, 'root': plan['root'], 'format': plan['format'],
-      'field': plan['field'], 'files': len(tasks),
+      'field': plan['field'], 'files': sum(len(t['files']) for t in tasks),
       'tokenizer': {'spec': tok.spec, 'fingerprint': tok.fingerprint, 'vocab_size': tok.vocab_size,
                     'eos_id': tok.eos_id, 'byte_level': tok.byte_level},
       'vocab_size': tok.vocab_size, 'dtype': np.dtype(tok.dtype).name,

@@ -98,6 +98,7 @@ def test_round_trip_every_format_and_tokenizer(tmp_path, tokenizer_files, fmt):
 
 
 def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare, 'GROUP_FILES', 1)  # one piece per file: many pieces to resume
   pattern = write_inputs(tmp_path / 'in', 'text')
   serial = prepare.prepare_dataset(pattern, str(tmp_path / 'serial'))
   parallel = prepare.prepare_dataset(pattern, str(tmp_path / 'parallel'), processes=2)
@@ -107,11 +108,11 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
       np.testing.assert_array_equal(a, b)
   real, calls = prepare.tokenize_file, []
 
-  def dies_on_the_tenth(task):
-    calls.append(task['rel'])
+  def dies_on_the_tenth(task, path, rel):
+    calls.append(rel)
     if len(calls) == 10:
       raise KeyboardInterrupt  # as if the run were interrupted
-    return real(task)
+    return real(task, path, rel)
 
   out = str(tmp_path / 'resumed')
   monkeypatch.setattr(prepare, 'tokenize_file', dies_on_the_tenth)
@@ -122,7 +123,7 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
   with pytest.raises(DataError, match='interrupted preparation'):
     prepare.prepare_dataset(pattern, out, heldout_fraction=0.5)
   calls.clear()
-  monkeypatch.setattr(prepare, 'tokenize_file', lambda t: calls.append(t['rel']) or real(t))
+  monkeypatch.setattr(prepare, 'tokenize_file', lambda t, p, r: calls.append(r) or real(t, p, r))
   assert prepare.prepare_dataset(pattern, out)['fingerprint'] == serial['fingerprint']
   assert len(calls) == len(DOCS) - 9  # the 9 finished files were not tokenized again
   with pytest.raises(DataError, match='already holds a different'):
@@ -259,7 +260,7 @@ def prepared(tmp_path_factory):
                          '--processes=2', '--heldout_fraction=0.1'], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  assert 'prepare: 40/40 files' in proc.stderr and json.loads(proc.stdout.splitlines()[-1])['tokens']
+  assert 'prepare: 1/1 pieces' in proc.stderr and json.loads(proc.stdout.splitlines()[-1])['tokens']
   return str(out)
 
 
