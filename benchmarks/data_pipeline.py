@@ -9,6 +9,7 @@ same run. Also reports a GPU-sized shape (64 x 1024).
 Usage: python -m benchmarks.data_pipeline
 """
 
+import os
 import time
 
 import jax
@@ -61,7 +62,7 @@ def main():
   print_table(rows)
   print(f'demo trainer (bare jitted step, 16 x 256): {trainer:,.0f} tokens/s')
   path = write_result('data_pipeline', {
-      'trainer_tokens_per_s': trainer, 'rows': rows, 'read_threads': 0,
+      'trainer_tokens_per_s': trainer, 'rows': rows, 'read_threads': 0, 'load_average_1min': os.getloadavg()[0],
       'min_x_trainer': min(r['x_demo_trainer'] for r in rows),
       'windows_demo_shape_tokens_per_s': rows[0]['tokens_per_s'],
       'targets': {'x_trainer': 20, 'windows_tokens_per_s': 2e6}})
