@@ -47,12 +47,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)
-  d.tokenizer = 'byte'        # tokenizer of the default corpus: byte
+  d.tokenizer = 'byte'        # tokenizer of the default corpus: byte | sentencepiece:PATH | hf:PATH (data.path has its own)
   d.heldout_fraction = 0.02   # default corpus: share of files held out for evaluation (split by file name hash)
   d.cache_dir = ''            # where the default corpus is prepared; '' = $ROUTED_CACHE or ~/.cache/routed_transformers
   d.seed = 0                  # shuffling seed of the training windows
   d.worker_count = 0          # grain worker processes (0 = in the main process)
   d.prefetch = 2              # grain prefetch buffer per worker
+  d.read_threads = 0          # threads reading batches ahead in each process (0 = read when consumed)
+  d.packing = False           # True: rows of whole-document pieces with segment_ids/positions; False: windows across documents
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4      # peak learning rate after warmup

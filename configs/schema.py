@@ -16,7 +16,7 @@ from configs import sharding
 from model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
 
 DECAYS = ('cosine', 'linear', 'constant')
-TOKENIZERS = ('byte',)
+TOKENIZERS = ('byte', 'sentencepiece:PATH', 'hf:PATH')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,8 @@ class DataConfig:
   seed: int = 0
   worker_count: int = 0
   prefetch: int = 2
+  read_threads: int = 0
+  packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +201,15 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
   if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:
     raise ConfigError('train.stop_after, train.peak_tflops, eval.max_batches and eval.every_steps must be >= 0')
-  if d.tokenizer not in TOKENIZERS:
+  kind, _, tok_path = d.tokenizer.partition(':')
+  if d.tokenizer != 'byte' and not (kind in ('sentencepiece', 'hf') and tok_path):
     raise ConfigError(f'data.tokenizer={d.tokenizer!r}: expected one of {TOKENIZERS}')
   if not 0 < d.heldout_fraction < 1:
     raise ConfigError(f'data.heldout_fraction={d.heldout_fraction}: expected a value in (0, 1)')
   if d.worker_count < 0 or d.prefetch < 1:
     raise ConfigError('data.worker_count must be >= 0 and data.prefetch >= 1')
+  if d.read_threads < 0:
+    raise ConfigError(f'data.read_threads={d.read_threads}: expected a value >= 0')
   _validate_routing(cfg)
   _validate_mesh(cfg, num_devices)
 

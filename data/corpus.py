@@ -1,15 +1,12 @@
-"""The default corpus (this interpreter's stdlib `.py` files) as two flat token arrays.
+"""Prepared datasets: the default corpus (this interpreter's stdlib `.py` files), lookup, checks.
 
 Why the stdlib: it is on every machine, needs no download, and is ~30 MB of real text, so any
-checkout can train and evaluate out of the box. A prepared dataset directory holds
-
-  train.npy, heldout.npy   flat uint16 token arrays; each document is followed by EOS
-  metadata.json            written last: a directory without it is never used
-
-Held-out files are chosen by a hash of their relative path, so the split is stable across
-machines and does not move when files are added. Preparation is atomic (temp dir in the same
-parent, then rename), so concurrent preparers never leave a half-written dataset behind.
-This module is deliberately small: the TensorStore data layer will replace it.
+checkout can train and evaluate out of the box. It is prepared by the same code as
+`python -m data.prepare` (one document per file, split by a hash of the file's relative path, so
+the split is stable across machines and does not move when files are added) into a cache
+directory keyed by Python version, tokenizer fingerprint and file listing. Preparation happens in
+a temporary directory renamed into place, so concurrent preparers never leave a half-written
+dataset behind; a directory without metadata.json is never used.
 """
 
 import hashlib
@@ -23,14 +20,12 @@ import tempfile
 
 import numpy as np
 
+from data import prepare, sources
+from data.errors import DataError
 from data.tokenizer import get_tokenizer
 
-SPLITS = ('train', 'heldout')
-
-
-class DataError(ValueError):
-  """A dataset that is missing, incomplete or too small; the message is one line for the CLI."""
-
+SPLITS = prepare.SPLITS
+is_heldout = prepare.is_heldout
 _SKIP_DIRS = ('site-packages', 'dist-packages', '__pycache__')
 
 
@@ -45,11 +40,6 @@ def stdlib_files() -> tuple[str, list[str]]:
   return root, sorted(pathlib.PurePath(f).as_posix() for f in files)
 
 
-def is_heldout(rel_path: str, fraction: float) -> bool:
-  """A file is held out when the first 32 bits of sha256(path), as a fraction, fall below it."""
-  return int(hashlib.sha256(rel_path.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
 def _cache_root(data_cfg) -> str:
   root = (data_cfg.cache_dir or os.environ.get('ROUTED_CACHE') or
           os.path.join(os.path.expanduser('~'), '.cache', 'routed_transformers'))
@@ -61,46 +51,27 @@ def _is_complete(directory: str) -> bool:
 
 
 def prepare_default_corpus(data_cfg) -> str:
-  """Tokenizes the stdlib corpus into the cache once and returns its directory (fast when cached)."""
+  """Prepares the stdlib corpus into the cache once and returns its directory (fast when cached)."""
   tokenizer = get_tokenizer(data_cfg.tokenizer)
   root, files = stdlib_files()
   listing = ''.join(f'{f}\t{os.path.getsize(os.path.join(root, f))}\n' for f in files)
   list_hash = hashlib.sha256(listing.encode()).hexdigest()
   version = '.'.join(map(str, sys.version_info[:3]))
-  name = f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-{list_hash[:12]}'
+  name = (f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-'
+          f'{list_hash[:12]}-v2')
   final = os.path.join(_cache_root(data_cfg), name)
   if _is_complete(final):
     return final
   os.makedirs(os.path.dirname(final), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=os.path.dirname(final))
   try:
-    docs = {split: [] for split in SPLITS}
-    non_utf8 = {split: 0 for split in SPLITS}
-    for f in files:
-      split = 'heldout' if is_heldout(f, data_cfg.heldout_fraction) else 'train'
-      data = pathlib.Path(root, f).read_bytes()
-      try:
-        data.decode('utf-8')
-      except UnicodeDecodeError:
-        non_utf8[split] += 1  # still fine as bytes; counted so nothing is hidden
-      docs[split].append(tokenizer.encode(data, add_eos=True))
-    if not docs['heldout'] or not docs['train']:
+    meta = prepare.prepare_dataset(os.path.join(root, '**/*.py'), tmp, fmt='text',
+                                   tokenizer=tokenizer.spec, files=(root, files),
+                                   heldout_fraction=data_cfg.heldout_fraction,
+                                   source='python-stdlib')
+    if not meta['documents']['heldout']:
       raise DataError(f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
-                       f'of the {len(files)} stdlib files in {root}')
-    tokens = {}
-    for split in SPLITS:
-      array = np.concatenate(docs[split])
-      np.save(os.path.join(tmp, f'{split}.npy'), array)
-      tokens[split] = int(array.size)
-    metadata = {
-        'source': 'python-stdlib', 'source_dir': root, 'python_version': version,
-        'tokenizer': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
-        'heldout_fraction': data_cfg.heldout_fraction, 'file_list_sha256': list_hash,
-        'files': {s: len(docs[s]) for s in SPLITS}, 'non_utf8_files': non_utf8,
-        'tokens': tokens, 'dtype': np.dtype(tokenizer.dtype).name,
-    }
-    with open(os.path.join(tmp, 'metadata.json'), 'w') as fh:
-      json.dump(metadata, fh, indent=2)
+                      f'of the {len(files)} stdlib files in {root}')
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
     _move_into_place(tmp, final)
   finally:
@@ -126,17 +97,18 @@ def _move_into_place(tmp: str, final: str) -> None:
 
 
 def load_split(directory: str, split: str) -> np.ndarray:
-  """One split of a prepared dataset as a read-only memory-mapped flat token array."""
+  """One split of a prepared dataset as a flat in-memory token array (for held-out evaluation;
+  training reads through `sources.open_split`)."""
   if split not in SPLITS:
     raise ValueError(f'split={split!r}: expected one of {SPLITS}')
-  path = os.path.join(directory, f'{split}.npy')
-  if not os.path.isfile(path):
-    raise DataError(f'{path} does not exist: not a prepared dataset')
-  return np.load(path, mmap_mode='r')
+  return sources.open_split(directory, split).tokens[:]
 
 
 def load_metadata(directory: str) -> dict:
-  with open(os.path.join(directory, 'metadata.json')) as fh:
+  path = os.path.join(directory, 'metadata.json')
+  if not os.path.isfile(path):
+    raise DataError(f'{directory} has no metadata.json: not a (complete) prepared dataset')
+  with open(path) as fh:
     return json.load(fh)
 
 
@@ -144,9 +116,28 @@ def resolve_dataset(data_cfg) -> str:
   """The dataset directory to train on: `data.path` if set (checked), else the default corpus."""
   if not data_cfg.path:
     return prepare_default_corpus(data_cfg)
-  needed = ['metadata.json'] + [f'{s}.npy' for s in SPLITS]
-  missing = [n for n in needed if not os.path.isfile(os.path.join(data_cfg.path, n))]
+  needed = ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
+  missing = [n for n in needed if not os.path.exists(os.path.join(data_cfg.path, n))]
   if missing:
     raise DataError(f'data.path={data_cfg.path!r} is not a prepared dataset: missing '
-                            f'{", ".join(missing)} (expected {", ".join(needed)})')
+                    f'{", ".join(missing)} (run python -m data.prepare --output=...)')
   return data_cfg.path
+
+
+def dataset_tokenizer(directory: str):
+  """The tokenizer a dataset was prepared with (its file must still match the fingerprint)."""
+  info = load_metadata(directory)['tokenizer']
+  tok = get_tokenizer(info['spec'])
+  if tok.fingerprint != info['fingerprint']:
+    raise DataError(f'tokenizer {info["spec"]!r} changed since {directory} was prepared '
+                    f'(fingerprint {tok.fingerprint} != {info["fingerprint"]})')
+  return tok
+
+
+def check_vocab(directory: str, model_vocab_size: int) -> None:
+  """Refuses a dataset whose token ids do not all fit the model's embedding."""
+  meta = load_metadata(directory)
+  if meta['vocab_size'] > model_vocab_size:
+    raise DataError(f'model.vocab_size={model_vocab_size} is smaller than the vocabulary '
+                    f'{meta["vocab_size"]} of {directory} (tokenizer {meta["tokenizer"]["spec"]}); '
+                    f'set --config.model.vocab_size >= {meta["vocab_size"]}')

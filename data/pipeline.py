@@ -1,78 +1,43 @@
-"""Input pipelines over fixed-length windows of a flat token array.
+"""Input pipelines: shuffled training batches (windows or packed documents) and eval batches.
 
-Training (`train_dataset`) is a grain pipeline whose order is fixed by the seed alone:
+Training (`train_dataset`) is a grain pipeline over record *indices*, whose order is fixed by the
+seed alone; the records of a batch are read together (one batched TensorStore read):
 
-  MapDataset.source(WindowSource) -> shuffle -> repeat(None) -> [process_index::process_count]
-  -> map(to inputs/targets) -> batch(global // process_count) -> to_iter_dataset [-> mp_prefetch]
+  windows: MapDataset.range(W).shuffle(seed).repeat(None)  } -> [process_index::process_count]
+  packing: MapDataset.range(maxsize) (epoch = index // R)  }    -> batch(B / processes)
+           -> map(source.read_batch) -> to_iter_dataset [-> mp_prefetch(workers)]
 
-Every epoch is a fresh permutation of all windows (grain folds the epoch into the shuffle seed);
-slicing after `repeat` deals the global stream round-robin to processes, so processes see
-disjoint windows and together exactly the single-process stream.
+Windows (`data.packing=False`) are fixed L+1 token slices that cross document boundaries; every
+epoch is a fresh permutation of them. Packing (`data.packing=True`) gives rows of whole-document
+pieces with `segment_ids`, `positions` and `weights` (see `sources.PackedSource`), so attention
+never crosses a document. Slicing after the index stream deals it round-robin to processes:
+processes see disjoint records and together exactly the single-process stream.
 
-Checkpointing: `it = iter(train_dataset(...))` is a `grain.DatasetIterator` with
-`get_state() -> dict` / `set_state(dict)`. With Orbax save it as
-`ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))` and restore with
-`ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(it))` on a fresh
-iterator of the same pipeline; it then yields exactly the next batch (one JSON file per process).
+Checkpointing: `it = iter(train_dataset(...))` is a `grain.DatasetIterator` whose state is the
+next index. With Orbax save it as `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`
+and restore with `CheckpointRestore(it)` on a fresh iterator of the same pipeline; it then
+yields exactly the next batch (one JSON file per process).
 
-Evaluation (`eval_batches`) reads held-out windows in order without shuffling, so every run of
-an evaluation sees the same tokens.
+Evaluation (`eval_batches`) reads held-out windows in order without shuffling.
 """
 
-import mmap
+import sys
 from typing import Iterator
 
 import grain
 import jax
 import numpy as np
 
-from data.corpus import DataError
+from data.errors import DataError
+from data.sources import PackedSource, Split, WindowSource
 
-
-class WindowSource:
-  """Random-access source: record i is tokens[i*L : i*L + L + 1] as int32 (inputs plus 1 target).
-
-  Memory-mapped arrays are pickled as (file, offset, shape) so grain workers map the file
-  themselves instead of receiving a copy of the corpus.
-  """
-
-  def __init__(self, tokens: np.ndarray, seq_len: int):
-    if seq_len <= 0:
-      raise ValueError(f'seq_len={seq_len}: expected a positive value')
-    self.tokens = tokens
-    self.seq_len = seq_len
-    self._len = max(len(tokens) - 1, 0) // seq_len
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    if not 0 <= index < self._len:
-      raise IndexError(f'window {index} out of range for {self._len} windows')
-    start = index * self.seq_len
-    return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    t = self.tokens
-    if isinstance(t, np.memmap) and isinstance(t.base, mmap.mmap) and t.filename:  # not a view
-      state['tokens'] = ('memmap', t.filename, t.offset, t.dtype.str, t.shape)
-    return state
-
-  def __setstate__(self, state):
-    t = state['tokens']
-    if isinstance(t, tuple) and t[0] == 'memmap':
-      _, filename, offset, dtype, shape = t
-      state['tokens'] = np.memmap(filename, dtype=dtype, mode='r', offset=offset, shape=shape)
-    self.__dict__.update(state)
-
-  def __repr__(self) -> str:
-    return f'WindowSource(windows={self._len}, seq_len={self.seq_len})'
+__all__ = ['WindowSource', 'PackedSource', 'split_window', 'train_dataset', 'eval_batches',
+           'make_global_batch', 'shuffle_seed']
 
 
 def split_window(window: np.ndarray) -> dict:
-  """[L+1] window -> {'inputs': first L, 'targets': last L} (targets are inputs shifted by one)."""
-  return {'inputs': window[:-1], 'targets': window[1:]}
+  """[..., L+1] windows -> {'inputs': first L, 'targets': last L} (targets shifted by one)."""
+  return {'inputs': window[..., :-1], 'targets': window[..., 1:]}
 
 
 def shuffle_seed(seed: int) -> int:
@@ -83,26 +48,50 @@ def shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
 
 
-def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
-                  process_index: int, process_count: int, worker_count: int = 0,
-                  prefetch: int = 2, read_threads: int = 0) -> grain.IterDataset:
-  """Infinite shuffled batches {'inputs', 'targets'}: int32[global_batch_size // process_count, L].
+class _ReadWindows:
+  """Batch of window indices -> {'inputs', 'targets'} (a class so it pickles to workers)."""
 
-  `worker_count > 0` adds grain worker processes (spawned: entry points need a __main__ guard);
-  `read_threads > 0` reads up to max(prefetch, read_threads) batches ahead in threads (0 = in the
-  consuming thread, which measured fastest for in-memory or memory-mapped tokens).
+  def __init__(self, source: WindowSource):
+    self.source = source
+
+  def __call__(self, indices):
+    return split_window(self.source.read_batch(indices))
+
+
+def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int,
+                  process_index: int, process_count: int, worker_count: int = 0,
+                  prefetch: int = 2, read_threads: int = 0, packing: bool = False,
+                  offsets: np.ndarray | None = None) -> grain.IterDataset:
+  """Infinite shuffled batches of int32[global_batch_size // process_count, L] arrays.
+
+  `tokens` is a `sources.Split`, a `sources.TokenArray` or a numpy array. Windows give
+  {'inputs', 'targets'}; `packing=True` also gives 'segment_ids', 'positions' and f32 'weights'
+  and needs document `offsets` (taken from a Split). `worker_count > 0` adds grain worker
+  processes (spawned: entry points need a __main__ guard); `read_threads > 0` reads up to
+  max(prefetch, read_threads) batches ahead in threads.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
                      f'process_count={process_count}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
-  src = WindowSource(tokens, seq_len)
-  if len(src) == 0:
-    raise DataError(f'{len(tokens)} tokens hold no window of seq_len={seq_len} (+1 target)')
-  ds = grain.MapDataset.source(src).shuffle(seed=shuffle_seed(seed)).repeat(None)
-  ds = ds[process_index::process_count].map(split_window)
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  if isinstance(tokens, Split):
+    tokens, offsets = tokens.tokens, tokens.offsets if offsets is None else offsets
+  if packing:
+    if offsets is None:
+      raise ValueError('packing=True needs document offsets (pass a sources.Split)')
+    src = PackedSource(tokens, offsets, seq_len, seed=shuffle_seed(seed))
+    if len(src) == 0:
+      raise DataError(f'{len(offsets) - 1} documents hold no (input, target) pair to pack')
+    ds, read = grain.MapDataset.range(sys.maxsize), src.read_batch
+  else:
+    src = WindowSource(tokens, seq_len)
+    if len(src) == 0:
+      raise DataError(f'{len(tokens)} tokens hold no window of seq_len={seq_len} (+1 target)')
+    ds = grain.MapDataset.range(len(src)).shuffle(seed=shuffle_seed(seed)).repeat(None)
+    read = _ReadWindows(src)
+  ds = ds[process_index::process_count]
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True).map(read)
   buffer = max(prefetch, read_threads) if read_threads else 0
   out = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
   if worker_count > 0:
@@ -111,7 +100,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
   return out
 
 
-def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0,
+def eval_batches(tokens, *, seq_len: int, batch_size: int, max_batches: int = 0,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """Held-out batches in order: non-overlapping windows from the start, full batches only.
 
@@ -120,6 +109,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batch
   """
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} must be a positive multiple of process_count={process_count}')
+  if isinstance(tokens, Split):
+    tokens = tokens.tokens
   src = WindowSource(tokens, seq_len)
   n = len(src) // batch_size
   if max_batches:
@@ -127,8 +118,7 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batch
   rows = batch_size // process_count
   for b in range(n):
     first = b * batch_size + process_index * rows
-    windows = np.stack([src[i] for i in range(first, first + rows)])
-    yield {'inputs': windows[:, :-1], 'targets': windows[:, 1:]}
+    yield split_window(src.read_batch(np.arange(first, first + rows)))
 
 
 def make_global_batch(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:

@@ -36,15 +36,20 @@ def _sum_loss(fns: StepFns, tokenizer):
     logits, _ = model(batch['inputs'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch['targets'])
-    num_bytes = tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32).sum()
+    num_bytes = (tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32).sum()
+                 if tokenizer.byte_level else jnp.float32(0))
     return ce.sum(), jnp.float32(ce.size), num_bytes
 
   return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
 
 
-def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config) -> dict:
-  """Held-out loss, perplexity, token count and bits per byte of `state['model']`."""
-  tokenizer = get_tokenizer(cfg.data.tokenizer)
+def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
+                   tokenizer=None) -> dict:
+  """Held-out loss, perplexity, token count and bits per byte of `state['model']`.
+
+  `tokenizer` is the dataset's (default: `data.tokenizer`); bits per byte need a byte-level one.
+  """
+  tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
   step_fn = _sum_loss(fns, tokenizer)
   total, count, num_bytes = 0.0, 0.0, 0.0
   for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
@@ -97,10 +102,13 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:num_devices])
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
   model_state = ckpt.restore_model(step, fns.abstract_state()['model'])
-  tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'heldout')
-  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg)}
+  dataset_dir = corpus.resolve_dataset(cfg.data)
+  corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
+  tokens = corpus.load_split(dataset_dir, 'heldout')
+  tokenizer = corpus.dataset_tokenizer(dataset_dir)
+  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer)}
   if baseline:
-    init = evaluate_model(fns, fns.init(), tokens, cfg)
+    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.schema import DataConfig
-from data import corpus, pipeline
+from data import corpus, pipeline, sources
 from data.tokenizer import ByteTokenizer, get_tokenizer
 
 L = 16  # window length of the synthetic tests
@@ -54,7 +54,7 @@ def test_tokenizer_round_trip():
   np.testing.assert_array_equal(tok.bytes_per_token(np.array([1, 256, 7])), [1, 0, 1])
   assert tok.bytes_per_token(jax.numpy.array([256, 3])).sum() == 1
   assert tok.fingerprint == ByteTokenizer().fingerprint == 'byte-v1'
-  with pytest.raises(ValueError, match='unknown tokenizer'):
+  with pytest.raises(corpus.DataError, match='unknown tokenizer'):
     get_tokenizer('sentencepiece')
   with pytest.raises(ValueError, match='vocab_size'):
     tok.decode([300])
@@ -86,14 +86,18 @@ def test_default_corpus(stdlib_dir, stdlib_cfg):
   meta = corpus.load_metadata(stdlib_dir)
   _, files = corpus.stdlib_files()
   held = sum(corpus.is_heldout(f, 0.05) for f in files)
-  assert meta['files'] == {'train': len(files) - held, 'heldout': held}
+  docs = meta['documents']
+  assert docs['train'] + docs['heldout'] + sum(meta['skipped'].values()) == len(files)
+  assert 0 < docs['heldout'] <= held and meta['files'] == len(files)
   tok = ByteTokenizer()
   for split in corpus.SPLITS:
     arr = corpus.load_split(stdlib_dir, split)
-    assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
-    assert arr.size == meta['tokens'][split] and arr[-1] == tok.eos_id
-    assert int((arr == tok.eos_id).sum()) == meta['files'][split]  # one EOS per document
-  assert meta['tokenizer'] == 'byte-v1' and meta['heldout_fraction'] == 0.05
+    offsets = sources.open_split(stdlib_dir, split).offsets
+    assert arr.dtype == np.uint16 and meta['dtype'] == 'uint16'
+    assert arr.size == meta['tokens'][split] == offsets[-1] and arr[-1] == tok.eos_id
+    assert int((arr == tok.eos_id).sum()) == docs[split] == len(offsets) - 1  # one EOS per document
+    assert (arr[offsets[1:] - 1] == tok.eos_id).all()
+  assert meta['tokenizer']['fingerprint'] == 'byte-v1' and meta['split']['heldout_fraction'] == 0.05
   assert corpus.resolve_dataset(stdlib_cfg) == stdlib_dir
   assert corpus.resolve_dataset(dataclasses.replace(stdlib_cfg, path=stdlib_dir)) == stdlib_dir
   with pytest.raises(corpus.DataError, match='data.path'):
@@ -101,7 +105,8 @@ def test_default_corpus(stdlib_dir, stdlib_cfg):
 
 
 def test_corpus_cache_is_reused_and_incomplete_dirs_rebuilt(stdlib_dir, stdlib_cfg):
-  files = [os.path.join(stdlib_dir, n) for n in ('train.npy', 'heldout.npy', 'metadata.json')]
+  files = [os.path.join(stdlib_dir, n) for n in ('train/offsets.npy', 'heldout/offsets.npy',
+                                                 'metadata.json')]
   before = [os.stat(f).st_mtime_ns for f in files]
   assert corpus.prepare_default_corpus(stdlib_cfg) == stdlib_dir
   assert [os.stat(f).st_mtime_ns for f in files] == before

@@ -17,7 +17,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import cli, schema, sharding
-from data import corpus, pipeline
+from data import corpus, pipeline, sources
 from eval import evaluate as eval_lib
 from model.config import ConfigError
 from model.transformer import flops_per_token
@@ -34,6 +34,26 @@ class TrainingError(RuntimeError):
 
 # Groups that must not change under an existing workdir (they define what the checkpoint is).
 _FROZEN_GROUPS = ('model', 'attention', 'moe', 'data')
+# Data fields that only change how fast batches arrive, not which: free to change on resume.
+_FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads')}
+
+
+def check_dataset(workdir: str, dataset_dir: str) -> dict:
+  """The dataset's identity; refuses one whose tokenizer or content differ from the workdir's."""
+  meta = corpus.load_metadata(dataset_dir)
+  ident = {'tokenizer': meta['tokenizer']['fingerprint'], 'tokenizer_spec': meta['tokenizer']['spec'],
+           'dataset': meta['fingerprint'], 'path': os.path.abspath(dataset_dir)}
+  path = os.path.join(workdir, 'dataset.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key, what in (('tokenizer', 'tokenizer'), ('dataset', 'dataset')):
+      if old.get(key) != ident[key]:
+        raise corpus.DataError(
+            f'{workdir} was trained with {what} {old.get(key)} ({old.get("tokenizer_spec")}, '
+            f'{old.get("path")}) but this run has {ident[key]} ({ident["tokenizer_spec"]}, '
+            f'{ident["path"]}); use a new --workdir')
+  return ident
 
 
 def write_config(cfg: schema.Config, workdir: str) -> None:
@@ -45,6 +65,8 @@ def write_config(cfg: schema.Config, workdir: str) -> None:
       old = json.load(f)
     for group in _FROZEN_GROUPS:
       for field, value in new[group].items():
+        if field in _FREE_FIELDS.get(group, ()):
+          continue
         before = old.get(group, {}).get(field)
         if json.loads(json.dumps(value)) != before:
           raise ConfigError(f'{group}.{field}={value!r} but {workdir} was trained with {before!r}; '
@@ -74,17 +96,24 @@ class _Preemption:
 def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics record."""
   primary = jax.process_index() == 0
+  dataset_dir = corpus.resolve_dataset(cfg.data)
+  corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
+  ident = check_dataset(workdir, dataset_dir)
   write_config(cfg, workdir)
+  if primary:
+    with open(os.path.join(workdir, 'dataset.json'), 'w') as f:
+      json.dump(ident, f, indent=2)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = sharding.rules(cfg.mesh.rules)
   fns = make_step_fns(cfg, mesh, rules)
-  dataset_dir = corpus.resolve_dataset(cfg.data)
-  train_tokens = corpus.load_split(dataset_dir, 'train')
   heldout_tokens = corpus.load_split(dataset_dir, 'heldout') if cfg.eval.every_steps else None
+  tokenizer = corpus.dataset_tokenizer(dataset_dir) if cfg.eval.every_steps else None
   data_iter = iter(pipeline.train_dataset(
-      train_tokens, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
-      seed=cfg.data.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch))
+      sources.open_split(dataset_dir, 'train'), seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.batch_size, seed=cfg.data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch,
+      read_threads=cfg.data.read_threads, packing=cfg.data.packing))
 
   ckpt = Checkpointer(workdir, cfg.checkpoint)
   start = ckpt.latest_step()
@@ -120,7 +149,7 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
     if done_step % cfg.train.log_every == 0 or done_step == end:
       record = logger.write(done_step)
     if cfg.eval.every_steps and done_step % cfg.eval.every_steps == 0:
-      result = eval_lib.evaluate_model(fns, state, heldout_tokens, cfg)
+      result = eval_lib.evaluate_model(fns, state, heldout_tokens, cfg, tokenizer)
       logger.record(done_step, {'step': done_step, **{f'eval_{k}': v for k, v in result.items()}})
       logger.restart_clock()
 
