@@ -141,3 +141,19 @@ def test_sigterm_writes_checkpoint_that_resumes(tmp_path, cache_dir):
   assert resume.returncode == 0, resume.stderr[-2000:]
   assert 'Resuming from checkpoint step' in resume.stderr
   assert Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).latest_step() == steps[0] + 2
+
+
+def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
+  """A config.json lacking a field added later compares as that field's default."""
+  from train.train import write_config
+  cfg = _cfg(cache_dir)
+  write_config(cfg, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    old = json.load(f)
+  del old['data']['packing']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  write_config(cfg, str(tmp_path))  # no error
+  changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3))
+  with pytest.raises(schema.ConfigError, match='model.num_layers=3 but'):
+    write_config(changed, str(tmp_path))

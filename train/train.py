@@ -62,7 +62,8 @@ def write_config(cfg: schema.Config, workdir: str) -> None:
   new = cfg.to_dict()
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
+      # Fields added since then read as their defaults; JSON round trip makes tuples lists on both sides.
+      old = json.loads(json.dumps(schema.from_dict(json.load(f)).to_dict()))
     for group in _FROZEN_GROUPS:
       for field, value in new[group].items():
         if field in _FREE_FIELDS.get(group, ()):
