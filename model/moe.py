@@ -184,28 +184,34 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> i
 
 
 def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                     capacity_factor: float):
-  """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction)."""
+                     capacity_factor: float, *, num_groups: int = 1):
+  """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction).
+
+  With `num_groups` G, the T tokens are G consecutive groups (e.g. sequences), each with its own
+  C = ceil(capacity_factor * (T / G) * K / E) slots per expert (GShard's groups).
+  """
   if capacity_factor <= 0:
     raise ValueError(f'capacity_factor={capacity_factor}: expected > 0')
-  (t, k), e = experts_TK.shape, w_gate_EDF.shape[0]
-  c = capacity(t, k, e, capacity_factor)
-  mask_KTE = jax.nn.one_hot(experts_TK.T, e, dtype=jnp.int32)
+  (t, k), e, g = experts_TK.shape, w_gate_EDF.shape[0], num_groups
+  s = t // g
+  c = capacity(s, k, e, capacity_factor)
+  mask_GKSE = jax.nn.one_hot(experts_TK.reshape(g, s, k).transpose(0, 2, 1), e, dtype=jnp.int32)
   # Slot of each assignment in its expert: all first choices, then all second choices, ...
-  pos_KTE = jnp.cumsum(mask_KTE.reshape(k * t, e), axis=0).reshape(k, t, e) - 1
-  pos_KT = jnp.sum(pos_KTE * mask_KTE, axis=-1)
-  keep_KT = pos_KT < c
-  slot_KTC = jax.nn.one_hot(jnp.where(keep_KT, pos_KT, c), c, dtype=x_TD.dtype)
-  dispatch_KTEC = mask_KTE.astype(x_TD.dtype)[..., None] * slot_KTC[:, :, None, :]
-  dispatch_TEC = dispatch_KTEC.sum(0)
-  combine_TEC = jnp.einsum('ktec,kt->tec', dispatch_KTEC, weights_TK.T.astype(x_TD.dtype))
-  x_ECD = axes.constrain(jnp.einsum('tec,td->ecd', dispatch_TEC, x_TD),
-                         ('act_expert', None, 'act_embed'))
-  y_ECD = axes.constrain(_swiglu_E(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD),
-                         ('act_expert', None, 'act_embed'))
-  y_TD = jnp.einsum('tec,ecd->td', combine_TEC, y_ECD)
-  dropped = 1.0 - jnp.mean(keep_KT.astype(jnp.float32))
-  return y_TD, dropped
+  pos_GKSE = jnp.cumsum(mask_GKSE.reshape(g, k * s, e), axis=1).reshape(g, k, s, e) - 1
+  pos_GKS = jnp.sum(pos_GKSE * mask_GKSE, axis=-1)
+  keep_GKS = pos_GKS < c
+  slot_GKSC = jax.nn.one_hot(jnp.where(keep_GKS, pos_GKS, c), c, dtype=x_TD.dtype)
+  dispatch_GKSEC = mask_GKSE.astype(x_TD.dtype)[..., None] * slot_GKSC[..., None, :]
+  weights_GKS = weights_TK.reshape(g, s, k).transpose(0, 2, 1).astype(x_TD.dtype)
+  combine_GSEC = jnp.einsum('gksec,gks->gsec', dispatch_GKSEC, weights_GKS)
+  x_GSD = x_TD.reshape(g, s, -1)
+  names = ('act_expert', 'batch', None, 'act_embed')  # experts split over the expert axis
+  x_EGCD = axes.constrain(jnp.einsum('gsec,gsd->egcd', dispatch_GKSEC.sum(1), x_GSD), names)
+  y_EGCD = _swiglu_E(x_EGCD.reshape(e, g * c, -1), w_gate_EDF, w_up_EDF, w_down_EFD)
+  y_EGCD = axes.constrain(y_EGCD.reshape(e, g, c, -1), names)
+  y_GSD = jnp.einsum('gsec,egcd->gsd', combine_GSEC, y_EGCD)
+  dropped = 1.0 - jnp.mean(keep_GKS.astype(jnp.float32))
+  return y_GSD.reshape(t, -1), dropped
 
 
 def experts_choice(x_TD, weights_EC, tokens_EC, w_gate_EDF, w_up_EDF, w_down_EFD):
