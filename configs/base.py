@@ -44,6 +44,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0           # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP
   e.every = 1                 # MoE in every n-th layer (the last of each group of n), dense MLP between
+  e.top_k = 2                 # experts per token (token-choice routers); <= num_experts
+  e.router = 'topk'           # topk (each token picks k experts) | expert_choice (each expert picks its tokens of a sequence)
+  e.score = 'softmax'         # router scores: softmax | sigmoid (DeepSeek-V3 style, pair with bias_rate > 0)
+  e.renormalize = True        # top-k gate weights renormalised to sum to 1 over the selected experts
+  e.expert_dim = 0            # hidden width of each expert; 0 = model.mlp_dim
+  e.shared_experts = 0        # always-active shared experts (a dense SwiGLU of width shared_experts * expert width)
+  e.execution = 'dropless'    # token-choice execution: dropless (sort + grouped matmul) | capacity (einsum dispatch, drops overflow)
+  e.dropless_impl = 'auto'    # grouped matmul: auto (ragged_dot on GPU/TPU, blocked on CPU) | ragged_dot | blocked
+  e.block_size = 256          # rows per block of the blocked (CPU) grouped matmul; groups are padded to multiples
+  e.capacity_factor = 1.25    # slots per expert = factor * tokens * top_k / num_experts (capacity execution, expert choice)
+  e.balance_weight = 1e-2     # weight of the Switch load-balancing loss (token choice)
+  e.z_loss_weight = 1e-3      # weight of the ST-MoE router z-loss
+  e.bias_rate = 0.0           # loss-free balancing bias update rate u (b += u * sign(mean load - load)); 0 = no bias
+  e.jitter = 0.0              # multiplicative router input noise, uniform in [1 - jitter, 1 + jitter]; 0 = off
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)
@@ -106,4 +120,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint.update(every_steps=10, max_to_keep=2)
   c.eval.update(batch_size=8, max_batches=2)
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')
+  if c.moe.num_experts:  # at most 8 small experts (divisible by an expert axis of 2, 4 or 8)
+    c.moe.num_experts = min(c.moe.num_experts, 8)
+    c.moe.update(top_k=min(c.moe.top_k, c.moe.num_experts),
+                 expert_dim=min(c.moe.expert_dim, 64), block_size=min(c.moe.block_size, 128))
   return c

@@ -258,3 +258,13 @@ def _validate_mesh(cfg: Config, num_devices: int) -> None:
     if getattr(model, field) % n:
       raise ConfigError(f'model.{field}={getattr(model, field)} must divide over mesh axes {axes} '
                         f'of size {n} (mesh.rules={m.rules!r}, mesh.shape={m.shape})')
+  moe = model.moe
+  if moe.num_experts:
+    for logical, field, value in (('expert', 'num_experts', moe.num_experts),
+                                  ('mlp', 'expert_dim', moe.hidden(model.mlp_dim))):
+      axes = rules.get(logical)
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      n = math.prod(size[a] for a in axes)
+      if value % n:
+        raise ConfigError(f'moe.{field}={value} must divide over mesh axes {axes} of size {n} '
+                          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})')

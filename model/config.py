@@ -67,23 +67,61 @@ class AttentionConfig:
                         f'multiple of the GQA group size {num_heads // num_kv_heads}')
 
 
+MOE_ROUTERS = ('topk', 'expert_choice')
+MOE_SCORES = ('softmax', 'sigmoid')
+MOE_EXECUTIONS = ('dropless', 'capacity')
+MOE_DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   num_experts: int = 0
   every: int = 1
+  top_k: int = 2
+  router: str = 'topk'
+  score: str = 'softmax'
+  renormalize: bool = True
+  expert_dim: int = 0
+  shared_experts: int = 0
+  execution: str = 'dropless'
+  dropless_impl: str = 'auto'
+  block_size: int = 256
+  capacity_factor: float = 1.25
+  balance_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+  bias_rate: float = 0.0
+  jitter: float = 0.0
 
   def is_moe_layer(self, layer: int) -> bool:
     """MoE feed-forward in every `every`-th layer (the last of each group), dense between."""
     return self.num_experts > 0 and layer % self.every == self.every - 1
+
+  def hidden(self, mlp_dim: int) -> int:
+    """Hidden width of one expert (`expert_dim`, or the dense model's `mlp_dim` when 0)."""
+    return self.expert_dim or mlp_dim
 
   def validate(self) -> None:
     if self.every < 1:
       raise ConfigError(f'moe.every={self.every}: expected >= 1')
     if self.num_experts < 0:
       raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
-    if self.num_experts > 0:
-      raise ConfigError(
-          f'moe.num_experts={self.num_experts}: MoE layers are not available in this version; use 0')
+    for name, allowed in (('router', MOE_ROUTERS), ('score', MOE_SCORES),
+                          ('execution', MOE_EXECUTIONS), ('dropless_impl', MOE_DROPLESS_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f'moe.{name}={getattr(self, name)!r}: expected one of {allowed}')
+    if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+      raise ConfigError(f'moe.top_k={self.top_k}: expected 1 <= top_k <= '
+                        f'moe.num_experts={self.num_experts}')
+    if self.capacity_factor <= 0:
+      raise ConfigError(f'moe.capacity_factor={self.capacity_factor}: expected > 0')
+    for name in ('expert_dim', 'shared_experts', 'balance_weight', 'z_loss_weight', 'bias_rate',
+                 'jitter'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'moe.{name}={getattr(self, name)}: expected >= 0')
+    if self.block_size < 1:
+      raise ConfigError(f'moe.block_size={self.block_size}: expected >= 1')
+    if self.router == 'expert_choice' and self.score != 'softmax':
+      raise ConfigError(f'moe.score={self.score!r}: expert_choice routing uses softmax scores')
 
 
 @dataclasses.dataclass(frozen=True)

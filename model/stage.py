@@ -94,3 +94,11 @@ class Stage(nnx.Module):
     else:
       for block, layer_stats in zip(self.blocks, stats):
         block.update_state(layer_stats)
+
+  def layer_stats(self, stats) -> dict[int, dict]:
+    """This stage's stats as {layer index: that layer's stats}, unstacked in scan mode."""
+    if not jax.tree.leaves(stats):
+      return {}
+    if self.scan:
+      return {self.first + i: jax.tree.map(lambda x: x[i], stats) for i in range(self.count)}
+    return {self.first + i: s for i, s in enumerate(stats)}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import axes
+from model import moe_layer  # noqa: F401  (registers block.FEED_FORWARD['moe'])
 from model.block import RESIDUAL, layer_specs
 from model.config import ModelConfig
 from model.layers import Embedding, RMSNorm, init_normal
@@ -74,6 +75,13 @@ class Transformer(nnx.Module):
     for stage, stage_stats in zip(self.stages, stats):
       stage.update_state(stage_stats)
 
+  def layer_stats(self, stats: list) -> dict[int, dict]:
+    """`aux['stats']` as {layer index: that layer's stats} (layers without stats left out)."""
+    out = {}
+    for stage, stage_stats in zip(self.stages, stats):
+      out.update(stage.layer_stats(stage_stats))
+    return out
+
 
 def count_params(cfg: ModelConfig) -> int:
   """Exact number of learned parameters (nnx.Param), from an abstract (eval_shape) model."""
@@ -83,12 +91,18 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Weights that take part in a matmul per token: attention and MLP projections, and the output
-  head (D*V, tied or not); norms and the embedding lookup are excluded."""
+  """Weights that take part in a matmul per token: attention and MLP projections (in MoE layers
+  the router and the top_k + shared active experts; expert choice counted as top_k too), and the
+  output head (D*V, tied or not); norms and the embedding lookup are excluded."""
   d, k = cfg.d_model, cfg.head_dim
   attn = d * cfg.num_heads * k * 2 + d * cfg.num_kv_heads * k * 2
   mlp = 3 * d * cfg.mlp_dim
-  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+  m = cfg.moe
+  f = m.hidden(cfg.mlp_dim)
+  routed = d * m.num_experts + 3 * d * f * (m.top_k + m.shared_experts)  # router + active experts
+  num_moe = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
+  return (cfg.num_layers * attn + (cfg.num_layers - num_moe) * mlp + num_moe * routed +
+          d * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -69,7 +69,11 @@ def _with(**overrides):
     ({'mesh__shape': (1, 1, 8, 1), 'mesh__rules': 'fsdp_tp'}, 'model.num_heads'),
     ({'data__heldout_fraction': 1.5}, 'data.heldout_fraction'),
     ({'attention__impl': 'flash'}, 'attention.impl'),
-    ({'moe__num_experts': 8}, 'moe.num_experts'),
+    ({'moe__num_experts': -1}, 'moe.num_experts'),
+    ({'moe__num_experts': 4, 'moe__top_k': 5}, 'moe.top_k'),
+    ({'moe__num_experts': 4, 'moe__capacity_factor': 0.0}, 'moe.capacity_factor'),
+    ({'moe__num_experts': 4, 'moe__router': 'hash'}, 'moe.router'),
+    ({'moe__num_experts': 6, 'mesh__shape': (1, 2, 1, 4), 'mesh__rules': 'fsdp_ep'}, 'moe.num_experts'),
     ({'train__steps': 'ten'}, 'train.steps'),
     ({'model__scan_layers': 1}, 'model.scan_layers'),
 ])

@@ -10,6 +10,10 @@ from absl import logging
 
 # Metrics reported as their value at the logging step rather than a window mean.
 _POINT_METRICS = ('learning_rate', 'step')
+# Per-expert count vectors: summed over the window and reported as `.../dead_experts` (experts
+# that received no token in the whole window), not written themselves.
+_COUNTS = 'expert_counts'
+
 
 
 class MetricsLogger:
@@ -24,6 +28,7 @@ class MetricsLogger:
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     self.primary = primary
     self._window: dict[str, list[float]] = {}
+    self._counts: dict[str, np.ndarray] = {}
     self._window_steps = 0
     self._t0 = time.perf_counter()
     self._jsonl = self._tb = None
@@ -35,11 +40,14 @@ class MetricsLogger:
 
   def restart_clock(self) -> None:
     """Starts a fresh timing window (after compilation, restore or evaluation)."""
-    self._window, self._window_steps, self._t0 = {}, 0, time.perf_counter()
+    self._window, self._counts, self._window_steps, self._t0 = {}, {}, 0, time.perf_counter()
 
   def add(self, metrics: dict) -> None:
     for name, value in metrics.items():
-      self._window.setdefault(name, []).append(float(np.asarray(value)))
+      if name.endswith(_COUNTS):
+        self._counts[name] = self._counts.get(name, 0) + np.asarray(value, np.float64)
+      else:
+        self._window.setdefault(name, []).append(float(np.asarray(value)))
     self._window_steps += 1
 
   def write(self, step: int) -> dict:
@@ -49,6 +57,8 @@ class MetricsLogger:
     for name, values in self._window.items():
       record[name] = values[-1] if name in _POINT_METRICS else float(np.mean(values))
     record.pop('finite', None)
+    for name, counts in self._counts.items():
+      record[name[:-len(_COUNTS)] + 'dead_experts'] = int(np.sum(counts == 0))
     steps_per_sec = self._window_steps / max(elapsed, 1e-9)
     record['tokens_per_sec'] = steps_per_sec * self.tokens_per_step
     record['step_time'] = 1.0 / max(steps_per_sec, 1e-9)

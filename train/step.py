@@ -128,6 +128,11 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,
                  'learning_rate': schedule(step_before), 'finite': finite,
                  **aux['metrics']}
+      # Per-expert assignment counts (vectors): the logger sums them over its window for dead_experts.
+      for i, layer_stats in model.layer_stats(aux['stats']).items():
+        counts = layer_stats.get('mlp', {}).get('expert_counts')
+        if counts is not None:
+          metrics[f'layer_{i}/moe/expert_counts'] = counts
       return new_state, metrics
 
   return StepFns(

@@ -1,0 +1,109 @@
+"""The routed feed-forward layer `block.FEED_FORWARD['moe']`: router, experts, losses, metrics.
+
+`MoE(cfg, rngs=...)(x_BLD) -> (y_BLD, aux)` with aux['loss'] the weighted Switch balance loss and
+router z-loss (f32), aux['metrics'] scalars named `moe/...`, and aux['stats'] = {'expert_counts':
+assignments per expert over the whole (global) batch}. `update_state` moves the loss-free
+balancing bias by those counts after the gradient. Expert choice picks per sequence.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes, block, moe, router
+from model.config import ModelConfig
+from model.layers import MLP, init_normal
+
+
+class MoE(nnx.Module):
+  """Mixture of SwiGLU experts stacked [E, D, F] with logical axes (expert, embed, mlp)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg, m = cfg, cfg.moe
+    e, d, f = m.num_experts, cfg.d_model, m.hidden(cfg.mlp_dim)
+    pd = cfg.param_dtype
+    self.router = axes.param(rngs, init_normal(cfg), (d, e), ('embed', None), pd)
+    self.w_gate = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
+    self.w_up = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
+    self.w_down = axes.param(rngs, init_normal(cfg, output=True), (e, f, d),
+                             ('expert', 'mlp', 'embed'), pd)
+    self.shared = (MLP(dataclasses.replace(cfg, mlp_dim=m.shared_experts * f), rngs=rngs)
+                   if m.shared_experts else None)
+    self.bias = axes.routing_state(jnp.zeros((e,), jnp.float32), ('expert',)) if m.bias_rate else None
+    if m.jitter:
+      key = rngs.params()
+      if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+      self.jitter_key = axes.routing_state(key, (None,))  # advanced in update_state
+    else:
+      self.jitter_key = None
+
+  def _logits(self, x_TD: jax.Array) -> jax.Array:
+    """Router logits in f32, with multiplicative input jitter when configured."""
+    x32_TD = x_TD.astype(jnp.float32)
+    if self.jitter_key is not None:
+      j = self.cfg.moe.jitter
+      x32_TD = x32_TD * jax.random.uniform(self.jitter_key[...], x32_TD.shape, jnp.float32,
+                                           1.0 - j, 1.0 + j)
+    return x32_TD @ self.router[...].astype(jnp.float32)
+
+  def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict]:
+    m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
+    b, l, d = x_BLD.shape
+    x_TD = x_BLD.reshape(b * l, d).astype(dtype)
+    logits_TE = self._logits(x_TD)
+    ws = [w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+    if m.router == 'expert_choice':
+      out, y_TD = self._expert_choice(x_TD, logits_TE.reshape(b, l, -1), ws)
+    else:
+      bias_E = None if self.bias is None else self.bias[...]
+      out = router.route_topk(logits_TE, m.top_k, score=m.score, bias_E=bias_E,
+                              renormalize=m.renormalize)
+      if m.execution == 'capacity':
+        y_TD, dropped = moe.experts_capacity(x_TD, out.weights, out.indices, *ws,
+                                             m.capacity_factor, num_groups=b)
+        out = out._replace(dropped_fraction=dropped)
+      else:
+        y_TD = moe.experts_dropless(x_TD, out.weights, out.indices, *ws,
+                                    impl=m.dropless_impl, block_size=m.block_size)
+    y_BLD = axes.constrain(y_TD.reshape(b, l, d), block.RESIDUAL)
+    if self.shared is not None:
+      y_BLD = y_BLD + self.shared(x_BLD)
+    loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
+    return y_BLD, {'loss': loss.astype(jnp.float32), 'metrics': self._metrics(out),
+                   'stats': {'expert_counts': out.load_E}}
+
+  def _expert_choice(self, x_TD, logits_BLE, ws):
+    """Each expert takes its top-C tokens of each sequence; losses and load over sequences."""
+    b, l, e = logits_BLE.shape
+    c = router.expert_choice_capacity(l, e, self.cfg.moe.capacity_factor)
+    out = jax.vmap(lambda z: router.route_expert_choice(z, c))(logits_BLE)
+    y_BLD = jax.vmap(moe.experts_choice, in_axes=(0, 0, 0, None, None, None))(
+        x_TD.reshape(b, l, -1), out.weights, out.indices, *ws)
+    out = out._replace(load_E=out.load_E.sum(0), z_loss=out.z_loss.mean(),
+                       entropy=out.entropy.mean(), balance_loss=out.balance_loss.mean(),
+                       dropped_fraction=out.dropped_fraction.mean())
+    return out, y_BLD.reshape(b * l, -1)
+
+  def _metrics(self, out: router.RouterOutput) -> dict:
+    load_E = out.load_E
+    mean = jnp.maximum(load_E.mean(), 1e-9)
+    metrics = {'moe/load_max_mean': load_E.max() / mean, 'moe/load_cv': load_E.std() / mean,
+               'moe/dropped_fraction': out.dropped_fraction, 'moe/router_entropy': out.entropy,
+               'moe/z_loss': out.z_loss, 'moe/balance_loss': out.balance_loss}
+    if self.bias is not None:
+      metrics['moe/bias_norm'] = jnp.linalg.norm(self.bias[...])
+    return {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+  def update_state(self, stats: dict) -> None:
+    """Loss-free bias from this step's global loads; a fresh jitter key for the next step."""
+    if self.bias is not None:
+      self.bias[...] = router.update_bias(self.bias[...], stats['expert_counts'],
+                                          self.cfg.moe.bias_rate)
+    if self.jitter_key is not None:
+      self.jitter_key[...] = jax.random.fold_in(self.jitter_key[...], 1)
+
+
+block.FEED_FORWARD['moe'] = MoE

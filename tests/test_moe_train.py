@@ -1,0 +1,30 @@
+"""A tiny MoE model trains end to end and logs its per-layer routing metrics."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from configs import moe_topk, schema
+from train.train import train_and_evaluate
+
+
+def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
+  c = moe_topk.get_config('tiny')
+  c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
+  c.train.update(steps=16, log_every=4)
+  cfg = schema.load(c, jax.device_count())
+  workdir = tmp_path_factory.mktemp('moe')
+  train_and_evaluate(cfg, str(workdir))
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [4, 8, 12, 16]
+  assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  for layer in (0, 1):
+    for name in ('load_max_mean', 'load_cv', 'dropped_fraction', 'router_entropy', 'z_loss',
+                 'balance_loss', 'dead_experts'):
+      assert f'layer_{layer}/moe/{name}' in records[-1], name
+    assert 0 <= records[-1][f'layer_{layer}/moe/dead_experts'] <= 8
+  assert not any('expert_counts' in key for key in records[-1])
+  assert records[-1]['aux_loss'] > 0
