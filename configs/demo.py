@@ -2,7 +2,7 @@
 
 Usage: python -m train.train --config=configs/demo.py --workdir=runs/demo
 Hardware: 2 CPU cores, a few minutes.
-Expected: held-out bits per byte well below the untrained model's (~8.6, uniform over 384 tokens).
+Expected: held-out bits per byte about 2.45 after 300 steps, against about 8.2 untrained.
 """
 
 from configs import base

@@ -6,7 +6,6 @@
 
 import dataclasses
 import math
-import types
 import typing
 from typing import Any
 
@@ -182,7 +181,7 @@ def _positive(path: str, value: float) -> None:
 def validate(cfg: Config, num_devices: int) -> None:
   """Cross-field checks; raises ConfigError naming the first offending field."""
   cfg.model.validate()
-  t, o, d, k, m, e = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint, cfg.mesh, cfg.eval
+  t, o, d, k, e = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint, cfg.eval
   for path, value in (('train.steps', t.steps), ('train.batch_size', t.batch_size),
                       ('train.seq_len', t.seq_len), ('train.grad_accum', t.grad_accum),
                       ('train.log_every', t.log_every), ('optimizer.learning_rate', o.learning_rate),

@@ -82,23 +82,34 @@ def _eval_config(cfg: schema.Config) -> tuple[schema.Config, int]:
     return dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(n, 1, 1, 1), rules='dp')), n
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
-                        baseline: bool = False) -> dict:
+def read_run_config(workdir: str) -> schema.Config:
+  """The frozen config a run was trained with, from DIR/config.json."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
   with open(config_path) as f:
-    cfg = schema.from_dict(json.load(f))
-  if data is not None:
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
-  cfg, num_devices = _eval_config(cfg)
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+    return schema.from_dict(json.load(f))
+
+
+def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
+  """`step` if a complete checkpoint exists there (default: the newest); a one-line error otherwise."""
   steps = ckpt.all_steps()
   if not steps:
     raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+  return step
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
+                        baseline: bool = False) -> dict:
+  cfg = read_run_config(workdir)
+  if data is not None:
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+  cfg, num_devices = _eval_config(cfg)
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  step = checkpoint_step(ckpt, step)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:num_devices])
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
   model_state = ckpt.restore_model(step, fns.abstract_state()['model'])

@@ -14,7 +14,6 @@ prefix is re-run at each length: one compilation per generated token.
 
 import dataclasses
 import json
-import os
 import sys
 
 import jax
@@ -25,6 +24,7 @@ from flax import nnx
 
 from configs import cli, schema, sharding
 from data.tokenizer import get_tokenizer
+from eval import evaluate
 from model.config import ConfigError
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
@@ -86,19 +86,10 @@ def has_routed_attention(cfg: schema.Config) -> bool:
 def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, seed: int = 0) -> dict:
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
-  with open(config_path) as f:
-    cfg = schema.from_dict(json.load(f))
-  cfg = dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  cfg = dataclasses.replace(evaluate.read_run_config(workdir),
+                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+  step = evaluate.checkpoint_step(ckpt, step)
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
                       sharding.rules(cfg.mesh.rules))
   model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})

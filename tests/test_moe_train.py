@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import pytest
 
 from configs import moe_topk, schema
 from train.train import train_and_evaluate
