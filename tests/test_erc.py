@@ -1,11 +1,17 @@
 """ERC loss (METHODS.md §2): Eq. 3 against NumPy, the Eq. 4 noise guarantee, gradients, alpha*."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from configs import moe_erc, schema
 from model import erc
+from model.config import ConfigError
+from model.transformer import Transformer
 
 
 def _problem(e=8, d=12, f=10, seed=0):
@@ -107,3 +113,50 @@ def test_coupling_level_is_where_the_loss_turns_zero(seed):
   assert a > 0
   assert float(erc.erc_loss(router_DE, w_gate_EDF, alpha=a * (1 + 1e-6))) == 0.0
   assert float(erc.erc_loss(router_DE, w_gate_EDF, alpha=a * (1 - 1e-3))) > 0.0
+
+
+def _tiny_erc(**moe_fields):
+  c = moe_erc.get_config('tiny')
+  c.moe.update(**moe_fields)
+  return schema.load(c, 1)
+
+
+def test_moe_layer_adds_erc_loss_and_reports_metrics():
+  cfg = _tiny_erc().model
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, cfg.vocab_size)
+  _, aux = model(tokens)
+  metrics, m = aux['metrics'], cfg.moe
+  layers = [i for i in range(cfg.num_layers) if m.is_moe_layer(i)]
+  assert layers
+  expected = 0.0
+  for i in layers:
+    p = f'layer_{i}/moe/'
+    for name in ('erc_loss', 'erc_epsilon', 'coupling_level'):
+      assert jnp.ndim(metrics[p + name]) == 0 and float(metrics[p + name]) > 0
+    expected += (m.balance_weight * metrics[p + 'balance_loss'] + m.z_loss_weight *
+                 metrics[p + 'z_loss'] + m.erc_weight * metrics[p + 'erc_loss'] / len(layers))
+  np.testing.assert_allclose(aux['loss'], expected, rtol=1e-5)
+  # update_state draws a fresh noise key; the clean-row alpha* does not depend on it.
+  model.update_state(aux['stats'])
+  _, aux2 = model(tokens)
+  for i in layers:
+    p = f'layer_{i}/moe/'
+    assert float(aux2['metrics'][p + 'erc_loss']) != float(metrics[p + 'erc_loss'])
+    np.testing.assert_allclose(aux2['metrics'][p + 'coupling_level'], metrics[p + 'coupling_level'])
+
+
+def test_coupling_level_reported_without_erc():
+  cfg = _tiny_erc(erc_weight=0.0).model
+  _, aux = Transformer(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 8), jnp.int32))
+  assert any(k.endswith('moe/coupling_level') for k in aux['metrics'])
+  assert not any('erc' in k for k in aux['metrics'])
+
+
+@pytest.mark.parametrize('fields, field', [
+    ({'erc_alpha': -0.5}, 'moe.erc_alpha'), ({'erc_weight': -1.0}, 'moe.erc_weight'),
+    ({'num_experts': 0}, 'moe.erc_weight'), ({'every': 8}, 'moe.erc_weight')])
+def test_validation_names_the_field(fields, field):
+  with pytest.raises(ConfigError, match=re.escape(field)) as info:
+    _tiny_erc(**fields)
+  assert '\n' not in str(info.value)
