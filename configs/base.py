@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.z_loss_weight = 1e-3      # weight of the ST-MoE router z-loss
   e.bias_rate = 0.0           # loss-free balancing bias update rate u (b += u * sign(mean load - load)); 0 = no bias
   e.jitter = 0.0              # multiplicative router input noise, uniform in [1 - jitter, 1 + jitter]; 0 = off
+  e.erc_weight = 0.0          # weight of the expert-router coupling (ERC) loss, mean over MoE layers; 0 = off (paper: 1.0)
+  e.erc_alpha = 1.0           # ERC hinge margin alpha: M[i,j] < alpha * M[i,i]; smaller = stricter specialisation
+  e.erc_grad_to_router = False  # ERC gradient also into the router (False: perturbed router rows are stop-gradient)
 
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)

@@ -91,6 +91,9 @@ class MoEConfig:
   z_loss_weight: float = 1e-3
   bias_rate: float = 0.0
   jitter: float = 0.0
+  erc_weight: float = 0.0
+  erc_alpha: float = 1.0
+  erc_grad_to_router: bool = False
 
   def is_moe_layer(self, layer: int) -> bool:
     """MoE feed-forward in every `every`-th layer (the last of each group), dense between."""
@@ -115,9 +118,12 @@ class MoEConfig:
     if self.capacity_factor <= 0:
       raise ConfigError(f'moe.capacity_factor={self.capacity_factor}: expected > 0')
     for name in ('expert_dim', 'shared_experts', 'balance_weight', 'z_loss_weight', 'bias_rate',
-                 'jitter'):
+                 'jitter', 'erc_weight', 'erc_alpha'):
       if getattr(self, name) < 0:
         raise ConfigError(f'moe.{name}={getattr(self, name)}: expected >= 0')
+    if self.erc_weight > 0 and self.num_experts == 0:
+      raise ConfigError(f'moe.erc_weight={self.erc_weight}: the ERC loss needs MoE layers '
+                        '(moe.num_experts > 0)')
     if self.block_size < 1:
       raise ConfigError(f'moe.block_size={self.block_size}: expected >= 1')
     if self.router == 'expert_choice' and self.score != 'softmax':
@@ -170,3 +176,6 @@ class ModelConfig:
     self.attention.validate(self.num_layers)
     self.attention.validate_heads(self.num_heads, self.num_kv_heads)
     self.moe.validate()
+    if self.moe.erc_weight > 0 and not any(map(self.moe.is_moe_layer, range(self.num_layers))):
+      raise ConfigError(f'moe.erc_weight={self.moe.erc_weight}: no MoE layer in '
+                        f'model.num_layers={self.num_layers} with moe.every={self.moe.every}')

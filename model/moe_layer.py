@@ -1,9 +1,11 @@
 """The routed feed-forward layer `block.FEED_FORWARD['moe']`: router, experts, losses, metrics.
 
-`MoE(cfg, rngs=...)(x_BLD) -> (y_BLD, aux)` with aux['loss'] the weighted Switch balance loss and
-router z-loss (f32), aux['metrics'] scalars named `moe/...`, and aux['stats'] = {'expert_counts':
-assignments per expert over the whole (global) batch}. `update_state` moves the loss-free
-balancing bias by those counts after the gradient. Expert choice picks per sequence.
+`MoE(cfg, rngs=...)(x_BLD) -> (y_BLD, aux)` with aux['loss'] the weighted Switch balance loss,
+router z-loss and ERC loss (`model.erc`, its weight split over the MoE layers) in f32,
+aux['metrics'] scalars named `moe/...`, and aux['stats'] = {'expert_counts': assignments per
+expert over the whole (global) batch}. `update_state` moves the loss-free balancing bias by those
+counts after the gradient and advances the jitter and ERC noise keys. Expert choice picks per
+sequence.
 """
 
 import dataclasses
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, moe, router
+from model import axes, block, erc, moe, router
 from model.config import ModelConfig
 from model.layers import MLP, init_normal
 
@@ -32,13 +34,9 @@ class MoE(nnx.Module):
     self.shared = (MLP(dataclasses.replace(cfg, mlp_dim=m.shared_experts * f), rngs=rngs)
                    if m.shared_experts else None)
     self.bias = axes.routing_state(jnp.zeros((e,), jnp.float32), ('expert',)) if m.bias_rate else None
-    if m.jitter:
-      key = rngs.params()
-      if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-      self.jitter_key = axes.routing_state(key, (None,))  # advanced in update_state
-    else:
-      self.jitter_key = None
+    # Raw key data as routing state, advanced in update_state: fresh noise every step.
+    self.jitter_key = _key_state(rngs) if m.jitter else None
+    self.erc_key = _key_state(rngs) if m.erc_weight else None
 
   def _logits(self, x_TD: jax.Array) -> jax.Array:
     """Router logits in f32, with multiplicative input jitter when configured."""
@@ -72,8 +70,24 @@ class MoE(nnx.Module):
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD)
     loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
-    return y_BLD, {'loss': loss.astype(jnp.float32), 'metrics': self._metrics(out),
+    erc_loss, erc_metrics = self._erc()
+    return y_BLD, {'loss': (loss + erc_loss).astype(jnp.float32),
+                   'metrics': {**self._metrics(out), **erc_metrics},
                    'stats': {'expert_counts': out.load_E}}
+
+  def _erc(self) -> tuple[jax.Array, dict]:
+    """Weighted ERC loss share of this layer (weight / number of MoE layers) and its metrics;
+    the coupling level alpha* is reported whether ERC is on or not."""
+    m, r_DE, wg_EDF = self.cfg.moe, self.router[...], self.w_gate[...]
+    metrics = {'moe/coupling_level': erc.coupling_level(r_DE, wg_EDF)}
+    if self.erc_key is None:
+      return jnp.zeros((), jnp.float32), metrics
+    delta_ED = erc.erc_noise(self.erc_key[...], r_DE)
+    loss = erc.erc_loss(r_DE, wg_EDF, alpha=m.erc_alpha, delta_ED=delta_ED,
+                        grad_to_router=m.erc_grad_to_router)
+    metrics.update({'moe/erc_loss': loss, 'moe/erc_epsilon': erc.mean_epsilon(r_DE)})
+    layers = sum(map(m.is_moe_layer, range(self.cfg.num_layers)))
+    return m.erc_weight * loss / layers, metrics
 
   def _expert_choice(self, x_TD, logits_BLE, ws):
     """Each expert takes its top-C tokens of each sequence; losses and load over sequences."""
@@ -104,6 +118,16 @@ class MoE(nnx.Module):
                                           self.cfg.moe.bias_rate)
     if self.jitter_key is not None:
       self.jitter_key[...] = jax.random.fold_in(self.jitter_key[...], 1)
+    if self.erc_key is not None:
+      self.erc_key[...] = jax.random.fold_in(self.erc_key[...], 1)
+
+
+def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:
+  """A fresh PRNG key (raw key data) held as routing state."""
+  key = rngs.params()
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return axes.routing_state(key, (None,))
 
 
 block.FEED_FORWARD['moe'] = MoE
