@@ -76,12 +76,15 @@ class MoE(nnx.Module):
                    'stats': {'expert_counts': out.load_E}}
 
   def _erc(self) -> tuple[jax.Array, dict]:
-    """Weighted ERC loss share of this layer (weight / number of MoE layers) and its metrics;
-    the coupling level alpha* is reported whether ERC is on or not."""
+    """Weighted ERC loss share of this layer (weight / number of MoE layers) and its metrics.
+
+    The coupling level alpha* costs E^2·D·F per step, so it is a training metric only when ERC is
+    on; for any MoE checkpoint it is computed from the weights by `erc.coupling_level`.
+    """
     m, r_DE, wg_EDF = self.cfg.moe, self.router[...], self.w_gate[...]
-    metrics = {'moe/coupling_level': erc.coupling_level(r_DE, wg_EDF)}
     if self.erc_key is None:
-      return jnp.zeros((), jnp.float32), metrics
+      return jnp.zeros((), jnp.float32), {}
+    metrics = {'moe/coupling_level': erc.coupling_level(r_DE, wg_EDF)}
     delta_ED = erc.erc_noise(self.erc_key[...], r_DE)
     loss = erc.erc_loss(r_DE, wg_EDF, alpha=m.erc_alpha, delta_ED=delta_ED,
                         grad_to_router=m.erc_grad_to_router)
