@@ -21,7 +21,9 @@ from flax import nnx
 from configs import cli, schema, sharding
 from data import corpus, pipeline
 from data.tokenizer import get_tokenizer
+from model import erc
 from model.config import ConfigError
+from model.moe_layer import MoE
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.step import StepFns, make_step_fns
@@ -82,6 +84,24 @@ def _eval_config(cfg: schema.Config) -> tuple[schema.Config, int]:
     return dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(n, 1, 1, 1), rules='dp')), n
 
 
+def coupling_levels(model) -> dict[str, float]:
+  """ERC coupling level alpha* of every MoE layer, from the weights (any MoE model, ERC or not)."""
+  out = {}
+  for stage in model.stages:
+    if stage.scan:
+      if not isinstance(stage.blocks.mlp, MoE):
+        continue
+      mlp = stage.blocks.mlp
+      levels = jax.vmap(erc.coupling_level)(mlp.router[...], mlp.w_gate[...])
+    else:
+      if not isinstance(stage.blocks[0].mlp, MoE):
+        continue
+      levels = [erc.coupling_level(b.mlp.router[...], b.mlp.w_gate[...]) for b in stage.blocks]
+    for i, level in enumerate(levels):
+      out[f'layer_{stage.first + i}/moe/coupling_level'] = float(level)
+  return out
+
+
 def read_run_config(workdir: str) -> schema.Config:
   """The frozen config a run was trained with, from DIR/config.json."""
   config_path = os.path.join(workdir, 'config.json')
@@ -117,7 +137,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
   tokens = corpus.load_split(dataset_dir, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
-  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer)}
+  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer),
+            **coupling_levels(fns.model({'model': model_state}))}
   if baseline:
     init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})

@@ -6,6 +6,7 @@ import os
 import jax
 
 from configs import moe_topk, schema
+from eval.evaluate import evaluate_checkpoint
 from train.train import train_and_evaluate
 
 
@@ -27,3 +28,7 @@ def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
     assert 0 <= records[-1][f'layer_{layer}/moe/dead_experts'] <= 8
   assert not any('expert_counts' in key for key in records[-1])
   assert records[-1]['aux_loss'] > 0
+  # Evaluation reports the ERC coupling level alpha* of every MoE layer, ERC-trained or not.
+  result = evaluate_checkpoint(str(workdir))
+  for layer in (0, 1):
+    assert result[f'layer_{layer}/moe/coupling_level'] > 0
