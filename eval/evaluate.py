@@ -30,8 +30,11 @@ from train.step import StepFns, make_step_fns
 
 
 
-def _sum_loss(fns: StepFns, tokenizer):
-  """Jitted (model_state, batch) -> (sum of token losses, tokens, bytes the targets stand for)."""
+def make_eval_step(fns: StepFns, tokenizer):
+  """Jitted (model_state, batch) -> (sum of token losses, tokens, bytes the targets stand for).
+
+  Build it once per run and pass it to `evaluate_model`: each new jit object compiles anew.
+  """
 
   def fn(model_state, batch):
     model = nnx.merge(fns.model_def, model_state)
@@ -46,13 +49,13 @@ def _sum_loss(fns: StepFns, tokenizer):
 
 
 def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
-                   tokenizer=None) -> dict:
+                   tokenizer=None, eval_step=None) -> dict:
   """Held-out loss, perplexity, token count and bits per byte of `state['model']`.
 
   `tokenizer` is the dataset's (default: `data.tokenizer`); bits per byte need a byte-level one.
   """
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
-  step_fn = _sum_loss(fns, tokenizer)
+  step_fn = eval_step or make_eval_step(fns, tokenizer)
   total, count, num_bytes = 0.0, 0.0, 0.0
   for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
                                      batch_size=cfg.eval.batch_size,
@@ -137,10 +140,12 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
   tokens = corpus.load_split(dataset_dir, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
-  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer),
+  eval_step = make_eval_step(fns, tokenizer)
+  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer,
+                                           eval_step),
             **coupling_levels(fns.model({'model': model_state}))}
   if baseline:
-    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer)
+    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, eval_step)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')

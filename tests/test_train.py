@@ -157,3 +157,24 @@ def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
   changed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3))
   with pytest.raises(schema.ConfigError, match='model.num_layers=3 but'):
     write_config(changed, str(tmp_path))
+
+
+def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(tmp_path, cache_dir,
+                                                                         monkeypatch):
+  from eval import evaluate as eval_lib
+  steps = []
+  real = eval_lib.make_eval_step
+
+  def counting(*args):
+    fn = real(*args)
+    steps.append(fn)
+    return fn
+
+  monkeypatch.setattr(eval_lib, 'make_eval_step', counting)
+  cfg = _cfg(cache_dir, steps=6, log_every=3)
+  cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every_steps=2, max_batches=1))
+  train_and_evaluate(cfg, str(tmp_path))
+  evals = [r for r in _metrics(tmp_path) if 'eval_loss' in r]
+  assert len(steps) == 1 and steps[0]._cache_size() == 1  # one jit object, compiled once
+  # Read one step late, so each evaluation sees the state after the following step.
+  assert [r['step'] for r in evals] == [3, 5, 6]

@@ -109,6 +109,7 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   fns = make_step_fns(cfg, mesh, rules)
   heldout_tokens = corpus.load_split(dataset_dir, 'heldout') if cfg.eval.every_steps else None
   tokenizer = corpus.dataset_tokenizer(dataset_dir) if cfg.eval.every_steps else None
+  eval_step = eval_lib.make_eval_step(fns, tokenizer) if cfg.eval.every_steps else None
   data_iter = iter(pipeline.train_dataset(
       sources.open_split(dataset_dir, 'train'), seq_len=cfg.train.seq_len,
       global_batch_size=cfg.train.batch_size, seed=cfg.data.seed,
@@ -150,8 +151,9 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
     if done_step % cfg.train.log_every == 0 or done_step == end:
       record = logger.write(done_step)
     if cfg.eval.every_steps and done_step % cfg.eval.every_steps == 0:
-      result = eval_lib.evaluate_model(fns, state, heldout_tokens, cfg, tokenizer)
-      logger.record(done_step, {'step': done_step, **{f'eval_{k}': v for k, v in result.items()}})
+      # Metrics are read one step late: `state` is already the state after step `step`.
+      result = eval_lib.evaluate_model(fns, state, heldout_tokens, cfg, tokenizer, eval_step)
+      logger.record(step, {'step': step, **{f'eval_{k}': v for k, v in result.items()}})
       logger.restart_clock()
 
   try:
