@@ -14,6 +14,11 @@ import ml_collections
 from configs import sharding
 from model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
 
+# Groups of the config file that live inside ModelConfig (a field of that name whose type is the
+# group's dataclass): a new mechanism adds its dataclass to ModelConfig and is picked up here.
+MODEL_GROUPS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                     if dataclasses.is_dataclass(f.type))
+
 DECAYS = ('cosine', 'linear', 'constant')
 TOKENIZERS = ('byte', 'sentencepiece:PATH', 'hf:PATH')
 
@@ -105,15 +110,15 @@ class Config:
   def to_dict(self) -> dict:
     """The nested plain dict written to `config.json` (groups as in the config file)."""
     out = dataclasses.asdict(self)
-    out['attention'] = out['model'].pop('attention')
-    out['moe'] = out['model'].pop('moe')
+    for group in MODEL_GROUPS:
+      out[group] = out['model'].pop(group)
     return out
 
 
 _GROUPS = {
-    'model': ModelConfig, 'attention': AttentionConfig, 'moe': MoEConfig, 'data': DataConfig,
-    'optimizer': OptimizerConfig, 'train': TrainConfig, 'checkpoint': CheckpointConfig,
-    'mesh': MeshConfig, 'eval': EvalConfig,
+    'model': ModelConfig, 'data': DataConfig, 'optimizer': OptimizerConfig,
+    'train': TrainConfig, 'checkpoint': CheckpointConfig, 'mesh': MeshConfig, 'eval': EvalConfig,
+    **{f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name in MODEL_GROUPS},
 }
 
 
@@ -149,8 +154,7 @@ def from_dict(tree: dict) -> Config:
   if unknown:
     raise ConfigError(f'{unknown[0]}: unknown config group; expected one of {sorted(_GROUPS)}')
   get = lambda name: dict(tree.get(name) or {})
-  model = _group('model', get('model'), attention=_group('attention', get('attention')),
-                 moe=_group('moe', get('moe')))
+  model = _group('model', get('model'), **{g: _group(g, get(g)) for g in MODEL_GROUPS})
   cfg = Config(model=model, **{g: _group(g, get(g)) for g in
                                ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')})
   return _derive_clusters(cfg)

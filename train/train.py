@@ -33,7 +33,7 @@ class TrainingError(RuntimeError):
 
 
 # Groups that must not change under an existing workdir (they define what the checkpoint is).
-_FROZEN_GROUPS = ('model', 'attention', 'moe', 'data')
+_FROZEN_GROUPS = ('model', *schema.MODEL_GROUPS, 'data')
 # Data fields that only change how fast batches arrive, not which: free to change on resume.
 _FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads')}
 
