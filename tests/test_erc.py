@@ -1,5 +1,6 @@
 """ERC loss (METHODS.md §2): Eq. 3 against NumPy, the Eq. 4 noise guarantee, gradients, alpha*."""
 
+import math
 import re
 
 import jax
@@ -7,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from configs import moe_erc, schema
-from model import erc
+from configs import moe_erc, schema, sharding
+from model import axes, erc
 from model.config import ConfigError
 from model.transformer import Transformer
+from train import mesh as mesh_lib
 
 
 def _problem(e=8, d=12, f=10, seed=0):
@@ -121,8 +124,10 @@ def _tiny_erc(**moe_fields):
   return schema.load(c, 1)
 
 
-def test_moe_layer_adds_erc_loss_and_reports_metrics():
-  cfg = _tiny_erc().model
+@pytest.mark.parametrize('moe_fields', [{}, {'execution': 'capacity', 'shared_experts': 1}],
+                         ids=['dropless', 'capacity_shared_experts'])
+def test_moe_layer_adds_erc_loss_and_reports_metrics(moe_fields):
+  cfg = _tiny_erc(**moe_fields).model
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, cfg.vocab_size)
   _, aux = model(tokens)
@@ -160,3 +165,41 @@ def test_validation_names_the_field(fields, field):
   with pytest.raises(ConfigError, match=re.escape(field)) as info:
     _tiny_erc(**fields)
   assert '\n' not in str(info.value)
+
+
+_COLLECTIVE = re.compile(r'= (\w+)\[([\d,]*)\][^=]* (all-gather|all-reduce|reduce-scatter|all-to-all|'
+                         r'collective-permute)(-start)?\(')
+
+
+@pytest.mark.parametrize('shape, rules', [((1, 1, 1, 8), 'fsdp_ep'), ((1, 2, 1, 4), 'fsdp_ep')],
+                         ids=['expert8', 'fsdp2_expert4'])
+def test_expert_sharded_loss_equals_unsharded_and_never_moves_expert_weights(shape, rules):
+  """Loss and gradients (router and W_g) on an expert-sharded mesh equal the unsharded ones, and
+  XLA's collectives stay far below one expert shard of W_g: the loss is computed where the experts
+  live (M[:, local experts]), exchanging E-sized vectors; with FSDP also the partial sums over the
+  sharded embedding (E × E/ep × F), never the weights."""
+  e, d, f = 16, 64, 32
+  router_DE, w_gate_EDF = _problem(e, d, f, seed=3)
+  delta_ED = erc.erc_noise(jax.random.PRNGKey(4), router_DE)
+  fn = jax.value_and_grad(lambda r, w: erc.erc_loss(r, w, alpha=0.8, delta_ED=delta_ED,
+                                                    grad_to_router=True), argnums=(0, 1))
+  ref_loss, ref_grads = jax.jit(fn)(router_DE, w_gate_EDF)
+  assert float(ref_loss) > 0
+
+  mesh = mesh_lib.make_mesh(schema.MeshConfig(shape=shape, rules=rules))
+  preset = sharding.rules(rules)
+  spec = lambda names: NamedSharding(mesh, axes.logical_to_spec(names, preset, mesh))
+  r_sharding, w_sharding = spec(('embed', None)), spec(('expert', 'embed', 'mlp'))
+  args = (jax.device_put(router_DE, r_sharding), jax.device_put(w_gate_EDF, w_sharding))
+  compiled = jax.jit(fn, out_shardings=(spec(()), (r_sharding, w_sharding))).lower(*args).compile()
+  loss, grads = compiled(*args)
+  assert 'expert' in str(grads[1].sharding.spec)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+  sizes = [math.prod(int(n) for n in dims.split(',') if n)
+           for _, dims, _, _ in _COLLECTIVE.findall(compiled.as_text())]
+  assert sizes, 'expected some communication on a sharded mesh'
+  expert_shard = e // mesh.shape['expert'] * d * f
+  assert max(sizes) <= e * (e // mesh.shape['expert']) * f < expert_shard, sizes

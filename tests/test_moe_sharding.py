@@ -77,8 +77,9 @@ def test_dropless_expert_sharded_equals_unsharded(dropless_reference, shape, rul
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('fields', [{'execution': 'capacity'}, {'router': 'expert_choice'}],
-                         ids=['capacity', 'expert_choice'])
+@pytest.mark.parametrize('fields', [{'execution': 'capacity'}, {'router': 'expert_choice'},
+                                    {'erc_weight': 1.0, 'shared_experts': 1}],
+                         ids=['capacity', 'expert_choice', 'erc'])
 def test_other_executions_expert_sharded_equal_unsharded(fields):
   ref = _run(_cfg(moe_topk, *REFERENCE, **fields))
   _compare(_run(_cfg(moe_topk, *EXPERT_MESHES[1], **fields)), ref)
