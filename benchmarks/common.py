@@ -51,3 +51,30 @@ def print_table(rows: list[dict]) -> None:
 
 def _fmt(v) -> str:
   return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+DOCS_RESULTS = os.path.join(os.path.dirname(RESULTS), '..', 'docs', 'results.md')
+
+
+def write_docs_section(heading: str, body: str, path: str = DOCS_RESULTS) -> str:
+  """Writes `## heading` + body into docs/results.md, replacing that section if present.
+
+  Each evidence command owns one section; the others are kept as they are.
+  """
+  path = os.path.normpath(path)
+  text = open(path).read() if os.path.exists(path) else (
+      '# Results\n\nWritten by the commands named in each section; rerun a command to refresh '
+      'its section.\n')
+  lines, out, skipping = text.splitlines(), [], False
+  for line in lines:
+    if line.startswith('## '):
+      skipping = line[3:].strip() == heading
+    if not skipping:
+      out.append(line)
+  section = f'## {heading}\n\n{body.strip()}\n'
+  new = '\n'.join(out).rstrip() + '\n\n' + section
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    f.write(new)
+  os.replace(path + '.tmp', path)
+  return path
