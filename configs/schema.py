@@ -72,6 +72,7 @@ class CheckpointConfig:
 class MeshConfig:
   shape: tuple[int, ...] = (1, -1, 1, 1)
   rules: str = 'fsdp'
+  dcn_shape: tuple[int, ...] = ()
 
   def resolved_shape(self, num_devices: int) -> tuple[int, ...]:
     """The shape with its -1 filled in; assumes `validate` passed."""
@@ -239,6 +240,9 @@ def _validate_mesh(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'mesh.shape={m.shape}: expected {len(sharding.MESH_AXES)} sizes for axes {sharding.MESH_AXES}')
   if m.shape.count(-1) > 1 or any(s == 0 or s < -1 for s in m.shape):
     raise ConfigError(f'mesh.shape={m.shape}: expected positive sizes and at most one -1')
+  if m.dcn_shape and (len(m.dcn_shape) != len(m.shape) or any(s < 1 for s in m.dcn_shape)):
+    raise ConfigError(f'mesh.dcn_shape={m.dcn_shape}: expected () or {len(sharding.MESH_AXES)} '
+                      f'positive sizes for axes {sharding.MESH_AXES}')
   known = math.prod(s for s in m.shape if s != -1)
   if known > num_devices or (-1 not in m.shape and known != num_devices) or num_devices % known:
     raise ConfigError(f'mesh.shape={m.shape} needs {known} devices{" (or a divisor of the count)" if -1 in m.shape else ""}; '

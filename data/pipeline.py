@@ -31,8 +31,8 @@ import numpy as np
 from data.errors import DataError
 from data.sources import PackedSource, Split, WindowSource
 
-__all__ = ['WindowSource', 'PackedSource', 'split_window', 'train_dataset', 'eval_batches',
-           'make_global_batch', 'shuffle_seed']
+__all__ = ['WindowSource', 'PackedSource', 'split_window', 'train_dataset', 'seek',
+           'eval_batches', 'make_global_batch', 'shuffle_seed']
 
 
 def split_window(window: np.ndarray) -> dict:
@@ -98,6 +98,19 @@ def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int,
     out = out.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=prefetch))
   return out
+
+
+def seek(iterator: grain.DatasetIterator, batches: int) -> None:
+  """Moves a fresh `train_dataset` iterator to batch number `batches` of its stream.
+
+  Every step consumes the same global records whatever the process count, so a checkpoint
+  written by P processes resumes on P' processes by seeking each to the checkpoint's step.
+  """
+  state = iterator.get_state()
+  if set(state) != {'next_index'}:
+    raise DataError('resuming on a different number of processes needs data.worker_count=0 '
+                    f'(the iterator state {sorted(state)} cannot be repositioned)')
+  iterator.set_state({'next_index': batches})
 
 
 def eval_batches(tokens, *, seq_len: int, batch_size: int, max_batches: int = 0,

@@ -1,11 +1,14 @@
 """Orbax checkpoints of the train state and the data iterator.
 
-Items: `model` (parameters), `opt` (optimizer state) and `data` (grain iterator state), so
-evaluation restores only `model`. Orbax writes each step into a temporary directory and renames it
+Items: `model` (parameters), `opt` (optimizer state) and `data` (grain iterator state, one file
+per process), so evaluation restores only `model`. With several processes every process writes
+its own array shards and its iterator state; Orbax writes the metadata from the primary process
+and restores onto whatever mesh and process count the abstract state's shardings describe. Orbax writes each step into a temporary directory and renames it
 when complete, so a half-written step is never listed and never chosen for restore.
 """
 
 import os
+import re
 
 import grain
 import orbax.checkpoint as ocp
@@ -28,6 +31,14 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
+
+  def data_process_count(self, step: int) -> int | None:
+    """How many processes wrote `step`'s data-iterator states (grain writes one file each)."""
+    directory = os.path.join(self.directory, str(step), 'data')
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json').match, names)
+              if m}
+    return counts.pop() if len(counts) == 1 else None
 
   def save(self, step: int, state: dict, data_iterator=None) -> bool:
     items = {'model': ocp.args.StandardSave(state['model']),

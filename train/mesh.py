@@ -1,19 +1,50 @@
-"""Device mesh over the axes (data, fsdp, tensor, expert) with Auto axis types (DESIGN §6)."""
+"""Device mesh over the axes (data, fsdp, tensor, expert) with Auto axis types (DESIGN §6).
+
+With several processes the mesh is hybrid: `mesh.dcn_shape` says how many processes (hosts, or
+slices) each axis spans, the rest of each axis runs inside a process over its fast interconnect
+(ICI/NVLink). By default the processes go on the outermost axis whose size they divide: the data
+axis when it is large enough, else FSDP; only that axis's collectives cross hosts.
+"""
+
+import math
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from configs import sharding
 from configs.schema import MeshConfig
 from model import axes
+from model.config import ConfigError
+
+
+def dcn_shape(mesh_cfg: MeshConfig, shape: tuple[int, ...], processes: int) -> tuple[int, ...]:
+  """Processes per mesh axis: `mesh.dcn_shape`, or all of them on the outermost axis they divide."""
+  if mesh_cfg.dcn_shape:
+    dcn = tuple(mesh_cfg.dcn_shape)
+    if math.prod(dcn) != processes or any(s % d for s, d in zip(shape, dcn)):
+      raise ConfigError(f'mesh.dcn_shape={dcn}: expected sizes dividing mesh.shape={shape} whose '
+                        f'product is the {processes} processes')
+    return dcn
+  for i, size in enumerate(shape):
+    if size % processes == 0:
+      return tuple(processes if j == i else 1 for j in range(len(shape)))
+  raise ConfigError(f'mesh.shape={shape}: no axis divides over the {processes} processes; '
+                    'set mesh.dcn_shape')
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   """A mesh of `mesh_cfg.shape` (one -1 filled in) over `devices` (default: all of them)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_cfg.resolved_shape(len(devices))
-  return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
-                       devices=devices)
+  types = (AxisType.Auto,) * len(shape)
+  processes = len({d.process_index for d in devices})
+  if processes == 1:
+    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=types, devices=devices)
+  dcn = dcn_shape(mesh_cfg, shape, processes)
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+  return Mesh(grid, sharding.MESH_AXES, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:

@@ -21,6 +21,7 @@ from data import corpus, pipeline, sources
 from eval import evaluate as eval_lib
 from model.config import ConfigError
 from model.transformer import flops_per_token
+from train import distributed
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsLogger
@@ -124,9 +125,14 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
     if primary:
       logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
           nnx.to_pure_dict(state['model']), include_stats=False))
-  else:
+  elif ckpt.data_process_count(start) == jax.process_count():
     logging.info('Resuming from checkpoint step %d in %s', start, ckpt.directory)
     state = ckpt.restore(start, fns.abstract_state(), data_iter)
+  else:  # written by another number of processes: same global stream, repositioned by step
+    logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
+                 start, ckpt.directory, ckpt.data_process_count(start), jax.process_count())
+    pipeline.seek(data_iter, start)
+    state = ckpt.restore(start, fns.abstract_state())
 
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
   logger = MetricsLogger(
@@ -183,25 +189,59 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   return record
 
 
-def main(argv, config_flag, workdir_flag):
+def _fail(message: str) -> None:
+  """One-line error on stderr and exit 1; other processes of the run can read it."""
+  distributed.report_error(message)
+  logging.error('%s', message)
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def main(argv, flag):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    cfg = schema.load(cli.config_value(config_flag), jax.device_count())
-    train_and_evaluate(cfg, workdir_flag.value)
+    distributed.initialize(flag['coordinator_address'].value, flag['num_processes'].value,
+                           flag['process_id'].value, flag['heartbeat_timeout'].value)
+  except ValueError as e:
+    _fail(str(e))
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # the primary process logs the run
+  try:
+    cfg = schema.load(cli.config_value(flag['config']), jax.device_count())
+    train_and_evaluate(cfg, flag['workdir'].value)
   except (ConfigError, TrainingError, corpus.DataError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    # In a multi-process run a peer's failure surfaces here as a collective or barrier error:
+    # name the process that failed first, with its own message.
+    causes = distributed.peer_errors()
+    if not causes:
+      distributed.report_error(f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+      raise
+    _fail(f'stopped because {causes[0]} (here: {type(e).__name__})')
 
 
 def run():
   # Flags are defined here, not at import, so train/eval modules can be imported together.
-  config_flag = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                                lock_config=True)
-  workdir_flag = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, config.json).')
+  flag = {
+      'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                                lock_config=True),
+      'workdir': flags.DEFINE_string('workdir', None,
+                                     'Run directory (checkpoints, logs, config.json).'),
+      'coordinator_address': flags.DEFINE_string(
+          'coordinator_address', '', 'Multi-process: host:port of process 0 (or '
+          '$ROUTED_COORDINATOR_ADDRESS; detected on TPU pod slices and SLURM).'),
+      'num_processes': flags.DEFINE_integer(
+          'num_processes', 0, 'Multi-process: number of processes ($ROUTED_NUM_PROCESSES).'),
+      'process_id': flags.DEFINE_integer(
+          'process_id', -1, 'Multi-process: index of this process ($ROUTED_PROCESS_ID).'),
+      'heartbeat_timeout': flags.DEFINE_integer(
+          'heartbeat_timeout', 100, 'Multi-process: seconds without a heartbeat after which '
+          'the coordination service declares a process dead and stops the others.'),
+  }
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(lambda argv: main(argv, config_flag, workdir_flag), flags_parser=cli.parse_flags)
+  app.run(lambda argv: main(argv, flag), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
