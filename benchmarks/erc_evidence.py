@@ -83,8 +83,10 @@ experts in the last logging window.
 
 {table}
 
-One seed and a few minutes of training: the loss difference is within what a different seed
-moves; alpha* shows what the loss does to the router–expert coupling.
+One seed, a few minutes of training at a tiny scale; the spread over seeds was not measured, so
+read the loss columns as one draw. What the ERC loss does to the router–expert coupling is the
+alpha* columns: the paper's alpha = 1 constraints all hold after training with it (alpha* < 1),
+and do not without it.
 """
   print(common.write_docs_section('ERC loss', body))
 
