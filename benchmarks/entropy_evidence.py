@@ -9,7 +9,7 @@ without, dashed verticals: trigger steps) and the table plus the plot are writte
 and `benchmarks/results/entropy_evidence.json`.
 
 Usage: python -m benchmarks.entropy_evidence [--steps=1200] [--tau=0.95] [--beta_tok=1e-2]
-  [--workdir=/tmp/entropy_evidence]   (about 5 minutes on 2 CPU cores)
+  [--workdir=/tmp/entropy_evidence] [--nofresh]   (about 5 minutes on 2 CPU cores)
 """
 
 import json
@@ -33,6 +33,8 @@ _WINDOW = flags.DEFINE_integer('plateau_window', 150, 'entropy.plateau_window.')
 _RAMP = flags.DEFINE_integer('ramp_steps', 100, 'entropy.ramp_steps.')
 _BETA_TOK = flags.DEFINE_float('beta_tok', 1e-2, 'entropy.beta_tok.')
 _BETA_USE = flags.DEFINE_float('beta_use', 0.0, 'entropy.beta_use (0: the Switch loss balances).')
+_FRESH = flags.DEFINE_bool('fresh', True, 'Delete the run directories first; --nofresh reuses '
+                            'finished runs (training resumes at their last step: a no-op).')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/entropy_evidence', 'Root of the two run directories.')
 _RESULTS = flags.DEFINE_string('results', os.path.join(os.path.dirname(common.RESULTS), '..', 'docs',
                                                       'results.md'), 'Markdown file to write into.')
@@ -55,7 +57,8 @@ def make_config(enabled: bool):
 
 def _run(name: str, enabled: bool) -> dict:
   workdir = os.path.join(_WORKDIR.value, name)
-  shutil.rmtree(workdir, ignore_errors=True)
+  if _FRESH.value:
+    shutil.rmtree(workdir, ignore_errors=True)
   cfg = make_config(enabled)
   train_and_evaluate(cfg, workdir)
   held_out = evaluate_checkpoint(workdir)
@@ -121,8 +124,26 @@ def _plot(on: dict, off: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _loss_gap(on: dict, off: dict) -> tuple[float, float]:
+  """Mean training LM-loss difference (on - off, same data order) before the first trigger and
+  after the last ramp has ended."""
+  off_loss = {r['step']: r['lm_loss'] for r in off['records']}
+  fired = [r['trigger_step'] for r in on['layers'].values() if r['trigger_step'] is not None]
+  if not fired:
+    return math.nan, math.nan
+  first, done = min(fired), max(fired) + on['config']['ramp_steps']
+  mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
+  diffs = [(r['step'], r['lm_loss'] - off_loss[r['step']]) for r in on['records']
+           if r['step'] in off_loss]
+  return mean([d for s, d in diffs if s <= first]), mean([d for s, d in diffs if s > done])
+
+
 def _section(on, off, checks, plot_name) -> str:
   c = on['config']
+  n = len(checks)
+  count = lambda key: sum(bool(k[key]) for k in checks.values())
+  before, after = _loss_gap(on, off)
+  delta = on['heldout_loss'] - off['heldout_loss']
   lines = [
       SECTION, '',
       'Written by `python -m benchmarks.entropy_evidence` '
@@ -134,6 +155,15 @@ def _section(on, off, checks, plot_name) -> str:
       'default corpus; the two runs differ only in `entropy.enabled`. Entropy settings: '
       + ', '.join(f'{k}={v}' for k, v in c.items() if k != 'enabled') + '.', '',
       f'![entropy evidence]({plot_name})', '',
+      f"Summary: the trigger fired in {count('fired')}/{n} layers; H_tok fell after it in "
+      f"{count('h_tok_fell')}/{n}; H_use stayed within 5% of its pre-trigger value in "
+      f"{count('h_use_within_5pct')}/{n}. Held-out loss with the trigger minus without: "
+      f"{delta:+.4f} ({delta / off['heldout_loss']:+.1%}). Training LM loss, on - off (same "
+      f"batches): {before:+.4f} on average up to the first trigger (coverage regime only), "
+      f"{after:+.4f} after the last ramp ended. One seed of a 0.5M-parameter model: loss "
+      "differences of this size are not shown to exceed seed noise (not measured); tau and the "
+      "plateau test are scaled to this short run, where H_tok without the trigger stays above 0.79.",
+      '',
       '| run | held-out loss | bits/byte | dead experts (last window, all layers) |',
       '|---|---|---|---|']
   for name, run in (('trigger on', on), ('trigger off', off)):

@@ -12,10 +12,12 @@ Usage: python -m train.train --config=configs/moe_entropy.py --workdir=runs/moe_
   python -m eval.routing_report --workdir=runs/moe_entropy  (per-layer entropy plots)
 Hardware: as configs/moe_topk.py (a GPU); the monitor costs a softmax and two means per MoE
   layer. `:tiny` runs on 2 CPU cores in about a minute.
-Expected: per layer, moe/trigger_step >= 0 once it fires, moe/ramp_weight reaching 1, moe/h_tok
-  falling after the trigger while moe/h_use stays within a few % of its pre-trigger value; held-out
-  loss and dead experts at least as good as configs/moe_topk.py (measured on a small CPU run:
-  `python -m benchmarks.entropy_evidence`, docs/results.md).
+Expected: per layer, moe/trigger_step >= 0 once it fires (by threshold or plateau), moe/ramp_weight
+  reaching 1, moe/h_tok falling after the trigger while moe/h_use stays within a few % of its
+  pre-trigger value. Held-out loss against configs/moe_topk.py is the open question: on a small
+  CPU run (`python -m benchmarks.entropy_evidence`, docs/results.md; tau scaled to 0.95) the
+  trigger behaved as above in all 4 layers, with 0 dead experts in both runs and held-out loss
+  0.9% higher than without the mechanism (one seed).
 """
 
 from configs import base, moe_topk
