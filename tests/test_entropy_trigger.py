@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import base, moe_entropy, schema, sharding
 from model import entropy_trigger as et
 from model.config import ConfigError, EntropyConfig
+from model.transformer import Transformer
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.step import make_step_fns
@@ -161,6 +163,22 @@ def test_global_mode_shares_the_mean_over_layers():
   together = _run(shared_trace, cfg)[0].trigger_step[-1]
   assert per_layer[0] == 6 and per_layer[1] == -1
   assert together == 7  # mean 0.85 - 0.0625 (t - 1) < 0.5 first at update 7
+
+
+@pytest.mark.parametrize('mode, fired', [('per_layer', [-1, 1]), ('global', [1, 1])])
+def test_model_update_path_in_each_mode(mode, fired):
+  """Transformer.update_state on the tiny MoE (one scanned stage of 2 MoE layers) with this step's
+  H_tok 0.8 and 0.6 against tau 0.75: per layer only layer 1 fires; on the shared mean 0.7 both."""
+  c = moe_entropy.get_config('tiny')
+  c.entropy.update(mode=mode, tau=0.75)
+  model = Transformer(schema.load(c, 1).model, rngs=nnx.Rngs(0))
+  stats = [{'mlp': {et.STATS_KEY: {'h_tok': jnp.array([0.8, 0.6])}}}]  # as the forward stacks them
+  nnx.jit(lambda m, s: m.update_state(s))(model, stats)
+  monitor = model.stages[0].blocks.mlp.entropy  # both layers, stacked
+  ema = [0.7, 0.7] if mode == 'global' else [0.8, 0.6]
+  np.testing.assert_allclose(monitor.ema[...][:, 0], ema, rtol=1e-6)
+  np.testing.assert_array_equal(monitor.trigger_step[...][:, 0], fired)
+  np.testing.assert_array_equal(monitor.step[...][:, 0], [1, 1])
 
 
 # --- configuration -------------------------------------------------------------------------------
