@@ -62,6 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.erc_alpha = 1.0           # ERC hinge margin alpha: M[i,j] < alpha * M[i,i]; smaller = stricter specialisation
   e.erc_grad_to_router = False  # ERC gradient also into the router (False: perturbed router rows are stop-gradient)
 
+  c.entropy = n = ml_collections.ConfigDict()
+  n.enabled = False           # entropy-triggered routing (METHODS.md §4(a)) on every routed layer; needs MoE layers
+  n.tau = 0.7                 # trigger threshold on the EMA of the normalised token entropy H_tok, in (0, 1)
+  n.plateau = 1e-3            # trigger also when |EMA(H_tok) now - EMA(H_tok) plateau_window steps ago| < plateau; 0 = threshold only
+  n.plateau_window = 1000     # steps over which the plateau test measures the change of the EMA
+  n.ema_decay = 0.99          # decay of the EMA of H_tok (first step: the EMA starts at that step's value)
+  n.ramp_steps = 300          # after the trigger, the loss moves linearly from coverage to specialisation over these steps (>= 1)
+  n.beta_tok = 1e-3           # weight of H_tok: -beta_tok*H_tok (coverage, keep routing soft) -> +beta_tok*H_tok (specialise)
+  n.beta_use = 1e-2           # weight of the usage entropy H_use (-beta_use*H_use in both regimes); 0 with a Switch balance loss
+  n.mode = 'per_layer'        # per_layer (each layer triggers on its own EMA) | global (all layers fire together on the mean H_tok)
+
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)
   d.tokenizer = 'byte'        # tokenizer of the default corpus: byte | sentencepiece:PATH | hf:PATH (data.path has its own)

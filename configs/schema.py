@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from configs import sharding
-from model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+from model.config import AttentionConfig, ConfigError, EntropyConfig, ModelConfig, MoEConfig
 
 # Groups of the config file that live inside ModelConfig (a field of that name whose type is the
 # group's dataclass): a new mechanism adds its dataclass to ModelConfig and is picked up here.
@@ -107,6 +107,10 @@ class Config:
   @property
   def moe(self) -> MoEConfig:
     return self.model.moe
+
+  @property
+  def entropy(self) -> EntropyConfig:
+    return self.model.entropy
 
   def to_dict(self) -> dict:
     """The nested plain dict written to `config.json` (groups as in the config file)."""

@@ -130,6 +130,37 @@ class MoEConfig:
       raise ConfigError(f'moe.score={self.score!r}: expert_choice routing uses softmax scores')
 
 
+ENTROPY_MODES = ('per_layer', 'global')
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyConfig:
+  """Entropy-triggered routing (METHODS.md §4(a)); `model.entropy_trigger` implements it."""
+  enabled: bool = False
+  tau: float = 0.7
+  plateau: float = 1e-3
+  plateau_window: int = 1000
+  ema_decay: float = 0.99
+  ramp_steps: int = 300
+  beta_tok: float = 1e-3
+  beta_use: float = 1e-2
+  mode: str = 'per_layer'
+
+  def validate(self) -> None:
+    if not 0 < self.tau < 1:
+      raise ConfigError(f'entropy.tau={self.tau}: expected a value in (0, 1) (normalised entropy)')
+    if not 0 <= self.ema_decay < 1:
+      raise ConfigError(f'entropy.ema_decay={self.ema_decay}: expected a value in [0, 1)')
+    for name in ('plateau', 'beta_tok', 'beta_use'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'entropy.{name}={getattr(self, name)}: expected >= 0')
+    for name in ('plateau_window', 'ramp_steps'):
+      if getattr(self, name) < 1:
+        raise ConfigError(f'entropy.{name}={getattr(self, name)}: expected >= 1 step')
+    if self.mode not in ENTROPY_MODES:
+      raise ConfigError(f'entropy.mode={self.mode!r}: expected one of {ENTROPY_MODES}')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 384
@@ -148,10 +179,16 @@ class ModelConfig:
   remat: str = 'none'
   attention: AttentionConfig = AttentionConfig()
   moe: MoEConfig = MoEConfig()
+  entropy: EntropyConfig = EntropyConfig()
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  def routed_layers(self) -> list[int]:
+    """Layers with a learned router the entropy trigger monitors: the MoE layers (UoE gates add
+    theirs here)."""
+    return [i for i in range(self.num_layers) if self.moe.is_moe_layer(i)]
 
   def validate(self) -> None:
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'mlp_dim'):
@@ -179,3 +216,7 @@ class ModelConfig:
     if self.moe.erc_weight > 0 and not any(map(self.moe.is_moe_layer, range(self.num_layers))):
       raise ConfigError(f'moe.erc_weight={self.moe.erc_weight}: no MoE layer in '
                         f'model.num_layers={self.num_layers} with moe.every={self.moe.every}')
+    self.entropy.validate()
+    if self.entropy.enabled and not self.routed_layers():
+      raise ConfigError('entropy.enabled=True: the model has no routed layer to monitor '
+                        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every})')

@@ -1,11 +1,12 @@
 """The routed feed-forward layer `block.FEED_FORWARD['moe']`: router, experts, losses, metrics.
 
 `MoE(cfg, rngs=...)(x_BLD) -> (y_BLD, aux)` with aux['loss'] the weighted Switch balance loss,
-router z-loss and ERC loss (`model.erc`, its weight split over the MoE layers) in f32,
-aux['metrics'] scalars named `moe/...`, and aux['stats'] = {'expert_counts': assignments per
-expert over the whole (global) batch}. `update_state` moves the loss-free balancing bias by those
-counts after the gradient and advances the jitter and ERC noise keys. Expert choice picks per
-sequence.
+router z-loss, ERC loss (`model.erc`, its weight split over the MoE layers) and entropy-trigger
+loss (`model.entropy_trigger`, when `entropy.enabled`) in f32, aux['metrics'] scalars named
+`moe/...`, and aux['stats'] = {'expert_counts': assignments per expert over the whole (global)
+batch, 'entropy': this step's H_tok (when enabled)}. `update_state` moves the loss-free balancing
+bias by those counts after the gradient, advances the jitter and ERC noise keys and the entropy
+trigger. Expert choice picks per sequence.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, erc, moe, router
+from model import axes, block, entropy_trigger, erc, moe, router
 from model.config import ModelConfig
 from model.layers import MLP, init_normal
 
@@ -37,6 +38,7 @@ class MoE(nnx.Module):
     # Raw key data as routing state, advanced in update_state: fresh noise every step.
     self.jitter_key = _key_state(rngs) if m.jitter else None
     self.erc_key = _key_state(rngs) if m.erc_weight else None
+    self.entropy = entropy_trigger.EntropyMonitor(cfg.entropy) if cfg.entropy.enabled else None
 
   def _logits(self, x_TD: jax.Array) -> jax.Array:
     """Router logits in f32, with multiplicative input jitter when configured."""
@@ -71,9 +73,24 @@ class MoE(nnx.Module):
       y_BLD = y_BLD + self.shared(x_BLD)
     loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
     erc_loss, erc_metrics = self._erc()
-    return y_BLD, {'loss': (loss + erc_loss).astype(jnp.float32),
-                   'metrics': {**self._metrics(out), **erc_metrics},
-                   'stats': {'expert_counts': out.load_E}}
+    entropy_loss, entropy_metrics, stats = self._entropy(logits_TE)
+    return y_BLD, {'loss': (loss + erc_loss + entropy_loss).astype(jnp.float32),
+                   'metrics': {**self._metrics(out), **erc_metrics, **entropy_metrics},
+                   'stats': {'expert_counts': out.load_E, **stats}}
+
+  def _entropy(self, logits_TE: jax.Array) -> tuple[jax.Array, dict, dict]:
+    """Normalised routing entropies H_tok, H_use of the full distribution (bias excluded), always
+    logged; with `entropy.enabled` also the trigger's loss, state metrics and stats.
+
+    The entropy loss is per layer (summed over layers, like the balance and z-losses): the betas
+    are per-layer coefficients, independent of depth.
+    """
+    probs_TE = entropy_trigger.routing_probs(logits_TE, self.cfg.moe.score)
+    if self.entropy is None:
+      h_tok, h_use = entropy_trigger.routing_entropies(probs_TE)
+      return jnp.zeros((), jnp.float32), {'moe/h_tok': h_tok, 'moe/h_use': h_use}, {}
+    loss, metrics, stats = self.entropy(probs_TE)
+    return loss, {f'moe/{k}': v for k, v in metrics.items()}, {entropy_trigger.STATS_KEY: stats}
 
   def _erc(self) -> tuple[jax.Array, dict]:
     """Weighted ERC loss share of this layer (weight / number of MoE layers) and its metrics.
@@ -115,7 +132,7 @@ class MoE(nnx.Module):
     return {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
   def update_state(self, stats: dict) -> None:
-    """Loss-free bias from this step's global loads; a fresh jitter key for the next step."""
+    """Loss-free bias from this step's global loads; fresh noise keys; the entropy trigger."""
     if self.bias is not None:
       self.bias[...] = router.update_bias(self.bias[...], stats['expert_counts'],
                                           self.cfg.moe.bias_rate)
@@ -123,6 +140,8 @@ class MoE(nnx.Module):
       self.jitter_key[...] = jax.random.fold_in(self.jitter_key[...], 1)
     if self.erc_key is not None:
       self.erc_key[...] = jax.random.fold_in(self.erc_key[...], 1)
+    if self.entropy is not None:
+      self.entropy.update_state(stats[entropy_trigger.STATS_KEY])
 
 
 def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:

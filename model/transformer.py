@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
+from model import axes, entropy_trigger
 from model import moe_layer  # noqa: F401  (registers block.FEED_FORWARD['moe'])
 from model.block import RESIDUAL, layer_specs
 from model.config import ModelConfig
@@ -71,7 +71,13 @@ class Transformer(nnx.Module):
     return logits_BLV, aux
 
   def update_state(self, stats: list) -> None:
-    """Updates every routed layer's non-gradient state from the forward pass's `aux['stats']`."""
+    """Updates every routed layer's non-gradient state from the forward pass's `aux['stats']`.
+
+    With `entropy.mode='global'` every entropy monitor first gets the mean H_tok over all
+    monitored layers, so all layers trigger together (see `entropy_trigger.share_across_layers`).
+    """
+    if self.cfg.entropy.enabled and self.cfg.entropy.mode == 'global':
+      stats = entropy_trigger.share_across_layers(stats)
     for stage, stage_stats in zip(self.stages, stats):
       stage.update_state(stage_stats)
 

@@ -8,8 +8,10 @@ import time
 import numpy as np
 from absl import logging
 
-# Metrics reported as their value at the logging step rather than a window mean.
+# Metrics reported as their value at the logging step rather than a window mean: by name, and by
+# suffix for per-layer state (entropy trigger: a window mean of the trigger step means nothing).
 _POINT_METRICS = ('learning_rate', 'step')
+_POINT_SUFFIXES = ('/trigger_step', '/h_tok_ema', '/ramp_weight')
 # Per-expert count vectors: summed over the window and reported as `.../dead_experts` (experts
 # that received no token in the whole window), not written themselves.
 _COUNTS = 'expert_counts'
@@ -55,7 +57,8 @@ class MetricsLogger:
     elapsed = time.perf_counter() - self._t0
     record = {'step': step}
     for name, values in self._window.items():
-      record[name] = values[-1] if name in _POINT_METRICS else float(np.mean(values))
+      point = name in _POINT_METRICS or name.endswith(_POINT_SUFFIXES)
+      record[name] = values[-1] if point else float(np.mean(values))
     record.pop('finite', None)
     for name, counts in self._counts.items():
       record[name[:-len(_COUNTS)] + 'dead_experts'] = int(np.sum(counts == 0))
