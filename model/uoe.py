@@ -225,7 +225,7 @@ def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array) -> dict:
       'load_min': load_E.min(),
       'load_max': load_E.max(),
       'unselected_fraction': jnp.mean((selected_BL == 0).astype(jnp.float32)),
-      'dropped_fraction': 1.0 - selected_BL.sum().astype(jnp.float32) / (b * l * k),
+      'dropped_fraction': (b * l * k - selected_BL.sum().astype(jnp.float32)) / (b * l * k),
   }
 
 
