@@ -32,6 +32,7 @@ released forward pass. With False the weight is 1: the released code, where the 
 through top-k indices and receives no gradient.
 """
 
+import dataclasses
 import itertools
 import math
 from typing import NamedTuple
@@ -87,7 +88,6 @@ def _stage_trees(layers: list[dict], cfg) -> dict:
 
 def dense_config(cfg):
   """`cfg` (a ModelConfig) without UoE layers: the dense model a UoE model converts from and to."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   uoe = dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
   return dataclasses.replace(cfg, uoe=uoe)
 
