@@ -73,6 +73,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   n.beta_use = 1e-2           # weight of the usage entropy H_use (-beta_use*H_use in both regimes); 0 with a Switch balance loss
   n.mode = 'per_layer'        # per_layer (each layer triggers on its own EMA) | global (all layers fire together on the mean H_tok)
 
+  c.uoe = u = ml_collections.ConfigDict()
+  u.attention = 'dense'       # dense | smha (Union of Experts selective multi-head attention: heads are experts that pick tokens)
+  u.feed_forward = 'mlp'      # mlp | uome (Union of MLP Experts: the dense SwiGLU split into num_experts column/row blocks)
+  u.layers = ()               # layers that get smha/uome; () = every layer; negative counts from the end
+  u.heads_per_token = -1      # SMHA: head-experts each token picks by its gate; -1 = model.num_heads // 2
+  u.head_capacity = 1.0       # SMHA: tokens per head and sequence = ceil(head_capacity * seq_len * heads_per_token / num_heads)
+  u.num_experts = 4           # UoME: experts (blocks of model.mlp_dim / num_experts hidden units each); must divide mlp_dim
+  u.experts_per_token = 2     # UoME: experts each token (data_selection) or each prefix (expert_selection) picks
+  u.expert_capacity = 1.0     # UoME data_selection: tokens per expert and sequence = ceil(cap * seq_len * experts_per_token / num_experts)
+  u.paradigm = 'data_selection'  # UoME routing: data_selection (experts take their top tokens) | expert_selection (causal prefix-mean gate)
+  u.gate_outputs = True       # multiply outputs by num_experts * gate value so the gates learn; False = released code (gates get no gradient)
+  u.balance_weight = 1e-2     # weight of the Switch load-balancing loss on the SMHA and UoME gates (token top-k choices)
+  u.z_loss_weight = 1e-3      # weight of the router z-loss on the SMHA and UoME gate logits
+
   c.data = d = ml_collections.ConfigDict()
   d.path = ''                 # prepared dataset directory; '' = the default corpus (this interpreter's stdlib)
   d.tokenizer = 'byte'        # tokenizer of the default corpus: byte | sentencepiece:PATH | hf:PATH (data.path has its own)

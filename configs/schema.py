@@ -12,7 +12,8 @@ from typing import Any
 import ml_collections
 
 from configs import sharding
-from model.config import AttentionConfig, ConfigError, EntropyConfig, ModelConfig, MoEConfig
+from model.config import (AttentionConfig, ConfigError, EntropyConfig, ModelConfig, MoEConfig,
+                          UoEConfig)
 
 # Groups of the config file that live inside ModelConfig (a field of that name whose type is the
 # group's dataclass): a new mechanism adds its dataclass to ModelConfig and is picked up here.
@@ -111,6 +112,10 @@ class Config:
   @property
   def entropy(self) -> EntropyConfig:
     return self.model.entropy
+
+  @property
+  def uoe(self) -> UoEConfig:
+    return self.model.uoe
 
   def to_dict(self) -> dict:
     """The nested plain dict written to `config.json` (groups as in the config file)."""
@@ -219,6 +224,7 @@ def validate(cfg: Config, num_devices: int) -> None:
   if d.read_threads < 0:
     raise ConfigError(f'data.read_threads={d.read_threads}: expected a value >= 0')
   _validate_routing(cfg)
+  _validate_uoe(cfg)
   _validate_mesh(cfg, num_devices)
 
 
@@ -234,6 +240,20 @@ def _validate_routing(cfg: Config) -> None:
   if a.num_clusters > seq_len:
     raise ConfigError(f'attention.num_clusters={a.num_clusters}: more clusters than the '
                       f'train.seq_len={seq_len} tokens of a sequence')
+
+
+def _validate_uoe(cfg: Config) -> None:
+  """Static capacities must fit in a sequence: a head or expert cannot take more than L tokens."""
+  u, model, seq_len = cfg.model.uoe, cfg.model, cfg.train.seq_len
+  if u.attention == 'smha' and u.head_slots(seq_len, model.num_heads) > seq_len:
+    raise ConfigError(f'uoe.head_capacity={u.head_capacity}: '
+                      f'{u.head_slots(seq_len, model.num_heads)} tokens per head exceed '
+                      f'train.seq_len={seq_len} (need head_capacity * heads_per_token <= num_heads)')
+  if (u.feed_forward == 'uome' and u.paradigm == 'data_selection' and
+      u.expert_slots(seq_len) > seq_len):
+    raise ConfigError(f'uoe.expert_capacity={u.expert_capacity}: {u.expert_slots(seq_len)} tokens '
+                      f'per expert exceed train.seq_len={seq_len} '
+                      '(need expert_capacity * experts_per_token <= num_experts)')
 
 
 def _validate_mesh(cfg: Config, num_devices: int) -> None:
@@ -278,4 +298,14 @@ def _validate_mesh(cfg: Config, num_devices: int) -> None:
       n = math.prod(size[a] for a in axes)
       if value % n:
         raise ConfigError(f'moe.{field}={value} must divide over mesh axes {axes} of size {n} '
+                          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})')
+  u = model.uoe
+  if u.feed_forward == 'uome':
+    for logical, field, value in (('expert', 'num_experts', u.num_experts),
+                                  ('mlp', 'mlp_dim / num_experts', model.mlp_dim // u.num_experts)):
+      axes = rules.get(logical)
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      n = math.prod(size[a] for a in axes)
+      if value % n:
+        raise ConfigError(f'uoe.{field}={value} must divide over mesh axes {axes} of size {n} '
                           f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})')

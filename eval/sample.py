@@ -8,8 +8,9 @@ JSON line last.
 Decoding re-runs the whole prefix at every step (no KV cache). For a dense causal model a fixed
 buffer of length prompt + max_new_tokens is exact (future positions never reach earlier logits),
 so it compiles once. Routing attention is not: which tokens enter a cluster depends on every token
-in the sequence (docs/routing_attention.md), so padding would change the clusters. For it the exact
-prefix is re-run at each length: one compilation per generated token.
+in the sequence (docs/routing_attention.md), so padding would change the clusters; the same holds
+for UoE's per-head/expert token selection (docs/uoe.md). For them the exact prefix is re-run at
+each length: one compilation per generated token.
 """
 
 import dataclasses
@@ -80,7 +81,12 @@ def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperatu
 
 
 def has_routed_attention(cfg: schema.Config) -> bool:
-  return getattr(cfg.attention, 'kind', 'dense') != 'dense'
+  """Whether some layer's token selection reads the whole sequence (routing attention; UoE SMHA
+  and UoME data selection, whose per-head/expert capacity padding would compete for): then the
+  exact prefix is re-run at every step."""
+  u = cfg.model.uoe
+  return (getattr(cfg.attention, 'kind', 'dense') != 'dense' or u.attention == 'smha' or
+          (u.feed_forward == 'uome' and u.paradigm == 'data_selection'))
 
 
 def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,

@@ -39,6 +39,10 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
   for i in range(cfg.num_layers):
     attention = 'routing' if i in cfg.attention.routing_layers_resolved(cfg.num_layers) else 'dense'
     feed_forward = 'moe' if cfg.moe.is_moe_layer(i) else 'mlp'
+    if cfg.uoe.is_smha_layer(i, cfg.num_layers):  # Union of Experts: uoe.layers (() = every layer)
+      attention = 'smha'
+    if cfg.uoe.is_uome_layer(i, cfg.num_layers):
+      feed_forward = 'uome'
     specs.append(LayerSpec(attention, feed_forward))
   return specs
 

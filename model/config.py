@@ -1,6 +1,7 @@
 """Frozen, validated configuration of the model: what model code reads instead of a ConfigDict."""
 
 import dataclasses
+import math
 
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
@@ -161,6 +162,81 @@ class EntropyConfig:
       raise ConfigError(f'entropy.mode={self.mode!r}: expected one of {ENTROPY_MODES}')
 
 
+UOE_ATTENTIONS = ('dense', 'smha')
+UOE_FEED_FORWARDS = ('mlp', 'uome')
+UOE_PARADIGMS = ('data_selection', 'expert_selection')
+
+
+@dataclasses.dataclass(frozen=True)
+class UoEConfig:
+  """Union of Experts (METHODS.md §3): SMHA attention and UoME feed-forward layers."""
+  attention: str = 'dense'
+  feed_forward: str = 'mlp'
+  layers: tuple[int, ...] = ()
+  heads_per_token: int = -1
+  head_capacity: float = 1.0
+  num_experts: int = 4
+  experts_per_token: int = 2
+  expert_capacity: float = 1.0
+  paradigm: str = 'data_selection'
+  gate_outputs: bool = True
+  balance_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+
+  def _in_layers(self, layer: int, num_layers: int) -> bool:
+    return not self.layers or layer in {i % num_layers for i in self.layers}
+
+  def is_smha_layer(self, layer: int, num_layers: int) -> bool:
+    return self.attention == 'smha' and self._in_layers(layer, num_layers)
+
+  def is_uome_layer(self, layer: int, num_layers: int) -> bool:
+    return self.feed_forward == 'uome' and self._in_layers(layer, num_layers)
+
+  def resolved_heads_per_token(self, num_heads: int) -> int:
+    """Head-experts each token picks: `heads_per_token`, or half the heads when it is -1."""
+    return max(1, num_heads // 2) if self.heads_per_token == -1 else self.heads_per_token
+
+  def head_slots(self, seq_len: int, num_heads: int) -> int:
+    """Tokens each head takes per sequence: ceil(head_capacity * L * heads_per_token / H)."""
+    return _slots(self.head_capacity, seq_len, self.resolved_heads_per_token(num_heads), num_heads)
+
+  def expert_slots(self, seq_len: int) -> int:
+    """Tokens each MLP expert takes per sequence (data selection): ceil(cap * L * k / E)."""
+    return _slots(self.expert_capacity, seq_len, self.experts_per_token, self.num_experts)
+
+  def validate(self, num_layers: int, num_heads: int, mlp_dim: int) -> None:
+    for name, allowed in (('attention', UOE_ATTENTIONS), ('feed_forward', UOE_FEED_FORWARDS),
+                          ('paradigm', UOE_PARADIGMS)):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f'uoe.{name}={getattr(self, name)!r}: expected one of {allowed}')
+    for i in self.layers:
+      if not -num_layers <= i < num_layers:
+        raise ConfigError(f'uoe.layers={self.layers}: layer {i} is outside a model of '
+                          f'model.num_layers={num_layers}')
+    h = self.resolved_heads_per_token(num_heads)
+    if not 1 <= h <= num_heads:
+      raise ConfigError(f'uoe.heads_per_token={self.heads_per_token}: expected -1 (half) or '
+                        f'1..model.num_heads={num_heads}')
+    if self.num_experts < 1:
+      raise ConfigError(f'uoe.num_experts={self.num_experts}: expected a positive integer')
+    if not 1 <= self.experts_per_token <= self.num_experts:
+      raise ConfigError(f'uoe.experts_per_token={self.experts_per_token}: expected 1..'
+                        f'uoe.num_experts={self.num_experts}')
+    if self.feed_forward == 'uome' and mlp_dim % self.num_experts:
+      raise ConfigError(f'uoe.num_experts={self.num_experts} must divide model.mlp_dim={mlp_dim} '
+                        '(each expert is a column/row block of the dense MLP)')
+    for name in ('head_capacity', 'expert_capacity'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'uoe.{name}={getattr(self, name)}: expected > 0')
+    for name in ('balance_weight', 'z_loss_weight'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'uoe.{name}={getattr(self, name)}: expected >= 0')
+
+
+def _slots(capacity: float, seq_len: int, per_token: int, experts: int) -> int:
+  return max(1, math.ceil(capacity * seq_len * per_token / experts - 1e-9))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 384
@@ -180,6 +256,7 @@ class ModelConfig:
   attention: AttentionConfig = AttentionConfig()
   moe: MoEConfig = MoEConfig()
   entropy: EntropyConfig = EntropyConfig()
+  uoe: UoEConfig = UoEConfig()
 
   @property
   def head_dim(self) -> int:
@@ -220,3 +297,12 @@ class ModelConfig:
     if self.entropy.enabled and not self.routed_layers():
       raise ConfigError('entropy.enabled=True: the model has no routed layer to monitor '
                         f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every})')
+    self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
+    routing = self.attention.routing_layers_resolved(self.num_layers)
+    for i in range(self.num_layers):
+      if self.uoe.is_smha_layer(i, self.num_layers) and i in routing:
+        raise ConfigError(f'uoe.attention=smha: layer {i} already has routing attention '
+                          '(attention.kind=routing); restrict uoe.layers or attention.routing_layers')
+      if self.uoe.is_uome_layer(i, self.num_layers) and self.moe.is_moe_layer(i):
+        raise ConfigError(f'uoe.feed_forward=uome: layer {i} is already an MoE layer '
+                          '(moe.num_experts > 0); restrict uoe.layers or moe.every')

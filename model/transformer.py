@@ -19,6 +19,7 @@ from flax import nnx
 
 from model import axes, entropy_trigger
 from model import moe_layer  # noqa: F401  (registers block.FEED_FORWARD['moe'])
+from model import uoe_layer  # noqa: F401  (registers block.ATTENTION['smha'], FEED_FORWARD['uome'])
 from model.block import RESIDUAL, layer_specs
 from model.config import ModelConfig
 from model.layers import Embedding, RMSNorm, init_normal

@@ -1,0 +1,297 @@
+"""Union of Experts (Yang, Lian, Li 2025; METHODS.md §3): pure functions.
+
+The equivalent decomposition: a dense SwiGLU MLP is E experts, expert e owning hidden units
+[e·F/E, (e+1)·F/E) (column blocks of w_gate and w_up, row blocks of w_down), and multi-head attention
+is H head-experts (head h owns its Q/K/V columns and its rows of the output projection). Summing every
+expert over every token reproduces the dense layer exactly; `mlp_to_experts` / `experts_to_mlp` and
+`convert_dense_state` / `convert_uoe_state` move weights between the two layouts.
+
+Routing (static shapes throughout):
+- A gate `x @ router_DE` (f32 softmax over the experts) lets each token choose its top-k experts.
+- Data selection (`select_tokens`): each expert then takes, per sequence, the top-C tokens by gate
+  score among those that chose it, sorted back to time order (the released "patch-wise data
+  selection" with the static capacity C = ceil(cap·L·k/E) in place of its data-dependent length).
+  Slots beyond the tokens that chose the expert are padding: `valid` is False and their output is
+  discarded. The selection compares tokens of the whole sequence, so in a causal LM it reads the
+  future (as expert choice does): which tokens an expert takes at time t depends on later tokens.
+  Given a fixed selection, the computation itself is causal.
+- SMHA (`model.smha`) and UoME-DS (`uome_selected`) run their experts on the selected tokens only.
+- UoME-ES (`uome_expert_selection`): in the released code one gate per sequence, reading the whole
+  flattened sequence, picks the experts that process all of it; in a causal LM that reads the
+  future. Here the gate reads the causal running mean of x (the prefix mean x̄_t = mean(x_0..x_t)),
+  so position t's experts depend on x_0..x_t only. That makes it a per-position choice driven by a
+  prefix summary, not one choice per sequence: it is executed as token-choice top-k with the MoE
+  core's dropless grouped matmul (nothing is dropped, every position gets k experts). The
+  per-sequence alternative (choose once from the first position or a prompt prefix, then run those
+  experts on the whole sequence) is causal too but fixes the experts from what little the first
+  positions say; it is not implemented.
+
+Gate outputs: with `gate_outputs=True` each selected output is multiplied by E·g (g the gate
+probability, E the number of experts), so the gate learns and a uniform gate gives weight 1, the
+released forward pass. With False the weight is 1: the released code, where the gate is used only
+through top-k indices and receives no gradient.
+"""
+
+import dataclasses
+import itertools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from model import moe, router
+
+
+# ----------------------------------------------------------------------------- decomposition
+
+def mlp_to_experts(w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
+                   num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Dense SwiGLU weights -> E experts: (w_gate_EDf, w_up_EDf, w_down_EfD), f = F / E."""
+  d, f = w_gate_DF.shape
+  if f % num_experts:
+    raise ValueError(f'num_experts={num_experts} must divide the MLP width {f}')
+  cols = lambda w_DF: w_DF.reshape(d, num_experts, f // num_experts).transpose(1, 0, 2)
+  return cols(w_gate_DF), cols(w_up_DF), w_down_FD.reshape(num_experts, f // num_experts, d)
+
+
+def experts_to_mlp(w_gate_EDf: jax.Array, w_up_EDf: jax.Array, w_down_EfD: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The inverse of `mlp_to_experts`: (w_gate_DF, w_up_DF, w_down_FD)."""
+  e, d, f = w_gate_EDf.shape
+  cols = lambda w_EDf: w_EDf.transpose(1, 0, 2).reshape(d, e * f)
+  return cols(w_gate_EDf), cols(w_up_EDf), w_down_EfD.reshape(e * f, d)
+
+
+def _layer_trees(state: dict, cfg) -> list[dict]:
+  """The per-layer block trees of a Transformer's pure-dict state, in layer order."""
+  from model.block import layer_specs  # pylint: disable=g-import-not-at-top  (block imports us)
+  layers = []
+  for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
+    blocks = state['stages'][s]['blocks']
+    for j in range(len(list(run))):
+      layers.append(jax.tree.map(lambda a, j=j: a[j], blocks) if cfg.scan_layers else blocks[j])
+  return layers
+
+
+def _stage_trees(layers: list[dict], cfg) -> dict:
+  """Per-layer trees grouped into the stages of `cfg` (stacked when layers are scanned)."""
+  from model.block import layer_specs  # pylint: disable=g-import-not-at-top
+  stages, first = {}, 0
+  for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
+    group = layers[first:first + len(list(run))]
+    first += len(group)
+    stages[s] = {'blocks': (jax.tree.map(lambda *a: jnp.stack(a), *group) if cfg.scan_layers
+                            else dict(enumerate(group)))}
+  return stages
+
+
+def dense_config(cfg):
+  """`cfg` (a ModelConfig) without UoE layers: the dense model a UoE model converts from and to."""
+  uoe = dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
+  return dataclasses.replace(cfg, uoe=uoe)
+
+
+def convert_dense_state(state: dict, cfg, key: jax.Array | None = None) -> dict:
+  """A dense model's `nnx.to_pure_dict` state -> the state of the UoE model of ModelConfig `cfg`.
+
+  Attention weights keep their layout (heads are already the expert axis); MLPs are split by
+  `mlp_to_experts`. The gates, absent from a dense model, are drawn from N(0, init_std) with `key`.
+  """
+  key = jax.random.key(0) if key is None else key
+  n, u = cfg.num_layers, cfg.uoe
+  layers = _layer_trees(state, dense_config(cfg))
+  out = []
+  for i, layer in enumerate(layers):
+    layer = dict(layer)
+    k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
+    draw = lambda k, e: (cfg.init_std * jax.random.normal(k, (cfg.d_model, e))).astype(
+        cfg.param_dtype)
+    if u.is_smha_layer(i, n):
+      layer['attn'] = {**layer['attn'], 'router': draw(k_attn, cfg.num_heads)}
+    if u.is_uome_layer(i, n):
+      mlp = layer['mlp']
+      w_gate, w_up, w_down = mlp_to_experts(mlp['w_gate'], mlp['w_up'], mlp['w_down'],
+                                            u.num_experts)
+      layer['mlp'] = {'router': draw(k_mlp, u.num_experts), 'w_gate': w_gate, 'w_up': w_up,
+                      'w_down': w_down}
+    out.append(layer)
+  return {**state, 'stages': _stage_trees(out, cfg)}
+
+
+def convert_uoe_state(state: dict, cfg) -> dict:
+  """The inverse of `convert_dense_state`: a UoE model's pure-dict state -> the dense model's."""
+  n, u = cfg.num_layers, cfg.uoe
+  out = []
+  for i, layer in enumerate(_layer_trees(state, cfg)):
+    layer = dict(layer)
+    if u.is_smha_layer(i, n):
+      layer['attn'] = {k: v for k, v in layer['attn'].items() if k != 'router'}
+    if u.is_uome_layer(i, n):
+      mlp = layer['mlp']
+      w_gate, w_up, w_down = experts_to_mlp(mlp['w_gate'], mlp['w_up'], mlp['w_down'])
+      layer['mlp'] = {'w_gate': w_gate, 'w_up': w_up, 'w_down': w_down}
+    out.append(layer)
+  return {**state, 'stages': _stage_trees(out, dense_config(cfg))}
+
+
+# ----------------------------------------------------------------------------- routing
+
+class Gate(NamedTuple):
+  """A token-level gate: f32 logits and softmax probabilities [B, L, E], each token's top-k [B, L, K]."""
+  logits: jax.Array
+  probs: jax.Array
+  experts: jax.Array
+
+
+class Selection(NamedTuple):
+  """The tokens each expert processes per sequence, [B, E, C] in time order.
+
+  `valid` is False on padding slots (the token did not choose the expert); `weight` multiplies the
+  slot's output (E·gate with gate_outputs, else 1; always 0 on padding).
+  """
+  idx: jax.Array
+  valid: jax.Array
+  weight: jax.Array
+
+
+def capacity(length: int, per_token: int, num_experts: int, factor: float) -> int:
+  """Static tokens per expert and sequence: ceil(factor·L·k/E), between 1 and L."""
+  return max(1, min(length, math.ceil(factor * length * per_token / num_experts - 1e-9)))
+
+
+def gate(x_BLD: jax.Array, router_DE: jax.Array, k: int) -> Gate:
+  """Softmax gate in f32 and each token's top-k experts."""
+  logits_BLE = jnp.einsum('bld,de->ble', x_BLD.astype(jnp.float32), router_DE.astype(jnp.float32))
+  probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
+  _, experts_BLK = jax.lax.top_k(probs_BLE, k)
+  return Gate(logits_BLE, probs_BLE, experts_BLK.astype(jnp.int32))
+
+
+def _weight(probs, num_experts: int, gate_outputs: bool):
+  return num_experts * probs if gate_outputs else jnp.ones_like(probs)
+
+
+def select_tokens(g: Gate, capacity_: int, *, gate_outputs: bool = True) -> Selection:
+  """Each expert's top-`capacity_` tokens per sequence among those that chose it, in time order."""
+  e = g.probs.shape[-1]
+  chosen_BEL = jnp.moveaxis((g.experts[..., None] == jnp.arange(e)).any(-2), -1, 1)
+  probs_BEL = jnp.moveaxis(g.probs, -1, 1)
+  score_BEL = jnp.where(chosen_BEL, jax.lax.stop_gradient(probs_BEL), -1.0)
+  _, idx_BEC = jax.lax.top_k(score_BEL, capacity_)
+  idx_BEC = jnp.sort(idx_BEC, axis=-1).astype(jnp.int32)
+  valid_BEC = jnp.take_along_axis(chosen_BEL, idx_BEC, axis=-1)
+  gate_BEC = jnp.take_along_axis(probs_BEL, idx_BEC, axis=-1)
+  weight_BEC = jnp.where(valid_BEC, _weight(gate_BEC, e, gate_outputs), 0.0)
+  return Selection(idx_BEC, valid_BEC, weight_BEC)
+
+
+def full_selection(batch: int, num_experts: int, length: int) -> Selection:
+  """Every expert takes every token with weight 1: the selection that reproduces the dense layer."""
+  idx_BEC = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, num_experts, length))
+  return Selection(idx_BEC, jnp.ones(idx_BEC.shape, bool), jnp.ones(idx_BEC.shape, jnp.float32))
+
+
+def gather_tokens(x_BL_: jax.Array, idx_BEC: jax.Array) -> jax.Array:
+  """x[b, idx[b, e, c]] -> [B, E, C, ...]."""
+  return jax.vmap(lambda x_L_, i_EC: x_L_[i_EC])(x_BL_, idx_BEC)
+
+
+def scatter_tokens(y_BEC_: jax.Array, idx_BEC: jax.Array, length: int) -> jax.Array:
+  """Sum of the slots' values into their positions: [B, E, C, ...] -> [B, L, ...]."""
+
+  def one(y_EC_, i_EC):
+    flat = y_EC_.reshape(-1, *y_EC_.shape[2:])
+    return jnp.zeros((length, *flat.shape[1:]), flat.dtype).at[i_EC.reshape(-1)].add(flat)
+
+  return jax.vmap(one)(y_BEC_, idx_BEC)
+
+
+def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array) -> dict:
+  """Losses and load statistics of one gate (f32 scalars, unprefixed names).
+
+  `load_E`: share of the tokens each expert processes; `selected_BL`: how many experts process
+  each token. Balance loss and z-loss are the MoE core's (`model.router`), on the token choices.
+  """
+  b, l, e = g.probs.shape
+  probs_TE = g.probs.reshape(b * l, e)
+  k = g.experts.shape[-1]
+  mean = jnp.maximum(load_E.mean(), 1e-9)
+  return {
+      'balance_loss': router.balance_loss(probs_TE, g.experts.reshape(b * l, k)),
+      'z_loss': router.z_loss(g.logits.reshape(b * l, e)),
+      'gate_entropy': router.entropy(probs_TE),
+      'load_cv': load_E.std() / mean,
+      'load_min': load_E.min(),
+      'load_max': load_E.max(),
+      'unselected_fraction': jnp.mean((selected_BL == 0).astype(jnp.float32)),
+      'dropped_fraction': (b * l * k - selected_BL.sum().astype(jnp.float32)) / (b * l * k),
+  }
+
+
+def selection_metrics(g: Gate, sel: Selection) -> dict:
+  """`routing_metrics` of a data selection (tokens per expert after capacity)."""
+  b, l, _ = g.probs.shape
+  valid = sel.valid.astype(jnp.float32)
+  return routing_metrics(g, valid.sum((0, 2)) / (b * l), scatter_tokens(valid, sel.idx, l))
+
+
+# ----------------------------------------------------------------------------- UoME
+
+def uome_selected(x_BLD: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
+                  w_down_EfD: jax.Array, sel: Selection) -> jax.Array:
+  """UoME data selection: expert e's SwiGLU block on its selected tokens, weighted, summed back.
+
+  The experts run as one expert-major batched matmul [E, B·C, D] (as `moe._swiglu_E`): XLA:CPU
+  ran the [B, E, C, D] layout at half the speed.
+  """
+  b, l, d = x_BLD.shape
+  e, c = sel.idx.shape[1:]
+  x_ETD = jnp.moveaxis(gather_tokens(x_BLD, sel.idx), 1, 0).reshape(e, b * c, d)
+  h_ETf = (jax.nn.silu(jnp.einsum('etd,edf->etf', x_ETD, w_gate_EDf)) *
+           jnp.einsum('etd,edf->etf', x_ETD, w_up_EDf))
+  y_ETD = jnp.einsum('etf,efd->etd', h_ETf, w_down_EfD)
+  y_BECD = jnp.moveaxis(y_ETD.reshape(e, b, c, d), 0, 1).astype(jnp.float32)
+  y_BECD = y_BECD * sel.weight[..., None]
+  return scatter_tokens(y_BECD, sel.idx, l).astype(x_BLD.dtype)
+
+
+def uome(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
+         w_down_EfD: jax.Array, *, k: int, capacity_factor: float = 1.0,
+         gate_outputs: bool = True) -> tuple[jax.Array, Gate, Selection]:
+  """UoME data selection end to end: gate, per-expert token selection, experts. (y, gate, sel)."""
+  b, l, _ = x_BLD.shape
+  e = router_DE.shape[-1]
+  g = gate(x_BLD, router_DE, k)
+  sel = select_tokens(g, capacity(l, k, e, capacity_factor), gate_outputs=gate_outputs)
+  return uome_selected(x_BLD, w_gate_EDf, w_up_EDf, w_down_EfD, sel), g, sel
+
+
+def prefix_mean(x_BLD: jax.Array) -> jax.Array:
+  """Causal running mean in f32: out[:, t] = mean(x[:, :t + 1])."""
+  counts_L = jnp.arange(1, x_BLD.shape[1] + 1, dtype=jnp.float32)
+  return jnp.cumsum(x_BLD.astype(jnp.float32), axis=1) / counts_L[None, :, None]
+
+
+def uome_expert_selection(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array,
+                          w_up_EDf: jax.Array, w_down_EfD: jax.Array, *, k: int,
+                          gate_outputs: bool = True, impl: str = 'auto', block_size: int = 256
+                          ) -> tuple[jax.Array, Gate]:
+  """UoME expert selection for a causal LM: the gate reads the prefix mean, so position t's k
+  experts depend on x_0..x_t only; executed dropless by the MoE core (`moe.experts_dropless`)."""
+  b, l, d = x_BLD.shape
+  e = router_DE.shape[-1]
+  g = gate(prefix_mean(x_BLD), router_DE, k)
+  weights_TK = _weight(jnp.take_along_axis(g.probs, g.experts, axis=-1), e, gate_outputs)
+  y_TD = moe.experts_dropless(x_BLD.reshape(b * l, d), weights_TK.reshape(b * l, k),
+                              g.experts.reshape(b * l, k), w_gate_EDf, w_up_EDf, w_down_EfD,
+                              impl=impl, block_size=block_size)
+  return y_TD.reshape(b, l, d), g
+
+
+def expert_selection_metrics(g: Gate) -> dict:
+  """`routing_metrics` of expert selection: every position gets its k experts."""
+  b, l, e = g.probs.shape
+  k = g.experts.shape[-1]
+  load_E = jax.nn.one_hot(g.experts, e, dtype=jnp.float32).sum((0, 1, 2)) / (b * l)
+  return routing_metrics(g, load_E, jnp.full((b, l), k, jnp.int32))

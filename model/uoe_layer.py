@@ -1,0 +1,90 @@
+"""Union of Experts layers: `block.ATTENTION['smha']` and `block.FEED_FORWARD['uome']`.
+
+Thin modules around `model.smha` and `model.uoe`. Their parameter layout makes the dense <-> UoE
+converter trivial: SMHA keeps the dense attention's wq [D,H,K], wk/wv [D,G,K], wo [H,K,D] (heads are
+already the expert axis) plus a gate `router` [D,H]; UoME stores the MLP's blocks stacked
+w_gate/w_up [E,D,F/E], w_down [E,F/E,D] (logical axes expert, embed, mlp: sharded like the MoE
+core) plus a gate `router` [D,E].
+
+Both return `(y_BLD, aux)`: aux['loss'] the weighted Switch balance loss and z-loss of the gate
+(f32), aux['metrics'] f32 scalars named `uoe/attn_...` and `uoe/mlp_...` (load per head/expert:
+coefficient of variation, min, max; share of tokens no head/expert selected; share of token
+choices dropped by the capacity; gate entropy; the two losses), aux['stats'] empty (no state).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import axes, block, smha, uoe
+from model.config import ModelConfig
+from model.layers import init_normal
+
+
+def _aux(cfg: ModelConfig, prefix: str, metrics: dict) -> dict:
+  u = cfg.uoe
+  loss = u.balance_weight * metrics['balance_loss'] + u.z_loss_weight * metrics['z_loss']
+  return {'loss': loss.astype(jnp.float32),
+          'metrics': {f'uoe/{prefix}_{k}': v.astype(jnp.float32) for k, v in metrics.items()},
+          'stats': {}}
+
+
+class SelectiveAttention(nnx.Module):
+  """SMHA: dense attention's projections plus a gate over head-experts."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(cfg.dtype)
+    d, h, g, k, pd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+    self.router = axes.param(rngs, init_normal(cfg), (d, h), ('embed', None), pd)
+    self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
+    self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
+    self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
+    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
+                         pd)
+
+  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
+               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    cfg, u = self.cfg, self.cfg.uoe
+    cast = lambda w: w[...].astype(self.dtype)
+    y_BLD, g, sel = smha.smha(
+        x_BLD.astype(self.dtype), self.router[...], cast(self.wq), cast(self.wk), cast(self.wv),
+        cast(self.wo), positions_BL, heads_per_token=u.resolved_heads_per_token(cfg.num_heads),
+        capacity_factor=u.head_capacity, gate_outputs=u.gate_outputs, rope_theta=cfg.rope_theta,
+        segment_ids_BL=segment_ids_BL)
+    y_BLD = axes.constrain(y_BLD, block.RESIDUAL)
+    return y_BLD, _aux(cfg, 'attn', uoe.selection_metrics(g, sel))
+
+
+class UnionMLP(nnx.Module):
+  """UoME: the dense SwiGLU MLP as E stacked column/row blocks plus a gate over them."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = jnp.dtype(cfg.dtype)
+    e, d, pd = cfg.uoe.num_experts, cfg.d_model, cfg.param_dtype
+    f = cfg.mlp_dim // e
+    self.router = axes.param(rngs, init_normal(cfg), (d, e), ('embed', None), pd)
+    self.w_gate = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
+    self.w_up = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
+    self.w_down = axes.param(rngs, init_normal(cfg, output=True), (e, f, d),
+                             ('expert', 'mlp', 'embed'), pd)
+
+  def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict]:
+    cfg, u = self.cfg, self.cfg.uoe
+    x_BLD = x_BLD.astype(self.dtype)
+    ws = [w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+    if u.paradigm == 'expert_selection':
+      y_BLD, g = uoe.uome_expert_selection(
+          x_BLD, self.router[...], *ws, k=u.experts_per_token, gate_outputs=u.gate_outputs,
+          impl=cfg.moe.dropless_impl, block_size=cfg.moe.block_size)
+      metrics = uoe.expert_selection_metrics(g)
+    else:
+      y_BLD, g, sel = uoe.uome(x_BLD, self.router[...], *ws, k=u.experts_per_token,
+                               capacity_factor=u.expert_capacity, gate_outputs=u.gate_outputs)
+      metrics = uoe.selection_metrics(g, sel)
+    return axes.constrain(y_BLD, block.RESIDUAL), _aux(cfg, 'mlp', metrics)
+
+
+block.ATTENTION['smha'] = SelectiveAttention
+block.FEED_FORWARD['uome'] = UnionMLP

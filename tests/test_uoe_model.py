@@ -1,0 +1,183 @@
+"""Union of Experts in the model: config errors, the dense <-> UoE converter, sharding, training."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import schema, sharding
+from configs import uoe as uoe_config
+from model import axes, uoe
+from model.config import ConfigError
+from model.transformer import Transformer
+from train import mesh as mesh_lib
+from train.step import model_loss
+from train.train import train_and_evaluate
+
+
+@pytest.mark.parametrize('fields, match', [
+    ({'head_capacity': 3.0}, r'uoe.head_capacity=3.0: 96 tokens per head exceed train.seq_len=64'),
+    ({'expert_capacity': 2.5}, r'uoe.expert_capacity=2.5: 80 tokens per expert exceed '
+                               r'train.seq_len=64'),
+    ({'heads_per_token': 5}, r'uoe.heads_per_token=5: expected -1 \(half\) or 1..model.num_heads=4'),
+    ({'num_experts': 3}, r'uoe.num_experts=3 must divide model.mlp_dim=128'),
+    ({'experts_per_token': 5}, r'uoe.experts_per_token=5: expected 1..uoe.num_experts=4'),
+    ({'paradigm': 'both'}, r'uoe.paradigm=.both.: expected one of'),
+    ({'layers': (0, 2)}, r'uoe.layers=\(0, 2\): layer 2 is outside'),
+])
+def test_bad_uoe_configs_are_one_line_errors_naming_the_field(fields, match):
+  c = uoe_config.get_config('tiny')
+  c.uoe.update(**fields)
+  with pytest.raises(ConfigError, match=match) as e:
+    schema.load(c, 8)
+  assert '\n' not in str(e.value)
+
+
+def test_uome_experts_must_divide_over_the_expert_axis():
+  c = uoe_config.get_config('tiny')
+  c.uoe.update(num_experts=2, experts_per_token=1)
+  c.mesh.update(shape=(1, 2, 1, 4), rules='fsdp_ep')
+  with pytest.raises(ConfigError, match=r'uoe.num_experts=2 must divide over mesh axes'):
+    schema.load(c, 8)
+
+
+def test_sampling_reruns_the_exact_prefix_when_selection_reads_the_sequence():
+  from eval.sample import has_routed_attention  # pylint: disable=g-import-not-at-top
+  c = uoe_config.get_config('tiny')
+  assert has_routed_attention(schema.load(c, 8))  # SMHA + UoME-DS: capacity over the sequence
+  c.uoe.update(attention='dense', paradigm='expert_selection')
+  assert not has_routed_attention(schema.load(c, 8))  # prefix-mean gate: causal, padding is safe
+
+
+def _uoe_model_cfg(layers=(), scan=True, **fields):
+  """The tiny UoE model with every head and expert used at full capacity, released gates."""
+  c = uoe_config.get_config('tiny')
+  c.model.scan_layers = scan
+  c.uoe.update(layers=layers, heads_per_token=c.model.num_heads, head_capacity=1.0,
+               experts_per_token=c.uoe.num_experts, expert_capacity=1.0, gate_outputs=False,
+               **fields)
+  return schema.load(c, 8).model
+
+
+def _numpy_state(cfg, seed=0):
+  """A model's pure-dict state with numpy-drawn values (eager init compiles op by op)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  draw = lambda a: jnp.asarray((1.0 if a.ndim == 1 else 0.0) + 0.1 * rng.standard_normal(a.shape),
+                               a.dtype)
+  return jax.tree.map(draw, nnx.to_pure_dict(nnx.state(abstract)))
+
+
+def _logits(cfg, pure_state, tokens):
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, pure_state)
+
+  @jax.jit
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[0]
+
+  return forward(state, tokens)
+
+
+def test_converted_dense_checkpoint_gives_the_same_logits_and_round_trips():
+  cfg = _uoe_model_cfg()
+  dense_cfg = uoe.dense_config(cfg)
+  dense = _numpy_state(dense_cfg)
+  converted = uoe.convert_dense_state(dense, cfg)
+  mlp = converted['stages'][0]['blocks']['mlp']
+  assert mlp['w_gate'].shape == (2, 4, 64, 32) and mlp['router'].shape == (2, 64, 4)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 257, (2, 64)), jnp.int32)
+  y_dense = _logits(dense_cfg, dense, tokens)
+  y_uoe = _logits(cfg, converted, tokens)
+  np.testing.assert_allclose(y_uoe, y_dense, rtol=1e-5, atol=1e-5 * np.abs(y_dense).max())
+  back = uoe.convert_uoe_state(converted, cfg)
+  jax.tree.map(np.testing.assert_array_equal, back, dense)
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_converter_round_trips_when_only_some_layers_are_uoe(scan):
+  """Layer 1 only: the dense model's one stage becomes two ([dense], [smha + uome]) and back."""
+  cfg = _uoe_model_cfg(layers=(-1,), scan=scan)
+  dense = _numpy_state(uoe.dense_config(cfg))
+  converted = uoe.convert_dense_state(dense, cfg)
+  assert len(converted['stages']) == 2
+  expected = jax.tree.map(lambda a: a.shape, _numpy_state(cfg))
+  assert jax.tree.map(lambda a: a.shape, converted) == expected
+  jax.tree.map(np.testing.assert_array_equal, uoe.convert_uoe_state(converted, cfg), dense)
+
+
+def _loss_and_grads(cfg, pure_state, tokens, mesh=None):
+  """Loss, gradients and routing metrics of one batch; sharded by cfg.mesh's rules over `mesh`
+  (parameters, batch and the activations' logical constraints), or on one device without it."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, pure_state)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}
+  rules = sharding.rules(cfg.mesh.rules)
+  if mesh is not None:
+    state = jax.device_put(state, axes.state_shardings(state, mesh, rules))
+    batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh, rules))
+
+  @jax.jit
+  def run(state, batch):
+    def loss_fn(model):
+      return model_loss(model, batch)
+
+    model = nnx.merge(graphdef, state)
+    if mesh is None:
+      (loss, (_, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    else:
+      with axes.axis_rules(mesh, rules):
+        (loss, (_, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return loss, nnx.to_pure_dict(grads), aux['metrics']
+
+  out = run(state, batch)
+  w_gate = state['stages'][0]['blocks']['mlp']['w_gate'][...]
+  return jax.device_get(out), w_gate.sharding
+
+
+def test_sharded_equals_unsharded():
+  """Expert- and FSDP-sharded (fsdp_ep over 4 x 2 devices) equals one device: loss, every
+  gradient (gates included) and the routing metrics."""
+  c = uoe_config.get_config('tiny')
+  c.mesh.update(shape=(1, 4, 1, 2), rules='fsdp_ep')
+  cfg = schema.load(c, 8)
+  pure_state = _numpy_state(cfg.model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(
+      0, 257, (cfg.train.batch_size, cfg.train.seq_len + 1)), jnp.int32)
+  (loss, grads, metrics), _ = _loss_and_grads(cfg, pure_state, tokens)
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices())
+  (loss8, grads8, metrics8), w_sharding = _loss_and_grads(cfg, pure_state, tokens, mesh)
+  assert 'expert' in str(w_sharding.spec) and len(w_sharding.device_set) == 8
+  np.testing.assert_allclose(loss8, loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads8, grads)
+  assert np.abs(grads['stages'][0]['blocks']['attn']['router']).max() > 0
+  assert np.abs(grads['stages'][0]['blocks']['mlp']['router']).max() > 0
+  for name in metrics:
+    np.testing.assert_allclose(metrics8[name], metrics[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow  # a train-step compile: ~30 s of CPU on 2 cores (configs/uoe.py:tiny by hand: ~25 s)
+def test_tiny_uoe_model_trains_and_logs_routing(tmp_path_factory):
+  c = uoe_config.get_config('tiny')
+  c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
+  c.train.update(steps=16, log_every=4)
+  cfg = schema.load(c, jax.device_count())
+  workdir = tmp_path_factory.mktemp('uoe')
+  train_and_evaluate(cfg, str(workdir))
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [4, 8, 12, 16]
+  assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  for layer in (0, 1):
+    for part in ('attn', 'mlp'):
+      for name in ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy',
+                   'balance_loss', 'z_loss'):
+        assert f'layer_{layer}/uoe/{part}_{name}' in records[-1], (part, name)
+      assert 0 <= records[-1][f'layer_{layer}/uoe/{part}_unselected_fraction'] < 0.5
+  assert records[-1]['aux_loss'] > 0
