@@ -263,9 +263,11 @@ class ModelConfig:
     return self.d_model // self.num_heads
 
   def routed_layers(self) -> list[int]:
-    """Layers with a learned router the entropy trigger monitors: the MoE layers (UoE gates add
-    theirs here)."""
-    return [i for i in range(self.num_layers) if self.moe.is_moe_layer(i)]
+    """Layers with a learned router the entropy trigger monitors: MoE layers and UoE layers (the
+    SMHA and UoME gates)."""
+    n = self.num_layers
+    return [i for i in range(n) if self.moe.is_moe_layer(i) or self.uoe.is_smha_layer(i, n)
+            or self.uoe.is_uome_layer(i, n)]
 
   def validate(self) -> None:
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'mlp_dim'):
@@ -296,7 +298,8 @@ class ModelConfig:
     self.entropy.validate()
     if self.entropy.enabled and not self.routed_layers():
       raise ConfigError('entropy.enabled=True: the model has no routed layer to monitor '
-                        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every})')
+                        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every}, '
+                        f'uoe.attention={self.uoe.attention!r}, uoe.feed_forward={self.uoe.feed_forward!r})')
     self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
     routing = self.attention.routing_layers_resolved(self.num_layers)
     for i in range(self.num_layers):

@@ -9,27 +9,49 @@ core) plus a gate `router` [D,E].
 Both return `(y_BLD, aux)`: aux['loss'] the weighted Switch balance loss and z-loss of the gate
 (f32), aux['metrics'] f32 scalars named `uoe/attn_...` and `uoe/mlp_...` (load per head/expert:
 coefficient of variation, min, max; share of tokens no head/expert selected; share of token
-choices dropped by the capacity; gate entropy; the two losses), aux['stats'] empty (no state).
+choices dropped by the capacity; gate entropy; the two losses). With `entropy.enabled` each gate
+also owns an `entropy_trigger.EntropyMonitor`: its loss joins aux['loss'], its metrics are
+`uoe/attn_h_tok`, ... and its statistic goes to aux['stats'] for `update_state`; otherwise the
+stats are empty (no state).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, smha, uoe
+from model import axes, block, entropy_trigger, smha, uoe
 from model.config import ModelConfig
 from model.layers import init_normal
 
 
-def _aux(cfg: ModelConfig, prefix: str, metrics: dict) -> dict:
+def _monitor(cfg: ModelConfig) -> entropy_trigger.EntropyMonitor | None:
+  return entropy_trigger.EntropyMonitor(cfg.entropy) if cfg.entropy.enabled else None
+
+
+def _aux(cfg: ModelConfig, prefix: str, metrics: dict, monitor=None, probs_BLE=None) -> dict:
+  """Gate losses, `uoe/{prefix}_...` metrics and, with a monitor, the entropy trigger's share."""
   u = cfg.uoe
   loss = u.balance_weight * metrics['balance_loss'] + u.z_loss_weight * metrics['z_loss']
+  stats = {}
+  if monitor is not None:
+    entropy_loss, entropy_metrics, entropy_stats = monitor(
+        probs_BLE.reshape(-1, probs_BLE.shape[-1]))
+    loss, metrics = loss + entropy_loss, {**metrics, **entropy_metrics}
+    stats = {entropy_trigger.STATS_KEY: entropy_stats}
   return {'loss': loss.astype(jnp.float32),
           'metrics': {f'uoe/{prefix}_{k}': v.astype(jnp.float32) for k, v in metrics.items()},
-          'stats': {}}
+          'stats': stats}
 
 
-class SelectiveAttention(nnx.Module):
+class _Gated(nnx.Module):
+  """What both UoE layers share: the optional entropy monitor of their gate and its update."""
+
+  def update_state(self, stats: dict) -> None:
+    if self.entropy is not None:
+      self.entropy.update_state(stats[entropy_trigger.STATS_KEY])
+
+
+class SelectiveAttention(_Gated):
   """SMHA: dense attention's projections plus a gate over head-experts."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -42,6 +64,7 @@ class SelectiveAttention(nnx.Module):
     self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
     self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
                          pd)
+    self.entropy = _monitor(cfg)
 
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
                segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -53,10 +76,10 @@ class SelectiveAttention(nnx.Module):
         capacity_factor=u.head_capacity, gate_outputs=u.gate_outputs, rope_theta=cfg.rope_theta,
         segment_ids_BL=segment_ids_BL)
     y_BLD = axes.constrain(y_BLD, block.RESIDUAL)
-    return y_BLD, _aux(cfg, 'attn', uoe.selection_metrics(g, sel))
+    return y_BLD, _aux(cfg, 'attn', uoe.selection_metrics(g, sel), self.entropy, g.probs)
 
 
-class UnionMLP(nnx.Module):
+class UnionMLP(_Gated):
   """UoME: the dense SwiGLU MLP as E stacked column/row blocks plus a gate over them."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -69,6 +92,7 @@ class UnionMLP(nnx.Module):
     self.w_up = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
     self.w_down = axes.param(rngs, init_normal(cfg, output=True), (e, f, d),
                              ('expert', 'mlp', 'embed'), pd)
+    self.entropy = _monitor(cfg)
 
   def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict]:
     cfg, u = self.cfg, self.cfg.uoe
@@ -83,7 +107,7 @@ class UnionMLP(nnx.Module):
       y_BLD, g, sel = uoe.uome(x_BLD, self.router[...], *ws, k=u.experts_per_token,
                                capacity_factor=u.expert_capacity, gate_outputs=u.gate_outputs)
       metrics = uoe.selection_metrics(g, sel)
-    return axes.constrain(y_BLD, block.RESIDUAL), _aux(cfg, 'mlp', metrics)
+    return axes.constrain(y_BLD, block.RESIDUAL), _aux(cfg, 'mlp', metrics, self.entropy, g.probs)
 
 
 block.ATTENTION['smha'] = SelectiveAttention

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, moe_entropy, schema, sharding
+from configs import base, moe_entropy, schema, sharding, uoe
 from model import entropy_trigger as et
 from model.config import ConfigError, EntropyConfig
 from model.transformer import Transformer
@@ -179,6 +179,36 @@ def test_model_update_path_in_each_mode(mode, fired):
   np.testing.assert_allclose(monitor.ema[...][:, 0], ema, rtol=1e-6)
   np.testing.assert_array_equal(monitor.trigger_step[...][:, 0], fired)
   np.testing.assert_array_equal(monitor.step[...][:, 0], [1, 1])
+
+
+def test_uoe_gates_are_monitored_too():
+  """With entropy routing on a UoE model, the SMHA and UoME gates each get a trigger: their loss
+  joins the model loss, their metrics are logged per layer, and update_state advances them."""
+  c = uoe.get_config('tiny')
+  c.entropy.update(enabled=True, beta_tok=1e-2, beta_use=0.0)
+  cfg = schema.load(c, 1).model
+  assert cfg.routed_layers() == list(range(cfg.num_layers))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, cfg.vocab_size)
+  _, aux = model(tokens)
+  m = aux['metrics']
+  expected = 0.0
+  for i in range(cfg.num_layers):
+    for gate in ('attn', 'mlp'):
+      p = f'layer_{i}/uoe/{gate}_'
+      assert 0 < float(m[p + 'h_tok']) <= 1 and float(m[p + 'trigger_step']) == -1
+      expected += (cfg.uoe.balance_weight * m[p + 'balance_loss'] +
+                   cfg.uoe.z_loss_weight * m[p + 'z_loss'] + m[p + 'entropy_loss'])
+      np.testing.assert_allclose(m[p + 'entropy_loss'], -1e-2 * m[p + 'h_tok'], rtol=1e-6)
+  np.testing.assert_allclose(aux['loss'], expected, rtol=1e-5)
+  model.update_state(jax.lax.stop_gradient(aux['stats']))
+  assert [s.scan for s in model.stages] == [True]  # the tiny UoE model: one scanned stage
+  for gate in ('attn', 'mlp'):
+    monitor = getattr(model.stages[0].blocks, gate).entropy  # every layer, stacked
+    np.testing.assert_array_equal(monitor.step[...][:, 0], [1] * cfg.num_layers)
+    # The EMA starts at the first step's H_tok.
+    np.testing.assert_allclose(monitor.ema[...][:, 0], [m[f'layer_{i}/uoe/{gate}_h_tok']
+                                                        for i in range(cfg.num_layers)], rtol=1e-6)
 
 
 # --- configuration -------------------------------------------------------------------------------
