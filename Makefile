@@ -21,8 +21,9 @@ demo: $(STAMP)
 	$(BIN)/python -m train.train --config=configs/demo.py --workdir=$(DEMO_DIR)
 	$(BIN)/python -m eval.evaluate --workdir=$(DEMO_DIR) --baseline
 
+# Two worker processes: compilation is single-threaded, so the 2-core CI machine runs ~20% faster.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -42,7 +42,7 @@ def toy_layers(monkeypatch):
   monkeypatch.setattr(transformer_lib, 'layer_specs', lambda cfg: specs[:cfg.num_layers])
 
 
-@pytest.mark.parametrize('scan', [True, False])
+@pytest.mark.parametrize('scan', [True, pytest.param(False, marks=pytest.mark.slow)])  # loop: slow
 def test_stats_update_state_after_the_step(toy_layers, scan):
   cfg = schema.load(tiny.get_config(), 8)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3,
