@@ -63,7 +63,7 @@ def write_docs_section(heading: str, body: str, path: str = DOCS_RESULTS) -> str
   """
   path = os.path.normpath(path)
   text = open(path).read() if os.path.exists(path) else (
-      '# Results\n\nWritten by the commands named in each section; rerun a command to refresh '
+      '# Results\n\nSections are written by the commands they name; rerunning one replaces '
       'its section.\n')
   lines, out, skipping = text.splitlines(), [], False
   for line in lines:

@@ -189,19 +189,6 @@ def _section(on, off, checks, plot_name) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_section(path: str, section: str) -> None:
-  """Replaces (or appends) this benchmark's section of `path`, keeping every other section."""
-  text = open(path).read() if os.path.exists(path) else '# Results\n\nSections are written by the commands they name.\n'
-  start = text.find(SECTION + '\n')
-  if start < 0:
-    text = text.rstrip('\n') + '\n\n' + section
-  else:
-    end = text.find('\n## ', start + len(SECTION))
-    text = text[:start] + section + ('\n' + text[end + 1:] if end >= 0 else '')
-  with open(path, 'w') as f:
-    f.write(text)
-
-
 def main(argv):
   del argv
   on, off = _run('trigger_on', True), _run('trigger_off', False)
@@ -210,7 +197,8 @@ def main(argv):
   plot_name = 'entropy_evidence.png'
   _plot(on, off, os.path.join(os.path.dirname(results), plot_name))
   routing_report.report(on['workdir'])
-  write_section(results, _section(on, off, checks, plot_name))
+  section = _section(on, off, checks, plot_name)
+  common.write_docs_section(SECTION[len('## '):], section[len(SECTION):], results)
   rows = [{'run': name, 'heldout_loss': run['heldout_loss'], 'bits_per_byte': run['bits_per_byte'],
            'dead_experts': run['dead_experts']} for name, run in (('on', on), ('off', off))]
   common.print_table(rows)
