@@ -104,7 +104,8 @@ def measure(experts: int, batch: int) -> dict:
           'step_ms': base * 1e3, 'step_erc_ms': with_erc * 1e3,
           'overhead_ms': (with_erc - base) * 1e3, 'overhead_pct': 100 * (with_erc - base) / base,
           'isolated_erc_ms': isolated * 1e3, 'isolated_pct': 100 * isolated / base,
-          'predicted_pct_of_moe': 100 * experts ** 2 / (3 * _TOPK.value * tokens)}
+          'predicted_pct_of_moe': 100 * experts ** 2 / (3 * _TOPK.value * tokens),
+          'step_s_each': times}
 
 
 def main(argv):
@@ -114,9 +115,9 @@ def main(argv):
     scale = max(1, (experts // 64) ** 2 // 2)  # the overhead goes as E²/T
     for batch in map(int, _BATCH.value):
       rows.append(measure(experts, batch * scale))
-      common.print_table(rows[-1:])
+      common.print_table([{k: v for k, v in rows[-1].items() if k != 'step_s_each'}])
   print()
-  common.print_table(rows)
+  common.print_table([{k: v for k, v in r.items() if k != 'step_s_each'} for r in rows])
   config = {'seq_len': _SEQ.value, 'd_model': _DIM.value, 'expert_dim': _EXPERT_DIM.value,
             'layers': _LAYERS.value, 'reps': _REPS.value, 'dtype': 'float32'}
   print(common.write_result('erc_overhead', {'config': config, 'rows': rows}))
