@@ -5,8 +5,11 @@ computation grows with the batch (k·T·D·F): the relative overhead is about n�
 MoE compute and falls as 1/T. Measured on the full jitted train step (`train.step`) of a small
 all-MoE model, with and without `moe.erc_weight=1` (ERC on also logs alpha* every step), steps of
 the two models alternating in one process; the overhead is the difference of the median step
-times. The isolated ERC work of one step (noise, loss, its gradient, alpha*, mean epsilon, per
-MoE layer) is timed too: it is the overhead without the step-time noise.
+times. On a shared CPU one step varies by 5-10%, more than the overhead, so two steadier numbers
+come with it: the analytic FLOPs of the step and of its ERC work (`--flops_only` computes just
+these; XLA's cost analysis counts a scanned loop body once, so it cannot be used here), and the
+time of the isolated ERC work of one step (noise, loss, its gradient, alpha*, mean epsilon, per
+MoE layer).
 
 Width and expert width are small so that batches of the size the ratio needs fit a CPU
 (n²/(3·k·T) does not depend on them): E=256 wants ~10⁵ tokens per step for 2% of the MoE compute,
@@ -28,6 +31,7 @@ from benchmarks import common
 from configs import moe_erc, schema, sharding
 from model import erc
 from train import mesh as mesh_lib
+from model.transformer import flops_per_token
 from train.step import make_step_fns
 
 _EXPERTS = flags.DEFINE_list('experts', ['64', '256'], 'Experts per MoE layer.')
@@ -39,6 +43,8 @@ _DIM = flags.DEFINE_integer('d_model', 128, 'Model width D.')
 _EXPERT_DIM = flags.DEFINE_integer('expert_dim', 64, 'Expert hidden width F.')
 _LAYERS = flags.DEFINE_integer('layers', 2, 'Layers (every one is an MoE layer).')
 _REPS = flags.DEFINE_integer('reps', 8, 'Timed steps of each model (alternating).')
+_FLOPS_ONLY = flags.DEFINE_bool('flops_only', False, 'Only the analytic FLOP overhead, no timing '
+                                '(writes erc_overhead_flops.json).')
 
 
 def _config(experts: int, batch: int, erc_weight: float) -> schema.Config:
@@ -86,7 +92,24 @@ def _isolated_erc_seconds(experts: int, reps: int) -> float:
   return statistics.median(times) * _LAYERS.value
 
 
+def analytic_flops(cfg: schema.Config) -> tuple[float, float]:
+  """Training FLOPs of one step (PaLM accounting, `model.transformer.flops_per_token`) and of its
+  ERC work: per MoE layer the E×E×F activations for the loss (forward and the W_g gradient) and
+  again for alpha*, each 2·E²·D·F."""
+  m, model = cfg.moe, cfg.model
+  tokens = cfg.train.batch_size * cfg.train.seq_len
+  layers = sum(map(m.is_moe_layer, range(model.num_layers)))
+  step = flops_per_token(model, cfg.train.seq_len) * tokens
+  return step, 3 * 2.0 * m.num_experts ** 2 * model.d_model * m.hidden(model.mlp_dim) * layers
+
+
 def measure(experts: int, batch: int) -> dict:
+  step_flops, erc_flops = analytic_flops(_config(experts, batch, 1.0))
+  row = {'experts': experts, 'top_k': _TOPK.value, 'batch': batch, 'tokens': batch * _SEQ.value,
+         'gflop_step': step_flops / 1e9, 'gflop_erc': erc_flops / 1e9,
+         'flop_overhead_pct': 100 * erc_flops / step_flops}
+  if _FLOPS_ONLY.value:
+    return row
   steps = {name: _stepper(_config(experts, batch, w)) for name, w in (('base', 0.0), ('erc', 1.0))}
   for step in steps.values():  # compile and warm up
     step()
@@ -100,8 +123,7 @@ def measure(experts: int, batch: int) -> dict:
   base, with_erc = (statistics.median(times[n]) for n in ('base', 'erc'))
   isolated = _isolated_erc_seconds(experts, max(_REPS.value, 5))
   tokens = batch * _SEQ.value
-  return {'experts': experts, 'top_k': _TOPK.value, 'batch': batch, 'tokens': tokens,
-          'step_ms': base * 1e3, 'step_erc_ms': with_erc * 1e3,
+  return {**row, 'step_ms': base * 1e3, 'step_erc_ms': with_erc * 1e3,
           'overhead_ms': (with_erc - base) * 1e3, 'overhead_pct': 100 * (with_erc - base) / base,
           'isolated_erc_ms': isolated * 1e3, 'isolated_pct': 100 * isolated / base,
           'predicted_pct_of_moe': 100 * experts ** 2 / (3 * _TOPK.value * tokens),
@@ -120,7 +142,8 @@ def main(argv):
   common.print_table([{k: v for k, v in r.items() if k != 'step_s_each'} for r in rows])
   config = {'seq_len': _SEQ.value, 'd_model': _DIM.value, 'expert_dim': _EXPERT_DIM.value,
             'layers': _LAYERS.value, 'reps': _REPS.value, 'dtype': 'float32'}
-  print(common.write_result('erc_overhead', {'config': config, 'rows': rows}))
+  name = 'erc_overhead_flops' if _FLOPS_ONLY.value else 'erc_overhead'
+  print(common.write_result(name, {'config': config, 'rows': rows}))
 
 
 if __name__ == '__main__':
