@@ -197,3 +197,25 @@ def test_a_killed_process_stops_the_other_within_bounded_time(tmp_path, cache_di
       p.kill()
   assert procs[0].returncode != 0, err[-3000:]
   assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_other_with_its_message(tmp_path, cache_dir):
+  """Process 1 alone gets a bad config: it exits with its one-line error, and process 0, which
+  then fails in a collective, stops with that message instead of hanging."""
+  args = _train_args(tmp_path / 'failing', cache_dir, '--config.train.steps=200',
+                     '--heartbeat_timeout=10')
+  port = launch.free_port()
+  procs = [subprocess.Popen(args + (['--config.optimizer.learning_rate=-1.0'] if i else []),
+                            cwd=ROOT, env=launch.process_env(i, 2, port, 4),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [1, 1]
+  assert 'error: optimizer.learning_rate=-1.0: expected a positive value' in errs[1]
+  assert ('error: stopped because process 1: optimizer.learning_rate=-1.0: expected a positive '
+          'value') in errs[0]
