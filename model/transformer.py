@@ -118,6 +118,33 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   6 * N + 12 * L * D * S: each matmul weight costs 2 FLOPs forward and 4 backward per token (N =
   `matmul_params`), and attention scores plus the weighted sum cost 2 * 2 * D * S forward per layer,
   times 3 for backward. Causal masking is not discounted (the standard convention), and
-  rematerialised recomputation is not counted (MFU, not HFU).
+  rematerialised recomputation is not counted (MFU, not HFU). UoE layers count the work their
+  token selection keeps (`_uoe_savings`).
   """
-  return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.d_model * seq_len
+  dense = 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.d_model * seq_len
+  return dense - _uoe_savings(cfg, seq_len)
+
+
+def _uoe_savings(cfg: ModelConfig, seq_len: int) -> float:
+  """FLOPs per token that UoE layers do not spend, relative to the dense count above.
+
+  An SMHA head projects and attends only its C_h = `uoe.head_slots` tokens of each sequence:
+  projections at C_h/L of the dense cost, scores at (C_h/L)²; a UoME expert (F/E hidden units)
+  runs on its C_e = `uoe.expert_slots` tokens (data selection) or on the k of E experts of every
+  position (expert selection). The gates (D×H, D×E) are added.
+  """
+  u, n, d, s = cfg.uoe, cfg.num_layers, cfg.d_model, seq_len
+  attn = d * cfg.num_heads * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
+  head_share = u.head_slots(s, cfg.num_heads) / s
+  if u.paradigm == 'expert_selection':
+    mlp_share = u.experts_per_token / u.num_experts
+  else:
+    mlp_share = u.expert_slots(s) / s
+  saved = 0.0
+  for i in range(n):
+    if u.is_smha_layer(i, n):
+      saved += (6.0 * (attn * (1 - head_share) - d * cfg.num_heads) +
+                12.0 * d * s * (1 - head_share ** 2))
+    if u.is_uome_layer(i, n):
+      saved += 6.0 * (3 * d * cfg.mlp_dim * (1 - mlp_share) - d * u.num_experts)
+  return saved

@@ -1,5 +1,6 @@
 """Union of Experts in the model: config errors, the dense <-> UoE converter, sharding, training."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from configs import schema, sharding
 from configs import uoe as uoe_config
 from model import axes, uoe
 from model.config import ConfigError
-from model.transformer import Transformer
+from model.transformer import Transformer, flops_per_token
 from train import mesh as mesh_lib
 from train.step import model_loss
 from train.train import train_and_evaluate
@@ -181,3 +182,21 @@ def test_tiny_uoe_model_trains_and_logs_routing(tmp_path_factory):
         assert f'layer_{layer}/uoe/{part}_{name}' in records[-1], (part, name)
       assert 0 <= records[-1][f'layer_{layer}/uoe/{part}_unselected_fraction'] < 0.5
   assert records[-1]['aux_loss'] > 0
+
+
+def test_flops_per_token_counts_what_the_selection_keeps():
+  """With every head and expert at full capacity a UoE model costs the dense FLOPs plus its gates;
+  at the default 50% selection the SMHA scores cost a quarter and the projections half."""
+  c = uoe_config.get_config('tiny')
+  cfg = schema.load(c, 1).model
+  n, d, h, s = cfg.num_layers, cfg.d_model, cfg.num_heads, 64
+  dense = flops_per_token(dataclasses.replace(cfg, uoe=dataclasses.replace(
+      cfg.uoe, attention='dense', feed_forward='mlp')), s)
+  full = dataclasses.replace(cfg, uoe=dataclasses.replace(
+      cfg.uoe, heads_per_token=h, experts_per_token=cfg.uoe.num_experts))
+  gates = 6.0 * n * (d * h + d * cfg.uoe.num_experts)
+  assert flops_per_token(full, s) == pytest.approx(dense + gates)
+  half = flops_per_token(cfg, s)  # heads_per_token H/2, top-2 of 4 experts, capacity 1
+  attn = d * h * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
+  saved = n * (6.0 * (attn / 2 + 3 * d * cfg.mlp_dim / 2) + 12.0 * d * s * 3 / 4)
+  assert half == pytest.approx(dense + gates - saved)
