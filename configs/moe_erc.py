@@ -10,7 +10,7 @@ Expected: held-out loss at or below configs/moe_topk.py at equal steps; per-laye
   moe/erc_epsilon shrinking as experts specialise; load balance as in moe_topk.
 """
 
-from configs import base, moe_topk
+from configs import base, moe_topk, sweeps
 
 
 def get_config(arg: str | None = None):
@@ -19,3 +19,8 @@ def get_config(arg: str | None = None):
   if arg == 'tiny':
     base.make_tiny(c)
   return c
+
+
+def sweep_alpha():
+  """`python -m train.sweep --config=configs/moe_erc.py --sweep=alpha --workdir=runs/erc_alpha`."""
+  return sweeps.grid(**{'moe.erc_alpha': [0.5, 0.75, 1.0], 'moe.erc_weight': [0.1, 1.0]})

@@ -1,0 +1,165 @@
+"""`python -m train.sweep --config=configs/NAME.py[:ARG] --sweep=SWEEP --workdir=ROOT [--print]`.
+
+A sweep is a list of override dicts ({'moe.erc_alpha': 0.5, ...}) returned by the function
+`sweep_SWEEP()` of the config file, or by `configs/sweeps.py::SWEEPS['SWEEP']`; build it with
+`configs.sweeps.grid(...)` or `configs.sweeps.random_search(...)`. Every run trains in
+ROOT/<its overrides> (so an interrupted sweep resumes: finished runs are skipped, a half-finished
+one resumes from its checkpoint), is evaluated from its final checkpoint, and ROOT/results.csv
+and ROOT/results.md list the runs' overrides with their final training loss and held-out metrics. `--print` writes
+one `python -m train.train ...` command per run instead, for a cluster scheduler (a SLURM array or
+a TPU launcher takes one line each).
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from configs import schema
+from model.config import ConfigError
+
+_CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/NAME.py[:ARG]).')
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name: sweep_NAME() in the config file or '
+                             'SWEEPS[NAME] in configs/sweeps.py.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the sweep (one subdirectory per run).')
+_PRINT = flags.DEFINE_bool('print', False, 'Print one train command per run instead of running.')
+
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location('sweep_config', path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f'--config={path}: no such config file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(config: str, name: str) -> tuple[object, list[dict]]:
+  """(the base ConfigDict, the sweep's override dicts), every key checked against the config."""
+  path, _, arg = config.partition(':')
+  module = _load_module(path)
+  base = module.get_config(arg or None)
+  fn = getattr(module, f'sweep_{name}', None)
+  if fn is None:
+    from configs import sweeps  # pylint: disable=g-import-not-at-top
+    if name not in sweeps.SWEEPS:
+      raise ConfigError(f'--sweep={name}: no sweep_{name}() in {path} and no SWEEPS[{name!r}] in '
+                        f'configs/sweeps.py (known: {sorted(sweeps.SWEEPS)})')
+    fn = sweeps.SWEEPS[name]
+  runs = list(fn())
+  if not runs:
+    raise ConfigError(f'--sweep={name}: the sweep has no runs')
+  for overrides in runs:
+    apply_overrides(base.copy_and_resolve_references(), overrides)
+  return base, runs
+
+
+def apply_overrides(config, overrides: dict):
+  """The ConfigDict with `overrides` set; a key that is not a config field is a ConfigError."""
+  for key, value in overrides.items():
+    node, *path = key.split('.')
+    target = config
+    for part in [node, *path[:-1]]:
+      if part not in target:
+        raise ConfigError(f'sweep key {key!r}: {part!r} is not a config field')
+      target = target[part]
+    if not path or path[-1] not in target:
+      raise ConfigError(f'sweep key {key!r}: not a config field')
+    target[path[-1]] = value
+  return config
+
+
+def run_name(overrides: dict) -> str:
+  """A directory name from the overrides: 'moe.erc_alpha=0.5,optimizer.learning_rate=0.001'."""
+  text = ','.join(f'{k}={_fmt(v)}' for k, v in sorted(overrides.items()))
+  return re.sub(r'[^A-Za-z0-9_.=,+-]', '_', text) or 'base'
+
+
+def _fmt(v) -> str:
+  return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+def commands(config: str, root: str, runs: list[dict]) -> list[str]:
+  """One `python -m train.train` command per run."""
+  out = []
+  for overrides in runs:
+    args = ['python', '-m', 'train.train', f'--config={config}',
+            f'--workdir={os.path.join(root, run_name(overrides))}']
+    args += [f'--config.{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}'
+             for k, v in overrides.items()]
+    out.append(shlex.join(args))
+  return out
+
+
+def finished(workdir: str, steps: int) -> bool:
+  from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return False
+  return Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).latest_step() == steps
+
+
+def run_sweep(config: str, name: str, root: str) -> list[dict]:
+  """Trains (or resumes, or skips) every run, evaluates it, writes the results tables."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from eval import evaluate  # pylint: disable=g-import-not-at-top
+  from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  base, runs = load_sweep(config, name)
+  rows = []
+  for overrides in runs:
+    cfg = schema.load(apply_overrides(base.copy_and_resolve_references(), overrides),
+                      jax.device_count())
+    workdir = os.path.join(root, run_name(overrides))
+    if finished(workdir, cfg.train.steps):
+      logging.info('sweep: %s finished already; skipped', workdir)
+    else:
+      train_and_evaluate(cfg, workdir)
+    result = evaluate.evaluate_checkpoint(workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      last = [r for r in map(json.loads, f) if 'loss' in r][-1]
+    rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
+                 'heldout_loss': result['loss'], 'bits_per_byte': result.get('bits_per_byte', '')})
+  write_results(root, rows)
+  return rows
+
+
+def write_results(root: str, rows: list[dict]) -> None:
+  """ROOT/results.csv and ROOT/results.md, one row per run."""
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+  lines += ['| ' + ' | '.join(_fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
+  with open(os.path.join(root, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    if _PRINT.value:
+      _, runs = load_sweep(_CONFIG.value, _SWEEP.value)
+      print('\n'.join(commands(_CONFIG.value, _WORKDIR.value, runs)))
+      return
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    rows = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value)
+    print(f'{len(rows)} runs; results in {os.path.join(_WORKDIR.value, "results.md")}')
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
