@@ -81,6 +81,8 @@ def test_a_sweep_runs_writes_its_table_and_skips_finished_runs_on_rerun(tmp_path
   assert [r['run'] for r in rows] == ['optimizer.learning_rate=0.001', 'optimizer.learning_rate=0.003']
   table = open(os.path.join(root, 'results.md')).read()
   assert table.count('\n') == 4 and 'heldout_loss' in table
+  with open(os.path.join(root, 'optimizer.learning_rate.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   logs = [open(os.path.join(root, r['run'], 'metrics.jsonl')).read() for r in rows]
   again = sweep.run_sweep(str(path), 'lr', root)  # finished runs are skipped, not retrained
   assert [open(os.path.join(root, r['run'], 'metrics.jsonl')).read() for r in rows] == logs

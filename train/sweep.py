@@ -5,7 +5,8 @@ A sweep is a list of override dicts ({'moe.erc_alpha': 0.5, ...}) returned by th
 `configs.sweeps.grid(...)` or `configs.sweeps.random_search(...)`. Every run trains in
 ROOT/<its overrides> (so an interrupted sweep resumes: finished runs are skipped, a half-finished
 one resumes from its checkpoint), is evaluated from its final checkpoint, and ROOT/results.csv
-and ROOT/results.md list the runs' overrides with their final training loss and held-out metrics. `--print` writes
+and ROOT/results.md list the runs' overrides with their final training loss and held-out
+metrics, and ROOT/<key>.png plots the held-out loss against each swept numeric value. `--print` writes
 one `python -m train.train ...` command per run instead, for a cluster scheduler (a SLURM array or
 a TPU launcher takes one line each).
 """
@@ -124,6 +125,7 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
     rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
                  'heldout_loss': result['loss'], 'bits_per_byte': result.get('bits_per_byte', '')})
   write_results(root, rows)
+  plot_results(root, rows, sorted({k for r in runs for k in r}))
   return rows
 
 
@@ -138,6 +140,33 @@ def write_results(root: str, rows: list[dict]) -> None:
   lines += ['| ' + ' | '.join(_fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
   with open(os.path.join(root, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
+
+
+def plot_results(root: str, rows: list[dict], keys: list[str], metric: str = 'heldout_loss'
+                 ) -> list[str]:
+  """ROOT/<key>.png: `metric` against each swept numeric value (log axis over a wide range)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  for key in keys:
+    points = sorted((r[key], r[metric]) for r in rows
+                    if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool))
+    if len(points) < 2:
+      continue
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(*zip(*points), 'o')
+    low, high = points[0][0], points[-1][0]
+    if low > 0 and high / low > 10:
+      ax.set_xscale('log')
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(os.path.join(root, f'{re.sub(r"[^A-Za-z0-9_.=-]", "_", key)}.png'))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+  return paths
 
 
 def main(argv):
