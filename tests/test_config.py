@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _experiment_files():
   return sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                if os.path.basename(p) not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py'))
+                if os.path.basename(p) not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py',
+                                                 'sweeps.py'))
 
 
 def _load_module(path):
