@@ -9,7 +9,6 @@ the end) is written into the "ERC loss" section of docs/results.md.
 Usage: python -m benchmarks.erc_evidence [--steps=300] [--root=runs/erc_evidence]
 """
 
-import json
 import os
 
 import jax
@@ -17,7 +16,7 @@ from absl import app, flags
 
 from benchmarks import common
 from configs import moe_erc, moe_topk, schema, sharding
-from eval import evaluate
+from eval import evaluate, routing_report
 from train import mesh as mesh_lib
 from train.step import make_step_fns
 from train.train import train_and_evaluate
@@ -48,11 +47,6 @@ def initial_coupling(cfg: schema.Config) -> dict:
   return evaluate.coupling_levels(fns.model(fns.init()))
 
 
-def last_record(workdir: str) -> dict:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f][-1]
-
-
 def main(argv):
   del argv
   rows = []
@@ -60,7 +54,7 @@ def main(argv):
     cfg, workdir = config(module), os.path.join(_ROOT.value, name)
     train_and_evaluate(cfg, workdir)
     result = evaluate.evaluate_checkpoint(workdir)
-    init, last = initial_coupling(cfg), last_record(workdir)
+    init, last = initial_coupling(cfg), routing_report.read_metrics(workdir)[-1]
     layers = sorted(int(k.split('/')[0][6:]) for k in result if k.endswith('coupling_level'))
     rows.append({
         'run': name, 'steps': result['step'], 'heldout_loss': result['loss'],

@@ -9,7 +9,6 @@ so this bounds the overhead of the multi-process runtime, not a real network.
 Usage: python -m benchmarks.multiprocess_overhead [--config=configs/demo.py] [--steps=60]
 """
 
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +18,7 @@ import tempfile
 from absl import app, flags
 
 from benchmarks import common
+from eval import routing_report
 
 _CONFIG = flags.DEFINE_string('config', 'configs/demo.py', 'Experiment config.')
 _STEPS = flags.DEFINE_integer('steps', 60, 'Training steps of each run.')
@@ -38,8 +38,7 @@ def _run(processes: int, workdir: str) -> float:
     command = [sys.executable, '-m', 'train.launch', f'--num_processes={processes}',
                f'--devices_per_process={8 // processes}', '--', *train]
   subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    times = [r['step_time'] for r in map(json.loads, f) if 'step_time' in r][1:]
+  times = [r['step_time'] for r in routing_report.read_metrics(workdir)][1:]
   return statistics.median(times)
 
 

@@ -25,7 +25,8 @@ PANELS = (('h_tok', 'H_tok (token entropy / log E)'), ('h_use', 'H_use (usage en
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Training records of DIR/metrics.jsonl, one per step (a resumed run's repeat wins), sorted."""
+  """Training records of DIR/metrics.jsonl (those with a `loss`; held-out evaluation records
+  have `eval_*` keys only), one per step (a resumed run's repeat wins), sorted."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
@@ -33,7 +34,7 @@ def read_metrics(workdir: str) -> list[dict]:
   with open(path) as f:
     for line in f:
       record = json.loads(line)
-      if any(_LAYER.match(k) for k in record):  # held-out evaluation records carry no layers
+      if 'loss' in record:
         by_step[record['step']] = record
   return [by_step[s] for s in sorted(by_step)]
 

@@ -101,8 +101,8 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: attention and MLP projections (in MoE layers
   the router and the top_k + shared active experts; expert choice counted as top_k too), and the
   output head (D*V, tied or not); norms and the embedding lookup are excluded."""
-  d, k = cfg.d_model, cfg.head_dim
-  attn = d * cfg.num_heads * k * 2 + d * cfg.num_kv_heads * k * 2
+  d = cfg.d_model
+  attn = _attention_params(cfg)
   mlp = 3 * d * cfg.mlp_dim
   m = cfg.moe
   f = m.hidden(cfg.mlp_dim)
@@ -110,6 +110,11 @@ def matmul_params(cfg: ModelConfig) -> int:
   num_moe = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
   return (cfg.num_layers * attn + (cfg.num_layers - num_moe) * mlp + num_moe * routed +
           d * cfg.vocab_size)
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+  """Q and output projections (D×H×K each) plus K and V (D×G×K each) of one layer."""
+  return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -134,7 +139,7 @@ def _uoe_savings(cfg: ModelConfig, seq_len: int) -> float:
   position (expert selection). The gates (D×H, D×E) are added.
   """
   u, n, d, s = cfg.uoe, cfg.num_layers, cfg.d_model, seq_len
-  attn = d * cfg.num_heads * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
+  attn = _attention_params(cfg)
   head_share = u.head_slots(s, cfg.num_heads) / s
   if u.paradigm == 'expert_selection':
     mlp_share = u.experts_per_token / u.num_experts

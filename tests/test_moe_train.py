@@ -1,24 +1,12 @@
 """A tiny MoE model trains end to end and logs its per-layer routing metrics."""
 
-import json
-import os
-
-import jax
-
-from configs import moe_topk, schema
+from configs import moe_topk
 from eval.evaluate import evaluate_checkpoint
-from train.train import train_and_evaluate
+from tests.tiny_runs import train_tiny
 
 
 def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
-  c = moe_topk.get_config('tiny')
-  c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
-  c.train.update(steps=16, log_every=4)
-  cfg = schema.load(c, jax.device_count())
-  workdir = tmp_path_factory.mktemp('moe')
-  train_and_evaluate(cfg, str(workdir))
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  workdir, records = train_tiny(moe_topk, tmp_path_factory)
   assert [r['step'] for r in records] == [4, 8, 12, 16]
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
   for layer in (0, 1):
@@ -29,6 +17,6 @@ def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
   assert not any('expert_counts' in key for key in records[-1])
   assert records[-1]['aux_loss'] > 0
   # Evaluation reports the ERC coupling level alpha* of every MoE layer, ERC-trained or not.
-  result = evaluate_checkpoint(str(workdir))
+  result = evaluate_checkpoint(workdir)
   for layer in (0, 1):
     assert result[f'layer_{layer}/moe/coupling_level'] > 0

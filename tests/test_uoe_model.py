@@ -1,9 +1,6 @@
 """Union of Experts in the model: config errors, the dense <-> UoE converter, sharding, training."""
 
 import dataclasses
-import json
-import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +15,7 @@ from model.config import ConfigError
 from model.transformer import Transformer, flops_per_token
 from train import mesh as mesh_lib
 from train.step import model_loss
-from train.train import train_and_evaluate
+from tests.tiny_runs import train_tiny
 
 
 @pytest.mark.parametrize('fields, match', [
@@ -165,14 +162,7 @@ def test_sharded_equals_unsharded():
 
 @pytest.mark.slow  # a train-step compile: ~30 s of CPU on 2 cores (configs/uoe.py:tiny by hand: ~25 s)
 def test_tiny_uoe_model_trains_and_logs_routing(tmp_path_factory):
-  c = uoe_config.get_config('tiny')
-  c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
-  c.train.update(steps=16, log_every=4)
-  cfg = schema.load(c, jax.device_count())
-  workdir = tmp_path_factory.mktemp('uoe')
-  train_and_evaluate(cfg, str(workdir))
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  _, records = train_tiny(uoe_config, tmp_path_factory)
   assert [r['step'] for r in records] == [4, 8, 12, 16]
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
   for layer in (0, 1):

@@ -107,7 +107,7 @@ def finished(workdir: str, steps: int) -> bool:
 def run_sweep(config: str, name: str, root: str) -> list[dict]:
   """Trains (or resumes, or skips) every run, evaluates it, writes the results tables."""
   import jax  # pylint: disable=g-import-not-at-top
-  from eval import evaluate  # pylint: disable=g-import-not-at-top
+  from eval import evaluate, routing_report  # pylint: disable=g-import-not-at-top
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   base, runs = load_sweep(config, name)
   rows = []
@@ -120,8 +120,7 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
     else:
       train_and_evaluate(cfg, workdir)
     result = evaluate.evaluate_checkpoint(workdir)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      last = [r for r in map(json.loads, f) if 'loss' in r][-1]
+    last = routing_report.read_metrics(workdir)[-1]
     rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
                  'heldout_loss': result['loss'], 'bits_per_byte': result.get('bits_per_byte', '')})
   write_results(root, rows)
