@@ -64,23 +64,33 @@ def test_print_flag_prints_one_line_per_run():
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_writes_its_table_and_skips_finished_runs_on_rerun(tmp_path):
+def test_a_sweep_runs_as_printed_writes_its_table_and_skips_finished_runs(tmp_path):
   path = tmp_path / 'exp.py'
   path.write_text('from configs import tiny\n'
                   'def get_config(arg=None):\n'
                   '  c = tiny.get_config()\n'
                   f'  c.data.cache_dir = {str(tmp_path / "cache")!r}\n'
-                  '  c.train.update(steps=3, log_every=1)\n'
+                  '  c.train.update(steps=4, log_every=1)\n'
+                  '  c.eval.update(every_steps=2, max_batches=2)\n'
                   '  c.optimizer.warmup_steps = 1\n'
                   '  return c\n'
                   'def sweep_lr():\n  return [{"optimizer.learning_rate": 1e-3}, '
                   '{"optimizer.learning_rate": 3e-3}]\n')
   root = str(tmp_path / 'root')
   os.makedirs(root)
-  rows = sweep.run_sweep(str(path), 'lr', root)
+  # The first printed command, run as printed (with this interpreter as `python`), trains run 0.
+  first = shlex.split(sweep.commands(str(path), root, sweep.load_sweep(str(path), 'lr')[1])[0])
+  proc = subprocess.run([sys.executable, *first[1:]], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed_log = open(os.path.join(root, 'optimizer.learning_rate=0.001', 'metrics.jsonl')).read()
+  rows = sweep.run_sweep(str(path), 'lr', root)  # run 0 finished already: skipped, not retrained
+  assert open(os.path.join(root, rows[0]['run'], 'metrics.jsonl')).read() == printed_log
   assert [r['run'] for r in rows] == ['optimizer.learning_rate=0.001', 'optimizer.learning_rate=0.003']
+  for r in rows:
+    assert r['best_heldout_loss'] <= r['heldout_loss'] and r['best_step'] in (2, 4)
   table = open(os.path.join(root, 'results.md')).read()
-  assert table.count('\n') == 4 and 'heldout_loss' in table
+  assert table.count('\n') == 4 and 'best_heldout_loss' in table
   with open(os.path.join(root, 'optimizer.learning_rate.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   logs = [open(os.path.join(root, r['run'], 'metrics.jsonl')).read() for r in rows]
