@@ -27,7 +27,7 @@ _EVERY = flags.DEFINE_integer('every', 10, 'Steps between checkpoints.')
 
 def main(argv):
   del argv
-  cfg = schema.load(demo.get_config(), jax.device_count())
+  cfg = schema.load(demo.get_config('dense'), jax.device_count())
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
   data = iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
@@ -59,7 +59,7 @@ def main(argv):
   common.print_table(rows)
   print(f'during / without = {ratio:.3f} (target <= 1.2); state {state_bytes / 2**20:.1f} MiB')
   path = common.write_result('checkpoint_async', {
-      'config': 'configs/demo.py', 'rows': rows, 'ratio': ratio, 'target': 1.2,
+      'config': 'configs/demo.py:dense', 'rows': rows, 'ratio': ratio, 'target': 1.2,
       'state_mib': state_bytes / 2**20, 'async_save': cfg.checkpoint.async_save})
   print(f'wrote {path}')
 

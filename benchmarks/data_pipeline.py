@@ -34,7 +34,7 @@ def pipeline_rate(split, *, packing: bool, batch: int, seq_len: int, seconds: fl
 
 
 def trainer_rate(steps: int = 6) -> float:
-  cfg = schema.load(demo.get_config(), jax.device_count())
+  cfg = schema.load(demo.get_config('dense'), jax.device_count())
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   split = sources.open_split(corpus.resolve_dataset(cfg.data), 'train')
   it = iter(pipeline.train_dataset(split, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,

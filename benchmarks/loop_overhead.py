@@ -75,7 +75,7 @@ def host_seconds_per_step(cfg, steps: int = 200) -> float:
 
 def main(argv):
   del argv
-  cfg = schema.load(demo.get_config(), jax.device_count())
+  cfg = schema.load(demo.get_config('dense'), jax.device_count())
   steps = _STEPS.value
   # Alternate bare and loop runs; each loop run is compared with the bare runs on either side
   # of it, so drift of the machine's speed cancels. The median over rounds is the result.
@@ -94,7 +94,7 @@ def main(argv):
         f'{100 * host / step_seconds:.2f}% of a {step_seconds:.3f} s step')
   print(f'median loop / bare = {ratio:.3f} (target >= 0.95)')
   path = common.write_result('loop_overhead', {
-      'config': 'configs/demo.py', 'steps': steps, 'rounds': _ROUNDS.value, 'rows': rows, 'ratio': ratio, 'target': 0.95,
+      'config': 'configs/demo.py:dense', 'steps': steps, 'rounds': _ROUNDS.value, 'rows': rows, 'ratio': ratio, 'target': 0.95,
       'host_seconds_per_step': host, 'step_seconds': step_seconds})
   print(f'wrote {path}')
 

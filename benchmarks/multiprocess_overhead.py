@@ -6,7 +6,7 @@ gloo collectives between the processes); the step time is the median of the logg
 the first (compilation). On one machine the cross-process collectives go through localhost TCP,
 so this bounds the overhead of the multi-process runtime, not a real network.
 
-Usage: python -m benchmarks.multiprocess_overhead [--config=configs/demo.py] [--steps=60]
+Usage: python -m benchmarks.multiprocess_overhead [--config=configs/demo.py:dense] [--steps=60]
 """
 
 import os
@@ -20,7 +20,7 @@ from absl import app, flags
 from benchmarks import common
 from eval import routing_report
 
-_CONFIG = flags.DEFINE_string('config', 'configs/demo.py', 'Experiment config.')
+_CONFIG = flags.DEFINE_string('config', 'configs/demo.py:dense', 'Experiment config.')
 _STEPS = flags.DEFINE_integer('steps', 60, 'Training steps of each run.')
 _LOG = flags.DEFINE_integer('log_every', 10, 'Steps per timed window.')
 

@@ -130,8 +130,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return dense - _uoe_savings(cfg, seq_len)
 
 
+def active_params(cfg: ModelConfig, seq_len: int) -> float:
+  """Matmul weights per token on average (`matmul_params`, less what UoE's token selection skips):
+  the "active parameters" at which methods are compared."""
+  return matmul_params(cfg) - _uoe_selection(cfg, seq_len)[0]
+
+
 def _uoe_savings(cfg: ModelConfig, seq_len: int) -> float:
-  """FLOPs per token that UoE layers do not spend, relative to the dense count above.
+  """FLOPs per token that UoE layers do not spend, relative to the dense count above."""
+  params, score_flops = _uoe_selection(cfg, seq_len)
+  return 6.0 * params + score_flops
+
+
+def _uoe_selection(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+  """(matmul weights per token, attention-score training FLOPs per token) that UoE layers skip.
 
   An SMHA head projects and attends only its C_h = `uoe.head_slots` tokens of each sequence:
   projections at C_h/L of the dense cost, scores at (C_h/L)²; a UoME expert (F/E hidden units)
@@ -145,11 +157,11 @@ def _uoe_savings(cfg: ModelConfig, seq_len: int) -> float:
     mlp_share = u.experts_per_token / u.num_experts
   else:
     mlp_share = u.expert_slots(s) / s
-  saved = 0.0
+  params = scores = 0.0
   for i in range(n):
     if u.is_smha_layer(i, n):
-      saved += (6.0 * (attn * (1 - head_share) - d * cfg.num_heads) +
-                12.0 * d * s * (1 - head_share ** 2))
+      params += attn * (1 - head_share) - d * cfg.num_heads
+      scores += 12.0 * d * s * (1 - head_share ** 2)
     if u.is_uome_layer(i, n):
-      saved += 6.0 * (3 * d * cfg.mlp_dim * (1 - mlp_share) - d * u.num_experts)
-  return saved
+      params += 3 * d * cfg.mlp_dim * (1 - mlp_share) - d * u.num_experts
+  return params, scores

@@ -12,7 +12,7 @@ from configs import schema, sharding
 from configs import uoe as uoe_config
 from model import axes, uoe
 from model.config import ConfigError
-from model.transformer import Transformer, flops_per_token
+from model.transformer import Transformer, active_params, flops_per_token, matmul_params
 from train import mesh as mesh_lib
 from train.step import model_loss
 from tests.tiny_runs import train_tiny
@@ -190,3 +190,8 @@ def test_flops_per_token_counts_what_the_selection_keeps():
   attn = d * h * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
   saved = n * (6.0 * (attn / 2 + 3 * d * cfg.mlp_dim / 2) + 12.0 * d * s * 3 / 4)
   assert half == pytest.approx(dense + gates - saved)
+  # Active parameters: the dense matmul weights plus gates, less the unselected half.
+  assert active_params(cfg, s) == pytest.approx(
+      matmul_params(cfg) - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts))
+  assert active_params(dense_cfg := dataclasses.replace(cfg, uoe=dataclasses.replace(
+      cfg.uoe, attention='dense', feed_forward='mlp')), s) == matmul_params(dense_cfg)
