@@ -31,19 +31,29 @@ from absl import app, flags
 
 from configs import cli
 from eval import report_markdown
-from eval.report_markdown import markdown_table  # pylint: disable=unused-import  (public name)
 
 _LAYER = re.compile(r'^layer_(\d+)/(\w+)/(.+)$')
 ROUTING_CURVES = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
 MOE_HEALTH = ('load_cv', 'load_max_mean', 'dead_experts')
+markdown_table = report_markdown.markdown_table  # the entropy table; a public name since the first report
 
 
 def _jsonl(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f'{path} line {number}: not JSON ({e})') from None
+        if not isinstance(record, dict) or 'step' not in record:
+          raise ValueError(f'{path} line {number}: not a metrics record with a step')
+        records.append(record)
+  return records
 
 
 def _one_per_step(records: list[dict]) -> list[dict]:

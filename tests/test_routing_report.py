@@ -123,6 +123,9 @@ def test_dense_run_gets_the_loss_plot_only(tmp_path):
 def test_missing_inputs_are_one_line_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='metrics.jsonl not found'):
     routing_report.read_metrics(str(tmp_path))
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+  with pytest.raises(ValueError, match='metrics.jsonl line 2: not JSON'):
+    routing_report.read_metrics(str(tmp_path))
   _write_metrics(tmp_path)
   with pytest.raises(FileNotFoundError, match='config.json not found'):
     routing_report.report(str(tmp_path))
