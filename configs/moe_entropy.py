@@ -9,7 +9,7 @@ of the Switch loss, keep `entropy.beta_use = 1e-2`.
 Usage: python -m train.train --config=configs/moe_entropy.py --workdir=runs/moe_entropy
   (`:tiny` for a smoke run; `--config.entropy.mode=global` to switch all layers together;
   `--config.entropy.tau=0.85` / `0.5` for the METHODS sweep); then
-  python -m eval.routing_report --workdir=runs/moe_entropy  (per-layer entropy plots)
+  python -m eval.routing_report --workdir=runs/moe_entropy  (entropy plots, trigger timeline)
 Hardware: as configs/moe_topk.py (a GPU); the monitor costs a softmax and two means per MoE
   layer. `:tiny` runs on 2 CPU cores in about a minute.
 Expected: per layer, moe/trigger_step >= 0 once it fires (by threshold or plateau), moe/ramp_weight

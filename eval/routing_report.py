@@ -1,12 +1,23 @@
-"""`python -m eval.routing_report --workdir=DIR [--out=DIR/report]`: per-layer routing over training.
+"""`python -m eval.routing_report --workdir=DIR [--out=DIR/report] [--step=N] [--nocheckpoint]`.
 
-Reads DIR/metrics.jsonl (no checkpoint, no jax) and writes to OUT:
-- `entropy.png`: normalised token entropy H_tok, usage entropy H_use, the trigger's EMA of H_tok
-  and the ramp weight per MoE layer over the steps, each layer's trigger step marked (entropy
-  trigger, METHODS.md §4(a); runs without it get the two entropy panels);
-- `routing_report.json` and `routing_report.md`: per layer, the trigger step, H_tok and H_use at
-  the last logged step before the trigger and at the end, the relative change of H_use, and the
-  final load balance and dead experts.
+The routing of one run over training, in plots and tables. Reads DIR/config.json (what the run
+has), DIR/metrics.jsonl (training and held-out records) and restores one checkpoint (the newest,
+or `--step`) for the per-layer metrics that need weights: the ERC coupling level alpha* of every
+MoE layer. Writes to OUT (default DIR/report) only the plots the run has data for:
+- `loss.png`: training loss (and lm_loss where the auxiliary losses make it differ), held-out points;
+- `expert_load.png`: per MoE layer, each expert's share of the assignments over steps relative to
+  uniform (1 = balanced; from `layer_i/moe/expert_load`);
+- `dead_experts.png`: dead experts and load CV per MoE layer over steps;
+- `entropy.png`: H_tok, H_use, the trigger's EMA of H_tok and the ramp weight per MoE layer, trigger
+  steps marked (METHODS.md §4(a)); `trigger_timeline.png`: each monitored layer's coverage regime,
+  ramp and specialisation regime over steps (runs with `entropy.enabled`);
+- `cluster_occupancy.png`: per routing-attention layer, the k-means cluster shares over steps (mean
+  over heads, from `layer_i/routing/cluster_load`) and occupancy min/max and unpicked fraction;
+- `coupling.png`: alpha* per MoE layer over training (logged when ERC is on), the checkpoint's
+  values and the alpha = 1 line;
+- `routing_report.md` (summary, plots with captions, per-layer tables) and `routing_report.json`
+  (the same data: what `report` returns). A dense run gets `loss.png` and the tables.
+Plots are drawn by eval/report_plots.py; this module extracts the data.
 """
 
 import json
@@ -15,47 +26,118 @@ import os
 import re
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from configs import cli
+from eval import report_markdown
 
-_LAYER = re.compile(r'^layer_(\d+)/moe/(.+)$')
-PANELS = (('h_tok', 'H_tok (token entropy / log E)'), ('h_use', 'H_use (usage entropy / log E)'),
-          ('h_tok_ema', 'EMA of H_tok (trigger input)'), ('ramp_weight', 'ramp weight w'))
+_LAYER = re.compile(r'^layer_(\d+)/(\w+)/(.+)$')
+ROUTING_CURVES = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
+MOE_HEALTH = ('load_cv', 'load_max_mean', 'dead_experts')
+markdown_table = report_markdown.markdown_table  # the entropy table; a public name since the first report
+
+
+def _jsonl(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f'{path} line {number}: not JSON ({e})') from None
+        if not isinstance(record, dict) or 'step' not in record:
+          raise ValueError(f'{path} line {number}: not a metrics record with a step')
+        records.append(record)
+  return records
+
+
+def _one_per_step(records: list[dict]) -> list[dict]:
+  by_step = {r['step']: r for r in records}  # a resumed run's repeat of a step wins
+  return [by_step[s] for s in sorted(by_step)]
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """Training records of DIR/metrics.jsonl (those with a `loss`; held-out evaluation records
   have `eval_*` keys only), one per step (a resumed run's repeat wins), sorted."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  return _one_per_step([r for r in _jsonl(workdir) if 'loss' in r])
+
+
+def read_eval_metrics(workdir: str) -> list[dict]:
+  """Held-out evaluation records of DIR/metrics.jsonl (`eval_loss`, no `loss`), one per step."""
+  return _one_per_step([r for r in _jsonl(workdir) if 'eval_loss' in r and 'loss' not in r])
+
+
+def read_config(workdir: str) -> dict:
+  """DIR/config.json as a plain dict (no jax); a one-line error if it is missing or unreadable."""
+  path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
-  by_step = {}
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'loss' in record:
-        by_step[record['step']] = record
-  return [by_step[s] for s in sorted(by_step)]
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
-def series(records: list[dict], name: str) -> dict[int, tuple[list[int], list[float]]]:
-  """{layer: (steps, values)} of the per-layer metric `layer_i/moe/<name>`."""
-  out: dict[int, tuple[list[int], list[float]]] = {}
+def run_features(config: dict) -> dict[str, bool]:
+  """Which routed mechanisms the run's config has: moe, erc, entropy (trigger), routing_attention."""
+  moe, entropy = config.get('moe', {}), config.get('entropy', {})
+  is_moe = moe.get('num_experts', 0) > 0
+  return {'moe': is_moe, 'erc': is_moe and moe.get('erc_weight', 0) > 0,
+          'entropy': is_moe and bool(entropy.get('enabled')),
+          'routing_attention': config.get('attention', {}).get('kind') == 'routing'}
+
+
+def series(records: list[dict], name: str, kind: str = 'moe') -> dict[int, tuple[list, list]]:
+  """{layer: (steps, values)} of the per-layer metric `layer_i/<kind>/<name>` (kind: moe, routing)."""
+  out: dict[int, tuple[list, list]] = {}
   for r in records:
     for key, value in r.items():
       m = _LAYER.match(key)
-      if m and m.group(2) == name:
+      if m and m.group(2) == kind and m.group(3) == name:
         steps, values = out.setdefault(int(m.group(1)), ([], []))
         steps.append(r['step'])
         values.append(value)
   return dict(sorted(out.items()))
 
 
+def share_series(records: list[dict], name: str, kind: str) -> dict[int, tuple[list, np.ndarray]]:
+  """{layer: (steps, share_TX)} of a vector metric (`expert_load` [E]; `cluster_load` [H][N] is
+  averaged over heads): one row of shares per logged step."""
+  out = {}
+  for layer, (steps, values) in series(records, name, kind).items():
+    share = np.asarray(values, np.float64)
+    out[layer] = (steps, share.mean(1) if share.ndim == 3 else share)
+  return out
+
+
 def trigger_steps(records: list[dict]) -> dict[int, int | None]:
   """Each monitored layer's trigger step (None if it has not fired), from the last record."""
   return {layer: (int(values[-1]) if values[-1] >= 0 else None)
           for layer, (_, values) in series(records, 'trigger_step').items()}
+
+
+def trigger_phases(records: list[dict], ramp_steps: int) -> dict[int, list[tuple[str, int, int]]]:
+  """Per monitored layer, [(phase, start, end)] over the logged steps: coverage until the trigger,
+  then the ramp (`ramp_steps`), then specialisation; only coverage if it has not fired."""
+  if not records:
+    return {}
+  first, last = records[0]['step'], records[-1]['step']
+  out = {}
+  for layer, fired in trigger_steps(records).items():
+    if fired is None:
+      out[layer] = [('coverage', first, last)]
+      continue
+    ramp_end = min(fired + ramp_steps, last)
+    out[layer] = [('coverage', first, fired), ('ramp', fired, ramp_end)]
+    if ramp_end < last:
+      out[layer].append(('specialisation', ramp_end, last))
+  return out
 
 
 def _at_or_before(steps_values, step):
@@ -65,7 +147,7 @@ def _at_or_before(steps_values, step):
 
 
 def summary(records: list[dict]) -> dict[int, dict]:
-  """Per layer: trigger step, entropies before the trigger and at the end, final balance."""
+  """Per MoE layer: trigger step, entropies before the trigger and at the end, final balance."""
   if not records:
     return {}
   h_tok, h_use = series(records, 'h_tok'), series(records, 'h_use')
@@ -79,7 +161,7 @@ def summary(records: list[dict]) -> dict[int, dict]:
       row['h_tok_at_trigger'] = _at_or_before(h_tok[layer], fired)
       row['h_use_at_trigger'] = pre = _at_or_before(h_use[layer], fired)
       row['h_use_change'] = (row['h_use_final'] - pre) / pre if pre == pre and pre else math.nan
-    for name in ('dead_experts', 'load_max_mean', 'load_cv'):
+    for name in MOE_HEALTH:
       key = f'layer_{layer}/moe/{name}'
       if key in last:
         row[name] = last[key]
@@ -87,85 +169,133 @@ def summary(records: list[dict]) -> dict[int, dict]:
   return out
 
 
-def plot(records: list[dict], path: str, title: str = '', tau: float | None = None) -> str:
-  """Writes the entropy panels (those with data) as a PNG and returns its path; `tau` (the
-  trigger threshold) is drawn on the EMA panel."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = [(name, label, series(records, name)) for name, label in PANELS]
-  panels = [p for p in panels if p[2]]
-  if not panels:
-    raise ValueError('no per-layer entropy metrics (layer_i/moe/h_tok) in metrics.jsonl: not an MoE run')
-  triggers = trigger_steps(records)
-  cols = 2
-  rows = -(-len(panels) // cols)
-  fig, axs = plt.subplots(rows, cols, figsize=(6 * cols, 3.4 * rows), squeeze=False)
-  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  for ax, (name, label, data) in zip(axs.flat, panels):
-    for layer, (steps, values) in data.items():
-      color = colors[layer % len(colors)]
-      ax.plot(steps, values, color=color, label=f'layer {layer}')
-      if triggers.get(layer) is not None:
-        ax.axvline(triggers[layer], color=color, linestyle='--', linewidth=0.8)
-    if name == 'h_tok_ema' and tau is not None:
-      ax.axhline(tau, color='k', linestyle=':', linewidth=0.8, label='tau')
-    ax.set_title(label)
-    ax.set_xlabel('step')
-    ax.grid(alpha=0.3)
-  axs.flat[0].legend(fontsize=8)
-  for ax in list(axs.flat)[len(panels):]:
-    ax.axis('off')
-  if title:
-    fig.suptitle(title + '  (dashed: trigger steps)')
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+def _final_per_layer(records: list[dict], names: tuple[str, ...], kind: str) -> dict[int, dict]:
+  """{layer: {name: value in the last record that has it}} of `layer_i/<kind>/<name>`."""
+  out: dict[int, dict] = {}
+  for name in names:
+    for layer, (_, values) in series(records, name, kind).items():
+      out.setdefault(layer, {})[name] = values[-1]
+  return dict(sorted(out.items()))
 
 
-def _cell(col: str, v) -> str:
-  if v is None:
-    return '-'
-  if col == 'h_use_change':
-    return f'{v:+.2%}'
-  return f'{v:.4f}' if isinstance(v, float) else str(v)
+def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
+  """Per-layer metrics that need the weights, from one checkpoint (newest, or `step`) restored on
+  one device: {'step': N, METRIC: {layer: value}, ...}. Every key but 'step' is one per-layer
+  metric; the report renders each as a column of its checkpoint table. Now: `coupling_level`
+  (ERC alpha* of every MoE layer, ERC-trained or not)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import schema, sharding  # pylint: disable=g-import-not-at-top
+  from eval import evaluate  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(evaluate.read_run_config(workdir),
+                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise FileNotFoundError(f'no complete checkpoint in {os.path.join(workdir, "checkpoints")}: '
+                            'the report restores one for alpha* (--nocheckpoint skips it)')
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  step = evaluate.checkpoint_step(ckpt, step)
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
+                      sharding.rules(cfg.mesh.rules))
+  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  per_layer: dict[str, dict[int, float]] = {}
+  for key, value in evaluate.coupling_levels(model).items():
+    m = _LAYER.match(key)
+    per_layer.setdefault(m.group(3), {})[int(m.group(1))] = value
+  return {'step': step, **per_layer}
 
 
-def markdown_table(rows: dict[int, dict]) -> str:
-  cols = ['trigger_step', 'h_tok_at_trigger', 'h_tok_final', 'h_use_at_trigger', 'h_use_final',
-          'h_use_change', 'dead_experts', 'load_max_mean']
-  cols = [c for c in cols if any(c in r for r in rows.values())]
-  lines = ['| layer | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
-  for layer, r in rows.items():
-    lines.append(f'| {layer} | ' + ' | '.join(_cell(c, r.get(c)) for c in cols) + ' |')
-  return '\n'.join(lines)
+def build(workdir: str, config: dict, records: list[dict], heldout: list[dict],
+          checkpoint: dict) -> dict:
+  """Everything the report states, as JSON-able data: features, final values, per-layer tables."""
+  features, last = run_features(config), records[-1]
+  moe_rows = _final_per_layer(records, MOE_HEALTH, 'moe')
+  routing_rows = _final_per_layer(records, ROUTING_CURVES, 'routing')
+  for layer, level in checkpoint.get('coupling_level', {}).items():
+    moe_rows.setdefault(layer, {})['coupling_level_at_checkpoint'] = level
+  triggers = trigger_steps(records) if features['entropy'] else {}
+  dead = [r['dead_experts'] for r in moe_rows.values() if 'dead_experts' in r]
+  load_cv = [r['load_cv'] for r in moe_rows.values() if 'load_cv' in r]
+  return {
+      'workdir': workdir, 'features': features, 'final_step': last['step'],
+      'final_loss': last['loss'], 'final_lm_loss': last.get('lm_loss'),
+      'heldout_loss': heldout[-1]['eval_loss'] if heldout else None,
+      'heldout_step': heldout[-1]['step'] if heldout else None,
+      'dead_experts_total': sum(dead) if dead else None,
+      'mean_load_cv': float(np.mean(load_cv)) if load_cv else None,
+      'triggers_fired': sum(s is not None for s in triggers.values()),
+      'triggers_monitored': len(triggers),
+      'checkpoint': checkpoint,
+      'layers': {'entropy': summary(records) if features['moe'] else {},
+                 'moe': moe_rows, 'routing': routing_rows},
+  }
 
 
-def _tau(workdir: str) -> float | None:
-  """The run's entropy.tau from DIR/config.json when the trigger was on."""
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      entropy = json.load(f).get('entropy', {})
-  except (OSError, ValueError):
-    return None
-  return entropy.get('tau') if entropy.get('enabled') else None
+def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint: dict, out: str,
+             title: str = '') -> list[dict]:
+  """Draws the plots the run has data for; [{'file', 'caption'}] in report order."""
+  from eval import report_plots as plots  # pylint: disable=g-import-not-at-top
+  features, entropy_config = run_features(config), config.get('entropy', {})
+  made = []
+
+  def add(name, draw, *args, **kwargs):
+    draw(*args, os.path.join(out, name), title=title, **kwargs)
+    made.append({'file': name, 'caption': report_markdown.CAPTIONS[name]})
+
+  steps = [r['step'] for r in records]
+  train = {'loss': (steps, [r['loss'] for r in records])}
+  if any(abs(r.get('lm_loss', r['loss']) - r['loss']) > 1e-9 for r in records):
+    train['lm_loss'] = (steps, [r.get('lm_loss', math.nan) for r in records])
+  add('loss.png', plots.loss, train,
+      ([r['step'] for r in heldout], [r['eval_loss'] for r in heldout]))
+  if features['moe']:
+    if loads := share_series(records, 'expert_load', 'moe'):
+      add('expert_load.png', plots.load_heatmaps, loads, 'expert')
+    if dead := series(records, 'dead_experts'):
+      add('dead_experts.png', plots.dead_experts, dead, series(records, 'load_cv'))
+    entropy = {name: series(records, name) for name, _ in plots.ENTROPY_PANELS}
+    triggers = trigger_steps(records)
+    if entropy['h_tok']:
+      add('entropy.png', plots.entropy, entropy, triggers,
+          tau=entropy_config.get('tau') if features['entropy'] else None)
+    if features['entropy'] and triggers:
+      add('trigger_timeline.png', plots.trigger_timeline,
+          trigger_phases(records, int(entropy_config.get('ramp_steps', 0))), triggers)
+  if features['routing_attention']:
+    loads = share_series(records, 'cluster_load', 'routing')
+    curves: dict[int, dict] = {}
+    for name in ROUTING_CURVES:
+      for layer, steps_values in series(records, name, 'routing').items():
+        curves.setdefault(layer, {})[name] = steps_values
+    if loads or curves:
+      add('cluster_occupancy.png', plots.cluster_occupancy, loads, curves)
+  levels, at_checkpoint = series(records, 'coupling_level'), checkpoint.get('coupling_level', {})
+  if features['moe'] and (levels or at_checkpoint):
+    add('coupling.png', plots.coupling, levels, at_checkpoint, checkpoint.get('step'))
+  return made
 
 
-def report(workdir: str, out: str | None = None) -> dict:
-  """Writes the plot and the tables of a run; returns the per-layer summary."""
+def report(workdir: str, out: str | None = None, step: int | None = None,
+           checkpoint: bool = True) -> dict:
+  """Writes the plots, routing_report.md and routing_report.json of a run; returns the JSON data.
+
+  `checkpoint=False` leaves out the checkpoint metrics (for a run without checkpoints)."""
   out = out or os.path.join(workdir, 'report')
-  records = read_metrics(workdir)
-  rows = summary(records)
+  config, records, heldout = read_config(workdir), read_metrics(workdir), read_eval_metrics(workdir)
+  if not records:
+    raise ValueError(f'{os.path.join(workdir, "metrics.jsonl")} has no training records (with loss)')
+  ckpt = checkpoint_summary(workdir, step) if checkpoint else {}
+  data = build(workdir, config, records, heldout, ckpt)
   os.makedirs(out, exist_ok=True)
-  plot(records, os.path.join(out, 'entropy.png'), title=os.path.basename(os.path.normpath(workdir)),
-       tau=_tau(workdir))
+  data['plots'] = plot_all(config, records, heldout, ckpt, out,
+                           title=os.path.basename(os.path.normpath(workdir)))
   with open(os.path.join(out, 'routing_report.json'), 'w') as f:
-    json.dump({str(k): v for k, v in rows.items()}, f, indent=2)
+    json.dump(data, f, indent=2)
   with open(os.path.join(out, 'routing_report.md'), 'w') as f:
-    f.write(f'# Routing report: {workdir}\n\n![entropy](entropy.png)\n\n{markdown_table(rows)}\n')
-  return rows
+    f.write(report_markdown.render(data))
+  return data
 
 
 def main(argv):
@@ -173,17 +303,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    rows = report(f.workdir, f.out)
-  except (FileNotFoundError, ValueError) as e:
+    data = report(f.workdir, f.out, f.step, f.checkpoint)
+  except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(markdown_table(rows))
-  print(json.dumps({str(k): v for k, v in rows.items()}))
+  print(os.path.join(f.out or os.path.join(f.workdir, 'report'), 'routing_report.md'))
+  print(json.dumps(data))
 
 
 def run():
   flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
   flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/report.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step for the checkpoint metrics; default: newest.')
+  flags.DEFINE_bool('checkpoint', True, 'Restore a checkpoint for alpha* (--nocheckpoint: '
+                    'metrics.jsonl only).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=cli.parse_flags)
 

@@ -12,9 +12,26 @@ from absl import logging
 # suffix for per-layer state (entropy trigger: a window mean of the trigger step means nothing).
 _POINT_METRICS = ('learning_rate', 'step')
 _POINT_SUFFIXES = ('/trigger_step', '/h_tok_ema', '/ramp_weight')
-# Per-expert count vectors: summed over the window and reported as `.../dead_experts` (experts
-# that received no token in the whole window), not written themselves.
-_COUNTS = 'expert_counts'
+
+
+def _expert_summary(counts_E: np.ndarray) -> dict:
+  """Experts that got no token in the window, and each expert's share of the assignments."""
+  return {'dead_experts': int(np.sum(counts_E == 0)), 'expert_load': _shares(counts_E).tolist()}
+
+
+def _cluster_summary(counts_HN: np.ndarray) -> dict:
+  """Per routing head, each k-means cluster's share of the tokens nearest to it: [H][N]."""
+  return {'cluster_load': _shares(counts_HN).tolist()}
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+  return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
+
+
+# Vector metrics (`.../<suffix>` count vectors from the train step): summed over the logging
+# window and written as the summaries above under the same prefix (`layer_i/moe/expert_load`),
+# never themselves. Summaries that are lists go to metrics.jsonl only, not to TensorBoard.
+VECTOR_SUMMARIES = {'expert_counts': _expert_summary, 'cluster_counts': _cluster_summary}
 
 
 
@@ -46,7 +63,7 @@ class MetricsLogger:
 
   def add(self, metrics: dict) -> None:
     for name, value in metrics.items():
-      if name.endswith(_COUNTS):
+      if name.rpartition('/')[2] in VECTOR_SUMMARIES:
         self._counts[name] = self._counts.get(name, 0) + np.asarray(value, np.float64)
       else:
         self._window.setdefault(name, []).append(float(np.asarray(value)))
@@ -61,7 +78,9 @@ class MetricsLogger:
       record[name] = values[-1] if point else float(np.mean(values))
     record.pop('finite', None)
     for name, counts in self._counts.items():
-      record[name[:-len(_COUNTS)] + 'dead_experts'] = int(np.sum(counts == 0))
+      prefix, _, suffix = name.rpartition('/')
+      record.update({f'{prefix}/{k}' if prefix else k: v
+                     for k, v in VECTOR_SUMMARIES[suffix](counts).items()})
     steps_per_sec = self._window_steps / max(elapsed, 1e-9)
     record['tokens_per_sec'] = steps_per_sec * self.tokens_per_step
     record['step_time'] = 1.0 / max(steps_per_sec, 1e-9)

@@ -128,11 +128,15 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,
                  'learning_rate': schedule(step_before), 'finite': finite,
                  **aux['metrics']}
-      # Per-expert assignment counts (vectors): the logger sums them over its window for dead_experts.
+      # Count vectors (tokens per expert, per k-means cluster of each routing head): the logger
+      # sums them over its window into dead_experts, expert_load and cluster_load.
       for i, layer_stats in model.layer_stats(aux['stats']).items():
-        counts = layer_stats.get('mlp', {}).get('expert_counts')
-        if counts is not None:
-          metrics[f'layer_{i}/moe/expert_counts'] = counts
+        expert_counts_E = layer_stats.get('mlp', {}).get('expert_counts')
+        if expert_counts_E is not None:
+          metrics[f'layer_{i}/moe/expert_counts'] = expert_counts_E
+        cluster_counts_HN = (layer_stats.get('attn') or {}).get('count_HN')
+        if cluster_counts_HN is not None:
+          metrics[f'layer_{i}/routing/cluster_counts'] = cluster_counts_HN
       return new_state, metrics
 
   return StepFns(
