@@ -16,10 +16,13 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
-# Prepares the default corpus (cached), trains the demo config, evaluates the checkpoint in a fresh process.
+# Prepares the default corpus (cached), trains the routed demo (ERC MoE + routing attention),
+# evaluates the checkpoint in a fresh process and writes the routing report.
 demo: $(STAMP)
 	$(BIN)/python -m train.train --config=configs/demo.py --workdir=$(DEMO_DIR)
 	$(BIN)/python -m eval.evaluate --workdir=$(DEMO_DIR) --baseline
+	$(BIN)/python -m eval.routing_report --workdir=$(DEMO_DIR) > $(DEMO_DIR)/routing_report.log
+	@echo "Routing report: $(DEMO_DIR)/report/routing_report.md (plots beside it)"
 
 # Two worker processes: compilation is single-threaded, so the 2-core CI machine runs ~20% faster.
 test: $(STAMP)

@@ -22,8 +22,9 @@ CAPTIONS = {
                              'balanced; a dark blue row is an empty cluster), and occupancy '
                              'min/max near 1 with a small unpicked fraction once the means move.',
     'coupling.png': 'ERC coupling level alpha* per MoE layer (points: from the checkpoint '
-                    'weights): ERC pushes it down towards its alpha (dotted line at 1); a '
-                    'vanilla MoE sits near 5.',
+                    'weights): at most 1 (dotted line) means every router row and its expert are '
+                    'coupled; the ERC loss pushes it below its alpha, without it it stays above 1 '
+                    '(docs/results.md, "ERC loss").',
 }
 ENTROPY_COLUMNS = ('trigger_step', 'h_tok_at_trigger', 'h_tok_final', 'h_use_at_trigger',
                    'h_use_final', 'h_use_change', 'dead_experts', 'load_max_mean')
