@@ -97,6 +97,8 @@ def _share_heatmap(fig, ax, steps: list[int], share_TX: np.ndarray, what: str) -
   mesh = ax.pcolormesh(_edges(steps), np.arange(relative_XT.shape[0] + 1) - 0.5, relative_XT,
                        cmap='RdBu_r', norm=norm)
   fig.colorbar(mesh, ax=ax, label='share / uniform')
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel('step')
   ax.set_ylabel(what)
 
