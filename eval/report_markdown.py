@@ -21,6 +21,9 @@ CAPTIONS = {
     'cluster_occupancy.png': 'k-means cluster shares per routing-attention layer (white = '
                              'balanced; a dark blue row is an empty cluster), and occupancy '
                              'min/max near 1 with a small unpicked fraction once the means move.',
+    'uoe_gates.png': 'Union-of-Experts gates per layer: load CV should fall under the balance '
+                     'loss, and the unselected fraction (tokens no head / expert took) and '
+                     'dropped fraction (choices beyond capacity) stay well below 0.5.',
     'coupling.png': 'ERC coupling level alpha* per MoE layer (points: from the checkpoint '
                     'weights): at most 1 (dotted line) means every router row and its expert are '
                     'coupled; the ERC loss pushes it below its alpha, without it it stays above 1 '
@@ -30,6 +33,8 @@ ENTROPY_COLUMNS = ('trigger_step', 'h_tok_at_trigger', 'h_tok_final', 'h_use_at_
                    'h_use_final', 'h_use_change', 'dead_experts', 'load_max_mean')
 MOE_COLUMNS = ('load_cv', 'load_max_mean', 'dead_experts', 'coupling_level_at_checkpoint')
 ROUTING_COLUMNS = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
+UOE_COLUMNS = tuple(f'{gate}_{name}' for gate in ('attn', 'mlp') for name in
+                    ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy'))
 
 
 def _cell(col: str, v) -> str:
@@ -97,7 +102,9 @@ def render(data: dict) -> str:
   sections = (('Routing entropy and trigger', data['layers']['entropy'], ENTROPY_COLUMNS),
               ('MoE health (last logging window)', data['layers']['moe'], MOE_COLUMNS),
               ('Routing attention (last logging window)', data['layers']['routing'],
-               ROUTING_COLUMNS))
+               ROUTING_COLUMNS),
+              ('Union of Experts gates (last logging window)', data['layers'].get('uoe', {}),
+               UOE_COLUMNS))
   for title, rows, columns in sections:
     if rows:
       lines += [f'## {title}', '', table(rows, columns), '']

@@ -196,3 +196,17 @@ def coupling(levels: Series, at_checkpoint: dict[int, float], checkpoint_step: i
   ax.axhline(1.0, color='k', linestyle=':', linewidth=0.8, label='alpha = 1')
   ax.legend(fontsize=8)
   return _save(plt, fig, path, title)
+
+
+def uoe_gates(gates: dict[str, Series], path: str, title: str = '') -> str:
+  """One panel per Union-of-Experts gate metric (`attn_load_cv`, `mlp_unselected_fraction`, ...),
+  a line per layer: SMHA (attn) and UoME (mlp) gates side by side."""
+  plt = _pyplot()
+  names = sorted(gates, key=lambda n: (n.split('_', 1)[1], n))  # same metric, attn then mlp
+  fig, axs = _grid(plt, len(names), 2)
+  for ax, name in zip(axs, names):
+    gate, metric = name.split('_', 1)
+    _layer_lines(plt, ax, gates[name], f"{'SMHA heads' if gate == 'attn' else 'UoME experts'}: "
+                 f"{metric.replace('_', ' ')}")
+  axs[0].legend(fontsize=8)
+  return _save(plt, fig, path, title)

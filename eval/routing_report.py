@@ -13,6 +13,8 @@ MoE layer. Writes to OUT (default DIR/report) only the plots the run has data fo
   ramp and specialisation regime over steps (runs with `entropy.enabled`);
 - `cluster_occupancy.png`: per routing-attention layer, the k-means cluster shares over steps (mean
   over heads, from `layer_i/routing/cluster_load`) and occupancy min/max and unpicked fraction;
+- `uoe_gates.png`: per Union-of-Experts gate (SMHA heads, UoME experts) and layer, load CV,
+  unselected and dropped token fractions and gate entropy over steps;
 - `coupling.png`: alpha* per MoE layer over training (logged when ERC is on), the checkpoint's
   values and the alpha = 1 line;
 - `routing_report.md` (summary, plots with captions, per-layer tables) and `routing_report.json`
@@ -35,6 +37,8 @@ from eval import report_markdown
 _LAYER = re.compile(r'^layer_(\d+)/(\w+)/(.+)$')
 ROUTING_CURVES = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
 MOE_HEALTH = ('load_cv', 'load_max_mean', 'dead_experts')
+UOE_GATES = ('attn', 'mlp')  # SMHA head gate, UoME expert gate: metrics layer_i/uoe/<gate>_<name>
+UOE_HEALTH = ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy')
 markdown_table = report_markdown.markdown_table  # the entropy table; a public name since the first report
 
 
@@ -85,16 +89,19 @@ def read_config(workdir: str) -> dict:
 
 
 def run_features(config: dict) -> dict[str, bool]:
-  """Which routed mechanisms the run's config has: moe, erc, entropy (trigger), routing_attention."""
-  moe, entropy = config.get('moe', {}), config.get('entropy', {})
+  """Which routed mechanisms the run's config has: moe, erc, entropy (trigger),
+  routing_attention, uoe (SMHA and/or UoME layers)."""
+  moe, entropy, uoe = config.get('moe', {}), config.get('entropy', {}), config.get('uoe', {})
   is_moe = moe.get('num_experts', 0) > 0
   return {'moe': is_moe, 'erc': is_moe and moe.get('erc_weight', 0) > 0,
           'entropy': is_moe and bool(entropy.get('enabled')),
-          'routing_attention': config.get('attention', {}).get('kind') == 'routing'}
+          'routing_attention': config.get('attention', {}).get('kind') == 'routing',
+          'uoe': uoe.get('attention') == 'smha' or uoe.get('feed_forward') == 'uome'}
 
 
 def series(records: list[dict], name: str, kind: str = 'moe') -> dict[int, tuple[list, list]]:
-  """{layer: (steps, values)} of the per-layer metric `layer_i/<kind>/<name>` (kind: moe, routing)."""
+  """{layer: (steps, values)} of the per-layer metric `layer_i/<kind>/<name>` (kind: moe,
+  routing, uoe)."""
   out: dict[int, tuple[list, list]] = {}
   for r in records:
     for key, value in r.items():
@@ -213,6 +220,8 @@ def build(workdir: str, config: dict, records: list[dict], heldout: list[dict],
   features, last = run_features(config), records[-1]
   moe_rows = _final_per_layer(records, MOE_HEALTH, 'moe')
   routing_rows = _final_per_layer(records, ROUTING_CURVES, 'routing')
+  uoe_rows = _final_per_layer(records, tuple(f'{g}_{n}' for g in UOE_GATES for n in UOE_HEALTH),
+                              'uoe')
   for layer, level in checkpoint.get('coupling_level', {}).items():
     moe_rows.setdefault(layer, {})['coupling_level_at_checkpoint'] = level
   triggers = trigger_steps(records) if features['entropy'] else {}
@@ -229,7 +238,7 @@ def build(workdir: str, config: dict, records: list[dict], heldout: list[dict],
       'triggers_monitored': len(triggers),
       'checkpoint': checkpoint,
       'layers': {'entropy': summary(records) if features['moe'] else {},
-                 'moe': moe_rows, 'routing': routing_rows},
+                 'moe': moe_rows, 'routing': routing_rows, 'uoe': uoe_rows},
   }
 
 
@@ -271,6 +280,11 @@ def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint:
         curves.setdefault(layer, {})[name] = steps_values
     if loads or curves:
       add('cluster_occupancy.png', plots.cluster_occupancy, loads, curves)
+  if features['uoe']:
+    gates = {f'{g}_{n}': series(records, f'{g}_{n}', 'uoe') for g in UOE_GATES for n in UOE_HEALTH}
+    gates = {name: data for name, data in gates.items() if data}
+    if gates:
+      add('uoe_gates.png', plots.uoe_gates, gates)
   levels, at_checkpoint = series(records, 'coupling_level'), checkpoint.get('coupling_level', {})
   if features['moe'] and (levels or at_checkpoint):
     add('coupling.png', plots.coupling, levels, at_checkpoint, checkpoint.get('step'))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import moe_entropy, schema, tiny
+from configs import moe_entropy, schema, tiny, uoe
 from eval import routing_report
 from train.metrics import MetricsLogger
 
@@ -117,7 +117,22 @@ def test_dense_run_gets_the_loss_plot_only(tmp_path):
   assert [p['file'] for p in data['plots']] == ['loss.png']
   assert sorted(os.listdir(tmp_path / 'report')) == ['loss.png', 'routing_report.json',
                                                      'routing_report.md']
-  assert data['layers'] == {'entropy': {}, 'moe': {}, 'routing': {}}
+  assert data['layers'] == {'entropy': {}, 'moe': {}, 'routing': {}, 'uoe': {}}
+
+
+def test_uoe_run_gets_its_gate_plot_and_table(tmp_path):
+  records = [{'step': step, 'loss': 3.0 - step / 100,
+              **{f'layer_{layer}/uoe/{gate}_{name}': 0.1 * layer + step / 1000
+                 for layer in (0, 1) for gate in ('attn', 'mlp')
+                 for name in routing_report.UOE_HEALTH}} for step in range(10, 60, 10)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  _write_config(tmp_path, uoe.get_config('tiny'))
+  data = routing_report.report(str(tmp_path), checkpoint=False)
+  assert [p['file'] for p in data['plots']] == ['loss.png', 'uoe_gates.png']
+  _assert_pngs(tmp_path / 'report', ['uoe_gates.png'])
+  assert data['layers']['uoe'][1]['mlp_load_cv'] == pytest.approx(0.15)
+  assert '| 1 | 0.1500 |' in (tmp_path / 'report' / 'routing_report.md').read_text()
 
 
 def test_missing_inputs_are_one_line_errors(tmp_path):
