@@ -5,15 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import moe_expert_choice, moe_topk, schema
 from eval.segment_cache import (checkpoint_segment_cache, model_segment_cache,
                                 segment_best_hit_rate, segment_cache_hit)
 from model.config import ConfigError
 from model.moe_layer import expert_choice_assignment, topk_assignment
-from model.transformer import Transformer
-from tests.tiny_runs import train_tiny
+from tests.tiny_runs import random_model, train_tiny
 from train.train import write_config
 
 
@@ -81,25 +79,12 @@ def test_assignments_exclude_capacity_drops_and_follow_expert_choice():
                                 [[1, 0], [0, 1], [1, 1], [0, 0]])
 
 
-def _random_model(c):
-  """The config's model with random normal weights (numpy: no eager initialisation)."""
-  model = nnx.eval_shape(lambda: Transformer(schema.load(c, jax.device_count()).model,
-                                             rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  rng = np.random.default_rng(0)
-  pure = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
-                      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  return model
-
-
 @pytest.mark.parametrize('router,execution', [('topk', 'dropless'), ('topk', 'capacity'),
                                               ('expert_choice', 'dropless')])
 def test_model_reports_every_moe_layer(router, execution):
   c = (moe_expert_choice if router == 'expert_choice' else moe_topk).get_config('tiny')
   c.moe.update(execution=execution, capacity_factor=1.0)  # two MoE layers in one scanned stage
-  model = _random_model(c)
+  model = random_model(c)
   tokens_BL = jax.random.randint(jax.random.key(1), (2, 64), 0, c.model.vocab_size)
   layers = model_segment_cache(model, [tokens_BL, tokens_BL[::-1]], cache_size=4, lengths=(8, 32))
   assert sorted(layers) == [0, 1]
@@ -128,7 +113,7 @@ def test_model_reports_every_moe_layer(router, execution):
 def test_dense_model_has_no_layers():
   c = moe_topk.get_config('tiny')
   c.moe.num_experts = 0
-  dense = _random_model(c)
+  dense = random_model(c)
   assert model_segment_cache(dense, [jnp.zeros((1, 64), jnp.int32)], cache_size=4) == {}
 
 
