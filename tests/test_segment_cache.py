@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import moe_expert_choice, moe_topk, schema
 from eval.segment_cache import (checkpoint_segment_cache, model_segment_cache,
