@@ -2,18 +2,26 @@
 [--top_k=K] [--top_p=P] [--seed=S] [--step=N]`.
 
 Restores a checkpoint like eval/evaluate.py (config from DIR/config.json, model state only) and
-samples a continuation of the prompt; deterministic for a seed. Prints the continuation, then one
-JSON line last.
+samples a continuation of the prompt; the same seed gives the same ids, for every model type.
+Prints the continuation, then one JSON line last.
 
-Decoding re-runs the whole prefix at every step (no KV cache). For a dense causal model a fixed
-buffer of length prompt + max_new_tokens is exact (future positions never reach earlier logits),
-so it compiles once. Routing attention is not: which tokens enter a cluster depends on every token
-in the sequence (docs/routing_attention.md), so padding would change the clusters; the same holds
-for UoE's per-head/expert token selection (docs/uoe.md). For them the exact prefix is re-run at
-each length: one compilation per generated token.
+Decoding re-runs the whole prefix at every step (no KV cache). When no future position can reach
+an earlier logit (dense attention with dense, top-k dropless, loss-free or ERC MoE, entropy
+trigger), a fixed buffer of length prompt + max_new_tokens is exact and compiles once. Otherwise
+(`needs_exact_prefix`) padding would change the earlier logits, so the exact prefix is re-run at
+each length, one compilation per generated token:
+- selection that reads the whole sequence: routing attention's clusters
+  (docs/routing_attention.md), UoE's per-head/expert token selection (docs/uoe.md), expert-choice
+  MoE (each expert takes its top-C tokens of the sequence, docs/moe.md);
+- capacity execution (`moe.execution='capacity'`): C slots per expert and sequence grow with the
+  length, and padding's first choices take slots before the prompt's second choices;
+- router jitter (`moe.jitter > 0`, also on at evaluation): its noise is drawn for the whole shape.
+With the exact prefix such a model sees a short sequence (fewer slots, clusters over the prefix),
+not the training length.
 """
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -47,51 +55,63 @@ def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p:
   return logits_V
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'vocab_size', 'temperature', 'top_k',
+                                             'top_p'))
+def _next_token(state, tokens_1L, last, key, *, graphdef, vocab_size: int, temperature: float,
+                top_k: int, top_p: float) -> jax.Array:
+  """The id drawn after position `last`; compiled once per model, settings and length."""
+  logits, _ = nnx.merge(graphdef, state)(tokens_1L)
+  logits_V = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits[0, last], -jnp.inf)
+  if temperature == 0:
+    return jnp.argmax(logits_V)
+  logits_V = filter_logits(logits_V, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.random.categorical(key, logits_V)
+
+
 def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, exact_prefix: bool = True,
            eos_id: int | None = None) -> list[int]:
   """Appends up to `max_new_tokens` sampled ids to `prompt_ids`; temperature 0 is greedy.
 
   Only ids < `vocab_size` (the tokenizer's) are ever drawn. `exact_prefix=False` runs a fixed
-  buffer instead of the exact prefix: exact only for causal models whose selection ignores the
-  future (dense attention).
+  buffer instead of the exact prefix: exact only when `needs_exact_prefix` is False.
   """
+  if len(prompt_ids) == 0:
+    raise ValueError('prompt_ids is empty: sampling needs at least one token to continue')
   graphdef, state = nnx.split(model)
+  settings = dict(graphdef=graphdef, vocab_size=vocab_size, temperature=float(temperature),
+                  top_k=int(top_k), top_p=float(top_p))
   ids = [int(i) for i in prompt_ids]
   total = len(ids) + max_new_tokens
-
-  @jax.jit
-  def next_token(state, tokens_1L, last, key):
-    logits, _ = nnx.merge(graphdef, state)(tokens_1L)
-    logits_V = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits[0, last], -jnp.inf)
-    if temperature == 0:
-      return jnp.argmax(logits_V)
-    logits_V = filter_logits(logits_V, temperature=temperature, top_k=top_k, top_p=top_p)
-    return jax.random.categorical(key, logits_V)
-
   key = jax.random.key(seed)
   for t in range(max_new_tokens):
     n = len(ids)
     tokens = ids if exact_prefix else ids + [0] * (total - n)
-    tok = int(next_token(state, jnp.asarray([tokens], jnp.int32), n - 1, jax.random.fold_in(key, t)))
+    tok = int(_next_token(state, jnp.asarray([tokens], jnp.int32), n - 1,
+                          jax.random.fold_in(key, t), **settings))
     ids.append(tok)
     if eos_id is not None and tok == eos_id:
       break
   return ids
 
 
-def has_routed_attention(cfg: schema.Config) -> bool:
-  """Whether some layer's token selection reads the whole sequence (routing attention; UoE SMHA
-  and UoME data selection, whose per-head/expert capacity padding would compete for): then the
-  exact prefix is re-run at every step."""
-  u = cfg.model.uoe
-  return (getattr(cfg.attention, 'kind', 'dense') != 'dense' or u.attention == 'smha' or
-          (u.feed_forward == 'uome' and u.paradigm == 'data_selection'))
+def needs_exact_prefix(cfg: schema.Config) -> bool:
+  """Whether padding a prefix would change its logits (see the module docstring): some layer's
+  selection reads the whole sequence (routing attention, UoE SMHA, UoME data selection, expert
+  choice), or a MoE layer runs with capacity slots or router jitter."""
+  u, m = cfg.uoe, cfg.moe
+  reads_future = (cfg.attention.kind != 'dense' or u.attention == 'smha' or
+                  (u.feed_forward == 'uome' and u.paradigm == 'data_selection'))
+  moe_length_dependent = m.num_experts > 0 and (
+      m.router == 'expert_choice' or m.execution == 'capacity' or m.jitter > 0)
+  return reads_future or moe_length_dependent
 
 
 def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, seed: int = 0) -> dict:
+  """{'step', 'prompt', 'completion', 'tokens', 'seed'}: a continuation of `prompt` sampled from a
+  run's checkpoint (default: the newest) on one device."""
   cfg = dataclasses.replace(evaluate.read_run_config(workdir),
                             mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
@@ -105,7 +125,7 @@ def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
     raise ConfigError('--prompt is empty: give at least one character')
   ids = sample(model, prompt_ids, max_new_tokens=max_new_tokens,
                vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k,
-               top_p=top_p, seed=seed, exact_prefix=has_routed_attention(cfg),
+               top_p=top_p, seed=seed, exact_prefix=needs_exact_prefix(cfg),
                eos_id=tokenizer.eos_id)
   new = ids[len(prompt_ids):]
   return {'step': step, 'prompt': prompt, 'completion': tokenizer.decode(np.asarray(new)),

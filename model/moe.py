@@ -11,7 +11,7 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
   Row permutations are gathers in both directions (`_take_rows`): no scatter-add in the backward.
 - `experts_capacity`: GShard/Switch one-hot dispatch and combine einsums with
   C = ceil(capacity_factor * T * K / E) slots per expert; first choices take slots before second
-  choices; overflow is dropped and counted.
+  choices; overflow is dropped and counted (`capacity_kept` says which assignments ran).
 """
 
 import math
@@ -183,6 +183,30 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> i
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
+def _capacity_slots(experts_TK, num_experts: int, capacity_factor: float, num_groups: int):
+  """Expert one-hot [G, K, S, E], slot [G, K, S] and kept mask [G, K, S] of every assignment, and C.
+
+  Slots are given in order: all first choices of a group, then all second choices, ...
+  """
+  if capacity_factor <= 0:
+    raise ValueError(f'capacity_factor={capacity_factor}: expected > 0')
+  (t, k), e, g = experts_TK.shape, num_experts, num_groups
+  s = t // g
+  c = capacity(s, k, e, capacity_factor)
+  mask_GKSE = jax.nn.one_hot(experts_TK.reshape(g, s, k).transpose(0, 2, 1), e, dtype=jnp.int32)
+  pos_GKSE = jnp.cumsum(mask_GKSE.reshape(g, k * s, e), axis=1).reshape(g, k, s, e) - 1
+  pos_GKS = jnp.sum(pos_GKSE * mask_GKSE, axis=-1)
+  return mask_GKSE, pos_GKS, pos_GKS < c, c
+
+
+def capacity_kept(experts_TK, num_experts: int, capacity_factor: float, *,
+                  num_groups: int = 1) -> jax.Array:
+  """[T, K] bool: which assignments `experts_capacity` runs (False = dropped for lack of slots)."""
+  t, k = experts_TK.shape
+  keep_GKS = _capacity_slots(experts_TK, num_experts, capacity_factor, num_groups)[2]
+  return keep_GKS.transpose(0, 2, 1).reshape(t, k)
+
+
 def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
                      capacity_factor: float, *, num_groups: int = 1):
   """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction).
@@ -190,16 +214,9 @@ def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_
   With `num_groups` G, the T tokens are G consecutive groups (e.g. sequences), each with its own
   C = ceil(capacity_factor * (T / G) * K / E) slots per expert (GShard's groups).
   """
-  if capacity_factor <= 0:
-    raise ValueError(f'capacity_factor={capacity_factor}: expected > 0')
   (t, k), e, g = experts_TK.shape, w_gate_EDF.shape[0], num_groups
   s = t // g
-  c = capacity(s, k, e, capacity_factor)
-  mask_GKSE = jax.nn.one_hot(experts_TK.reshape(g, s, k).transpose(0, 2, 1), e, dtype=jnp.int32)
-  # Slot of each assignment in its expert: all first choices, then all second choices, ...
-  pos_GKSE = jnp.cumsum(mask_GKSE.reshape(g, k * s, e), axis=1).reshape(g, k, s, e) - 1
-  pos_GKS = jnp.sum(pos_GKSE * mask_GKSE, axis=-1)
-  keep_GKS = pos_GKS < c
+  mask_GKSE, pos_GKS, keep_GKS, c = _capacity_slots(experts_TK, e, capacity_factor, g)
   slot_GKSC = jax.nn.one_hot(jnp.where(keep_GKS, pos_GKS, c), c, dtype=x_TD.dtype)
   dispatch_GKSEC = mask_GKSE.astype(x_TD.dtype)[..., None] * slot_GKSC[..., None, :]
   weights_GKS = weights_TK.reshape(g, s, k).transpose(0, 2, 1).astype(x_TD.dtype)

@@ -4,7 +4,8 @@
 router z-loss, ERC loss (`model.erc`, its weight split over the MoE layers) and entropy-trigger
 loss (`model.entropy_trigger`, when `entropy.enabled`) in f32, aux['metrics'] scalars named
 `moe/...`, and aux['stats'] = {'expert_counts': assignments per expert over the whole (global)
-batch, 'entropy': this step's H_tok (when enabled)}. `update_state` moves the loss-free balancing
+batch, 'assign_BLE': which experts ran on each token (bool; dropped assignments excluded; read by
+eval.segment_cache, dead code in the train step), 'entropy': this step's H_tok (when enabled)}. `update_state` moves the loss-free balancing
 bias by those counts after the gradient, advances the jitter and ERC noise keys and the entropy
 trigger. Expert choice picks per sequence.
 """
@@ -57,17 +58,21 @@ class MoE(nnx.Module):
     ws = [w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
     if m.router == 'expert_choice':
       out, y_TD = self._expert_choice(x_TD, logits_TE.reshape(b, l, -1), ws)
+      assign_BLE = jax.vmap(expert_choice_assignment, in_axes=(0, None))(out.indices, l)
     else:
       bias_E = None if self.bias is None else self.bias[...]
       out = router.route_topk(logits_TE, m.top_k, score=m.score, bias_E=bias_E,
                               renormalize=m.renormalize)
+      kept_TK = None
       if m.execution == 'capacity':
         y_TD, dropped = moe.experts_capacity(x_TD, out.weights, out.indices, *ws,
                                              m.capacity_factor, num_groups=b)
         out = out._replace(dropped_fraction=dropped)
+        kept_TK = moe.capacity_kept(out.indices, m.num_experts, m.capacity_factor, num_groups=b)
       else:
         y_TD = moe.experts_dropless(x_TD, out.weights, out.indices, *ws,
                                     impl=m.dropless_impl, block_size=m.block_size)
+      assign_BLE = topk_assignment(out.indices, m.num_experts, kept_TK).reshape(b, l, -1)
     y_BLD = axes.constrain(y_TD.reshape(b, l, d), block.RESIDUAL)
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD)
@@ -76,7 +81,7 @@ class MoE(nnx.Module):
     entropy_loss, entropy_metrics, stats = self._entropy(logits_TE)
     return y_BLD, {'loss': (loss + erc_loss + entropy_loss).astype(jnp.float32),
                    'metrics': {**self._metrics(out), **erc_metrics, **entropy_metrics},
-                   'stats': {'expert_counts': out.load_E, **stats}}
+                   'stats': {'expert_counts': out.load_E, 'assign_BLE': assign_BLE, **stats}}
 
   def _entropy(self, logits_TE: jax.Array) -> tuple[jax.Array, dict, dict]:
     """Normalised routing entropies H_tok, H_use of the full distribution (bias excluded), always
@@ -142,6 +147,22 @@ class MoE(nnx.Module):
       self.erc_key[...] = jax.random.fold_in(self.erc_key[...], 1)
     if self.entropy is not None:
       self.entropy.update_state(stats[entropy_trigger.STATS_KEY])
+
+
+def topk_assignment(experts_TK: jax.Array, num_experts: int,
+                    kept_TK: jax.Array | None = None) -> jax.Array:
+  """[T, E] bool: the experts each token was sent to; assignments not kept (capacity) excluded."""
+  hot_TKE = jax.nn.one_hot(experts_TK, num_experts, dtype=jnp.bool_)
+  if kept_TK is not None:
+    hot_TKE = hot_TKE & kept_TK[..., None]
+  return hot_TKE.any(axis=1)
+
+
+def expert_choice_assignment(tokens_EC: jax.Array, length: int) -> jax.Array:
+  """[L, E] bool: token t is assigned to expert e when e picked it (unpicked tokens: no expert)."""
+  e = tokens_EC.shape[0]
+  experts_EC = jnp.broadcast_to(jnp.arange(e)[:, None], tokens_EC.shape)
+  return jnp.zeros((length, e), jnp.bool_).at[tokens_EC, experts_EC].set(True)
 
 
 def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:

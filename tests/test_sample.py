@@ -1,4 +1,5 @@
-"""eval/sample.py: filters, determinism, exact prefix == fixed buffer for a dense model, CLI."""
+"""eval/sample.py: filters; for every model type determinism per seed, and the fixed buffer
+exactly when padding leaves earlier logits unchanged; the CLI."""
 
 import json
 import os
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import schema, tiny
-from eval.sample import filter_logits, sample, sample_checkpoint
-from model.transformer import Transformer
+from configs import (moe_entropy, moe_erc, moe_expert_choice, moe_lossfree, moe_topk,
+                     routing_transformer, schema, tiny, uoe)
+from eval.sample import filter_logits, needs_exact_prefix, sample, sample_checkpoint
+from tests.tiny_runs import random_model
 from train.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,21 +30,56 @@ def test_filter_logits_top_k_and_top_p():
   np.testing.assert_array_equal(kept(top_k=0, top_p=0.1), [1, 0, 0, 0])
 
 
-def test_dense_sampling_is_deterministic_and_buffer_equals_prefix():
-  cfg = schema.load(tiny.get_config(), jax.device_count()).model
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # numpy weights: no eager init
-  state = nnx.state(model)
-  rng = np.random.default_rng(0)
-  pure = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
-                      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
+def _moe_capacity(arg):
+  c = moe_topk.get_config(arg)
+  c.moe.execution = 'capacity'
+  return c
+
+
+# Every model type: its config's get_config (moe_capacity: top-k with capacity execution).
+MODEL_TYPES = {'dense': tiny.get_config, 'moe_topk': moe_topk.get_config,
+               'moe_capacity': _moe_capacity, 'moe_lossfree': moe_lossfree.get_config,
+               'moe_expert_choice': moe_expert_choice.get_config, 'moe_erc': moe_erc.get_config,
+               'moe_entropy': moe_entropy.get_config,
+               'routing_transformer': routing_transformer.get_config, 'uoe': uoe.get_config}
+FIXED_BUFFER = {'dense', 'moe_topk', 'moe_lossfree', 'moe_erc', 'moe_entropy'}
+
+
+def _types(fast):
+  """Every model type; those not in `fast` are marked slow (each costs 3 to 6 compilations)."""
+  return [name if name in fast else pytest.param(name, marks=pytest.mark.slow)
+          for name in MODEL_TYPES]
+
+
+@pytest.mark.parametrize('name', _types(fast={'moe_topk', 'moe_expert_choice'}))
+def test_sampling_is_deterministic_per_seed(name):
+  c = MODEL_TYPES[name]('tiny')
+  exact = needs_exact_prefix(schema.load(c, jax.device_count()))
+  assert exact == (name not in FIXED_BUFFER)
+  model = random_model(c)
   prompt = [72, 105, 32]
-  run = lambda **kw: sample(model, prompt, max_new_tokens=3, vocab_size=257, **kw)
-  a = run(temperature=1.0, seed=3, exact_prefix=False)
-  assert a == run(temperature=1.0, seed=3, exact_prefix=False)
-  assert a == run(temperature=1.0, seed=3, exact_prefix=True)
+  run = lambda seed, exact_prefix=exact: sample(model, prompt, max_new_tokens=3, vocab_size=257,
+                                                temperature=2.0, seed=seed,
+                                                exact_prefix=exact_prefix)
+  a = run(3)
   assert a[:3] == prompt and len(a) == 6 and max(a) < 257
+  assert a == run(3)
+  assert a[3:] != run(4)[3:]
+  if not exact:  # the fixed buffer is claimed exact: it samples what the exact prefix samples
+    assert a == run(3, exact_prefix=True)
+
+
+@pytest.mark.parametrize('name', _types(fast={'moe_capacity'}))
+def test_padding_changes_earlier_logits_exactly_when_the_prefix_is_rerun(name):
+  c = MODEL_TYPES[name]('tiny')
+  graphdef, state = nnx.split(random_model(c))
+  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+  tokens_1L = jnp.asarray([[72, 105, 32, 100]], jnp.int32)
+  prefix = np.asarray(logits(state, tokens_1L))
+  # A buffer of 32: longer than routing attention's tiny window (16), so its clusters must choose.
+  padded = np.asarray(logits(state, jnp.pad(tokens_1L, ((0, 0), (0, 28)))))[:, :4]
+  same = np.allclose(prefix, padded, rtol=1e-5, atol=1e-5)
+  assert same == (not needs_exact_prefix(schema.load(c, jax.device_count())))
 
 
 @pytest.mark.slow

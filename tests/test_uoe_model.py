@@ -45,11 +45,11 @@ def test_uome_experts_must_divide_over_the_expert_axis():
 
 
 def test_sampling_reruns_the_exact_prefix_when_selection_reads_the_sequence():
-  from eval.sample import has_routed_attention  # pylint: disable=g-import-not-at-top
+  from eval.sample import needs_exact_prefix  # pylint: disable=g-import-not-at-top
   c = uoe_config.get_config('tiny')
-  assert has_routed_attention(schema.load(c, 8))  # SMHA + UoME-DS: capacity over the sequence
+  assert needs_exact_prefix(schema.load(c, 8))  # SMHA + UoME-DS: capacity over the sequence
   c.uoe.update(attention='dense', paradigm='expert_selection')
-  assert not has_routed_attention(schema.load(c, 8))  # prefix-mean gate: causal, padding is safe
+  assert not needs_exact_prefix(schema.load(c, 8))  # prefix-mean gate: causal, padding is safe
 
 
 def _uoe_model_cfg(layers=(), scan=True, **fields):
