@@ -125,6 +125,18 @@ def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
   return step
 
 
+def restore_on_one_device(workdir: str, step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
+  """(the run's config on a one-device mesh, the step, the model) of a run's checkpoint (default:
+  the newest), for the per-model tools (sampling, routing report, segment cache)."""
+  cfg = dataclasses.replace(read_run_config(workdir),
+                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  step = checkpoint_step(ckpt, step)
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
+                      sharding.rules(cfg.mesh.rules))
+  return cfg, step, fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+
+
 def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
                         baseline: bool = False) -> dict:
   cfg = read_run_config(workdir)

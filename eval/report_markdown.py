@@ -113,4 +113,10 @@ def render(data: dict) -> str:
     columns = sorted({c for r in at_checkpoint.values() for c in r})
     lines += [f"## At checkpoint step {data['checkpoint']['step']}", '',
               table(at_checkpoint, columns), '']
+    if any(c.startswith('segment_cache_hit') for c in columns):
+      lines += ['*segment_cache_hit_N: share of the held-out N-token segments whose tokens use '
+                'at most 2·top_k distinct experts (the segment runs from a cache of that size); '
+                'segment_best_hit_rate_N: share of a segment\'s expert activations served by its '
+                '2·top_k most used experts, averaged. Higher = more local routing, cheaper '
+                'expert offloading.*', '']
   return '\n'.join(lines)

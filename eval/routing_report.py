@@ -3,7 +3,8 @@
 The routing of one run over training, in plots and tables. Reads DIR/config.json (what the run
 has), DIR/metrics.jsonl (training and held-out records) and restores one checkpoint (the newest,
 or `--step`) for the per-layer metrics that need weights: the ERC coupling level alpha* of every
-MoE layer. Writes to OUT (default DIR/report) only the plots the run has data for:
+MoE layer, and its local routing consistency on held-out text: the Segment Cache Hit, the share
+of 8- and 32-token segments whose experts fit a cache of 2·top_k experts (eval/segment_cache.py). Writes to OUT (default DIR/report) only the plots the run has data for:
 - `loss.png`: training loss (and lm_loss where the auxiliary losses make it differ), held-out points;
 - `expert_load.png`: per MoE layer, each expert's share of the assignments over steps relative to
   uniform (1 = balanced; from `layer_i/moe/expert_load`);
@@ -188,29 +189,25 @@ def _final_per_layer(records: list[dict], names: tuple[str, ...], kind: str) -> 
 def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
   """Per-layer metrics that need the weights, from one checkpoint (newest, or `step`) restored on
   one device: {'step': N, METRIC: {layer: value}, ...}. Every key but 'step' is one per-layer
-  metric; the report renders each as a column of its checkpoint table. Now: `coupling_level`
-  (ERC alpha* of every MoE layer, ERC-trained or not)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from configs import schema, sharding  # pylint: disable=g-import-not-at-top
-  from eval import evaluate  # pylint: disable=g-import-not-at-top
-  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(evaluate.read_run_config(workdir),
-                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  metric; the report renders each as a column of its checkpoint table: `coupling_level` (ERC alpha*
+  of every MoE layer, ERC-trained or not) and, on the first held-out batches, the segment cache
+  hit and best hit rate for segments of 8 and 32 tokens and the experts per token
+  (eval/segment_cache.py)."""
+  from eval import evaluate, segment_cache  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileNotFoundError(f'no complete checkpoint in {os.path.join(workdir, "checkpoints")}: '
-                            'the report restores one for alpha* (--nocheckpoint skips it)')
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  step = evaluate.checkpoint_step(ckpt, step)
-  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
-                      sharding.rules(cfg.mesh.rules))
-  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+                            'the report restores one for alpha* and the segment cache hit '
+                            '(--nocheckpoint skips it)')
+  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
   per_layer: dict[str, dict[int, float]] = {}
   for key, value in evaluate.coupling_levels(model).items():
     m = _LAYER.match(key)
     per_layer.setdefault(m.group(3), {})[int(m.group(1))] = value
+  if cfg.model.moe.num_experts:
+    cache = segment_cache.heldout_segment_cache(cfg, model)
+    for layer, metrics in cache['layers'].items():
+      for name, value in metrics.items():
+        per_layer.setdefault(name, {})[layer] = value
   return {'step': step, **per_layer}
 
 

@@ -20,7 +20,6 @@ With the exact prefix such a model sees a short sequence (fewer slots, clusters 
 not the training length.
 """
 
-import dataclasses
 import functools
 import json
 import sys
@@ -31,13 +30,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from configs import cli, schema, sharding
+from configs import cli, schema
 from data.tokenizer import get_tokenizer
 from eval import evaluate
 from model.config import ConfigError
-from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
-from train.step import make_step_fns
 
 
 def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -112,13 +108,7 @@ def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
                       top_p: float = 1.0, seed: int = 0) -> dict:
   """{'step', 'prompt', 'completion', 'tokens', 'seed'}: a continuation of `prompt` sampled from a
   run's checkpoint (default: the newest) on one device."""
-  cfg = dataclasses.replace(evaluate.read_run_config(workdir),
-                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  step = evaluate.checkpoint_step(ckpt, step)
-  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
-                      sharding.rules(cfg.mesh.rules))
-  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   prompt_ids = tokenizer.encode(prompt)
   if len(prompt_ids) == 0:

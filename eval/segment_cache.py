@@ -20,19 +20,14 @@ experts that picked the token. `checkpoint_segment_cache` restores a run's check
 (like eval/sample.py) and measures the first `max_batches` held-out batches.
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 from flax import nnx
 
-from configs import schema, sharding
+from configs import schema
 from data import corpus, pipeline
 from eval import evaluate
 from model.config import ConfigError
-from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
-from train.step import make_step_fns
 
 
 def _segment_counts(assign_BLE, segment_len: int, cache_size: int) -> np.ndarray:
@@ -104,17 +99,22 @@ def checkpoint_segment_cache(workdir: str, step: int | None = None, lengths=(8, 
                              max_batches: int = 4) -> dict:
   """{'step', 'cache_size', 'layers': {layer: metrics}} of a run's checkpoint (default: newest)
   on the first `max_batches` held-out batches of `eval.batch_size` sequences."""
-  cfg = dataclasses.replace(evaluate.read_run_config(workdir),
-                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  cfg = evaluate.read_run_config(workdir)
+  _check(cfg, lengths, max_batches)
+  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
+  return {'step': step, **heldout_segment_cache(cfg, model, lengths, max_batches)}
+
+
+def _check(cfg: schema.Config, lengths, max_batches: int) -> None:
   bad = [n for n in lengths if not 1 <= n <= cfg.train.seq_len]
   if bad or max_batches < 1:
     raise ConfigError(f'lengths={tuple(lengths)}, max_batches={max_batches}: expected segment '
                       f'lengths in 1..train.seq_len={cfg.train.seq_len} and max_batches >= 1')
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  step = evaluate.checkpoint_step(ckpt, step)
-  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
-                      sharding.rules(cfg.mesh.rules))
-  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+
+
+def heldout_segment_cache(cfg: schema.Config, model, lengths=(8, 32), max_batches: int = 4) -> dict:
+  """{'cache_size', 'layers'} of `model` (the run of `cfg`) on its first held-out batches."""
+  _check(cfg, lengths, max_batches)
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'heldout')
   batches = [b['inputs'] for b in pipeline.eval_batches(
       tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size, max_batches=max_batches)]
@@ -122,5 +122,5 @@ def checkpoint_segment_cache(workdir: str, step: int | None = None, lengths=(8, 
     raise corpus.DataError(f'held-out split has fewer than {cfg.eval.batch_size} sequences of '
                            f'{cfg.train.seq_len + 1} tokens; nothing to measure')
   cache_size = 2 * cfg.model.moe.top_k
-  return {'step': step, 'cache_size': cache_size,
+  return {'cache_size': cache_size,
           'layers': model_segment_cache(model, batches, cache_size=cache_size, lengths=lengths)}
