@@ -198,4 +198,7 @@ def test_report_of_a_real_routed_run(tmp_path_factory):
   _assert_pngs(out, ALL_PLOTS)
   assert data['checkpoint']['step'] == 16
   assert set(data['checkpoint']['coupling_level']) == {'0', '1'}
+  for n in (8, 32):  # local routing consistency of every MoE layer on held-out text
+    hits = data['checkpoint'][f'segment_cache_hit_{n}']
+    assert set(hits) == {'0', '1'} and all(0.0 <= v <= 1.0 for v in hits.values())
   assert data['heldout_loss'] is not None and data['triggers_monitored'] == 2
