@@ -5,8 +5,8 @@ router z-loss, ERC loss (`model.erc`, its weight split over the MoE layers) and 
 loss (`model.entropy_trigger`, when `entropy.enabled`) in f32, aux['metrics'] scalars named
 `moe/...`, and aux['stats'] = {'expert_counts': assignments per expert over the whole (global)
 batch, 'assign_BLE': which experts ran on each token (bool; dropped assignments excluded; read by
-eval.segment_cache, dead code in the train step), 'entropy': this step's H_tok (when enabled)}. `update_state` moves the loss-free balancing
-bias by those counts after the gradient, advances the jitter and ERC noise keys and the entropy
+eval.segment_cache, dead code in the train step), 'entropy': this step's H_tok (when enabled)}.
+`update_state` moves the loss-free balancing bias by those counts after the gradient, advances the jitter and ERC noise keys and the entropy
 trigger. Expert choice picks per sequence.
 """
 
