@@ -6,8 +6,8 @@ loss (`model.entropy_trigger`, when `entropy.enabled`) in f32, aux['metrics'] sc
 `moe/...`, and aux['stats'] = {'expert_counts': assignments per expert over the whole (global)
 batch, 'assign_BLE': which experts ran on each token (bool; dropped assignments excluded; read by
 eval.segment_cache, dead code in the train step), 'entropy': this step's H_tok (when enabled)}.
-`update_state` moves the loss-free balancing bias by those counts after the gradient, advances the jitter and ERC noise keys and the entropy
-trigger. Expert choice picks per sequence.
+`update_state` moves the loss-free balancing bias by those counts after the gradient, advances
+the jitter and ERC noise keys and the entropy trigger. Expert choice picks per sequence.
 """
 
 import dataclasses
