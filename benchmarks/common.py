@@ -28,6 +28,29 @@ def time_calls(fn, n: int, warmup: int = 2) -> list[float]:
   return times
 
 
+def bare_train_step(cfg):
+  """A zero-argument function running `cfg`'s jitted train step once on one fixed training batch
+  (state carried from call to call; returns the step's metrics without waiting for them, so
+  back-to-back calls dispatch asynchronously): the step without the loop around it."""
+  from configs import sharding  # pylint: disable=g-import-not-at-top
+  from data import corpus, pipeline  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
+  tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
+  local = next(iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
+                                           global_batch_size=cfg.train.batch_size, seed=0,
+                                           process_index=0, process_count=1)))
+  batch = pipeline.make_global_batch(local, fns.batch_sharding)
+  state = [fns.init()]
+
+  def step():
+    state[0], metrics = fns.train_step(state[0], batch)
+    return metrics
+
+  return step
+
+
 def write_result(name: str, result: dict) -> str:
   """Writes benchmarks/results/NAME.json with the device and date, and returns its path."""
   os.makedirs(RESULTS, exist_ok=True)

@@ -28,20 +28,14 @@ _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Loop runs, each between two bare ru
 
 
 def bare_tokens_per_sec(cfg, steps: int) -> float:
-  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
-  tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
-  local = next(iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
-                                           global_batch_size=cfg.train.batch_size, seed=0,
-                                           process_index=0, process_count=1)))
-  batch = pipeline.make_global_batch(local, fns.batch_sharding)
-  state = fns.init()
+  step = common.bare_train_step(cfg)
   for _ in range(5):  # compile and warm up
-    state, metrics = fns.train_step(state, batch)
+    metrics = step()
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for _ in range(steps):
-    state, metrics = fns.train_step(state, batch)
-  jax.block_until_ready((state, metrics))
+    metrics = step()
+  jax.block_until_ready(metrics)
   return steps * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - t0)
 
 

@@ -14,9 +14,11 @@ Usage: python -m benchmarks.study [--steps=200] [--seeds=3] [--methods=dense,moe
        [--root=runs/study]
 """
 
+import json
 import math
 import os
 import statistics
+import time
 
 import jax
 from absl import app, flags
@@ -35,6 +37,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch in sequences of 256
 _METHODS = flags.DEFINE_list('methods', None, 'Subset of the methods; default: all.')
 _ROOT = flags.DEFINE_string('root', 'runs/study', 'Directory of the runs.')
 _DOCS = flags.DEFINE_bool('docs', True, 'Write the Study section of docs/results.md.')
+_TIMING = flags.DEFINE_integer('timing_steps', 10, 'Steps per method and round of the throughput '
+                               'pass (bare jitted step, methods interleaved); 0 = skip it.')
+_ROUNDS = flags.DEFINE_integer('timing_rounds', 3, 'Rounds of the throughput pass.')
 
 
 def _moe(module):
@@ -102,7 +107,12 @@ def run_one(method: str, seed: int) -> dict:
   cfg, workdir = config(method, seed), os.path.join(_ROOT.value, method, f'seed_{seed}')
   if not sweep.finished(workdir, cfg.train.steps):
     train_and_evaluate(cfg, workdir)
-  result = evaluate.evaluate_checkpoint(workdir)
+  result_path = os.path.join(workdir, 'eval', f'step_{cfg.train.steps}.json')
+  if os.path.exists(result_path):  # evaluated by an earlier (interrupted) study run
+    with open(result_path) as f:
+      result = json.load(f)
+  else:
+    result = evaluate.evaluate_checkpoint(workdir)
   records = routing_report.read_metrics(workdir)
   speeds = [r['tokens_per_sec'] for r in records[1:]]  # the first window includes compilation
   last = records[-1]
@@ -118,6 +128,29 @@ def run_one(method: str, seed: int) -> dict:
                                      if k.endswith('/coupling_level')) if any(
                                          k.endswith('/coupling_level') for k in result) else math.nan,
   }
+
+
+def time_methods(methods: list[str], steps: int, rounds: int) -> dict[str, list[float]]:
+  """Training tokens/s of each method's bare jitted step (seed 0, one fixed batch), `rounds`
+  rounds of `steps` steps with the methods interleaved, so that a change in the machine's load
+  reaches every method alike; the training runs' own throughput is only as quiet as the machine
+  was during each run."""
+  steppers = {}
+  for method in methods:
+    cfg = config(method, 0)
+    steppers[method] = (common.bare_train_step(cfg), cfg.train.batch_size * cfg.train.seq_len)
+    for _ in range(3):  # compile and warm up
+      metrics = steppers[method][0]()
+    jax.block_until_ready(metrics)
+  speeds: dict[str, list[float]] = {m: [] for m in methods}
+  for _ in range(rounds):
+    for method, (step, tokens) in steppers.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        metrics = step()
+      jax.block_until_ready(metrics)
+      speeds[method].append(steps * tokens / (time.perf_counter() - t0))
+  return speeds
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -142,15 +175,26 @@ def _pm(mean: float, sd: float, digits: int) -> str:
   return f'{mean:.{digits}f}' + ('' if math.isnan(sd) else f' ± {sd:.{digits}f}')
 
 
+def _speed(r: dict) -> tuple[float, float, float]:
+  """(tokens/s, low, high): the throughput pass's median and range, else the training runs'
+  median throughput ± its seed standard deviation."""
+  if 'step_tokens_per_sec' in r:
+    return r['step_tokens_per_sec'], r['step_tokens_per_sec_min'], r['step_tokens_per_sec_max']
+  sd = 0.0 if math.isnan(r['tokens_per_sec_sd']) else r['tokens_per_sec_sd']
+  return r['tokens_per_sec'], r['tokens_per_sec'] - sd, r['tokens_per_sec'] + sd
+
+
 def markdown(summary: list[dict]) -> str:
   dense = next((r for r in summary if r['method'] == 'dense'), None)
-  lines = ['| method | held-out bits/byte | Δ vs dense | tokens/s | active / total params | '
-           'load CV | dead experts | α* |', '|---|---|---|---|---|---|---|---|']
+  lines = ['| method | held-out bits/byte | Δ vs dense | tokens/s | × dense | active / total params '
+           '| load CV | dead experts | α* |', '|---|---|---|---|---|---|---|---|---|']
   for r in summary:
     delta = f"{r['bits_per_byte'] - dense['bits_per_byte']:+.3f}" if dense else '-'
+    speed, low, high = _speed(r)
+    ratio = f'{speed / _speed(dense)[0]:.2f}' if dense else '-'
     lines.append(
         f"| {r['method']} | {_pm(r['bits_per_byte'], r['bits_per_byte_sd'], 3)} | {delta} | "
-        f"{_pm(r['tokens_per_sec'], r['tokens_per_sec_sd'], 0)} | "
+        f"{speed:,.0f} ({low:,.0f}–{high:,.0f}) | {ratio} | "
         f"{r['active_params'] / 1e6:.3f}M / {r['total_params'] / 1e6:.3f}M | "
         f"{_pm(r['load_cv'], r['load_cv_sd'], 3)} | {_pm(r['dead_experts'], math.nan, 1)} | "
         f"{_pm(r['alpha_star'], r['alpha_star_sd'], 2)} |")
@@ -163,17 +207,20 @@ def plot(summary: list[dict], path: str) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_bpb, ax_speed) = plt.subplots(1, 2, figsize=(11, 3.8))
   names = [r['method'] for r in summary]
-  for ax, key, label in ((ax_bpb, 'bits_per_byte', 'held-out bits per byte (lower is better)'),
-                         (ax_speed, 'tokens_per_sec', 'training tokens/s')):
-    sd = [0 if math.isnan(r[key + '_sd']) else r[key + '_sd'] for r in summary]
-    ax.barh(names, [r[key] for r in summary], xerr=sd, color='tab:blue', alpha=0.8)
-    ax.set_xlabel(label)
-    ax.grid(axis='x', alpha=0.3)
-    ax.invert_yaxis()
+  sd = [0 if math.isnan(r['bits_per_byte_sd']) else r['bits_per_byte_sd'] for r in summary]
   values = [r['bits_per_byte'] for r in summary]
+  ax_bpb.barh(names, values, xerr=sd, color='tab:blue', alpha=0.8)
+  ax_bpb.set_xlabel('held-out bits per byte (mean ± sd over seeds; lower is better)')
   spread = max(values) - min(values)
   ax_bpb.set_xlim(min(values) - spread - 0.02, max(values) + spread + 0.02)
+  speeds = [_speed(r) for r in summary]
+  ax_speed.barh(names, [s for s, _, _ in speeds], color='tab:green', alpha=0.8,
+                xerr=[[s - lo for s, lo, _ in speeds], [hi - s for s, _, hi in speeds]])
+  ax_speed.set_xlabel('training tokens/s (train step; range over rounds)')
   ax_speed.set_yticklabels([])
+  for ax in (ax_bpb, ax_speed):
+    ax.grid(axis='x', alpha=0.3)
+    ax.invert_yaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -188,9 +235,16 @@ def main(argv):
     raise app.UsageError(f'--methods: unknown {unknown}; known: {list(METHODS)}')
   runs = [run_one(m, s) for m in methods for s in range(_SEEDS.value)]
   summary = summarise(runs)
+  if _TIMING.value:
+    speeds = time_methods(methods, _TIMING.value, _ROUNDS.value)
+    for row in summary:
+      row['step_tokens_per_sec'] = statistics.median(speeds[row['method']])
+      row['step_tokens_per_sec_min'] = min(speeds[row['method']])
+      row['step_tokens_per_sec_max'] = max(speeds[row['method']])
   common.print_table(summary)
   command = (f'python -m benchmarks.study --steps={_STEPS.value} --seeds={_SEEDS.value} '
-             f'--batch_size={_BATCH.value}')
+             f'--batch_size={_BATCH.value} --timing_steps={_TIMING.value} '
+             f'--timing_rounds={_ROUNDS.value}')
   common.write_result('study', {'command': command, 'runs': runs, 'summary': summary})
   if _DOCS.value:
     docs = os.path.dirname(common.DOCS_RESULTS)
@@ -209,8 +263,10 @@ choice, capacity factor 2; UoE: 2 of 4 heads per token and 4 experts of 232 with
 same {tokens:,} training tokens ({_STEPS.value} steps of {_BATCH.value} × 256 bytes of the
 default corpus, in the same order), learning rate 3e-3 with warm-up and cosine decay, seeds 0–{_SEEDS.value - 1}.
 Each run is evaluated from its final checkpoint on the held-out split (20 batches of 16 × 256).
-Columns: mean ± standard deviation over the seeds; tokens/s is the median training throughput of
-the logged windows after compilation; active parameters are the matmul weights a token uses on
+Columns: mean ± standard deviation over the seeds; tokens/s is the bare jitted train step's
+throughput (seed 0, one fixed batch of {_BATCH.value} × 256) in a separate pass with the methods
+interleaved ({_ROUNDS.value} rounds of {_TIMING.value} steps; median and range), so every method meets the same machine load,
+and × dense is its ratio to the dense model's; active parameters are the matmul weights a token uses on
 average (`model.transformer.active_params`); load CV is the coefficient of variation of the
 per-expert load in the last logged window, averaged over routed layers; dead experts are summed
 over layers (last window); α* is the ERC coupling level from the checkpoint's weights, averaged
