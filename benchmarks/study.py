@@ -162,8 +162,9 @@ def summarise(runs: list[dict]) -> list[dict]:
     for key in ('bits_per_byte', 'heldout_loss', 'tokens_per_sec', 'load_cv', 'dead_experts',
                 'alpha_star'):
       values = [r[key] for r in rows]
-      row[key] = statistics.fmean(values)
-      row[key + '_sd'] = statistics.stdev(values) if len(values) > 1 else math.nan
+      undefined = any(math.isnan(v) for v in values)  # e.g. load CV of a model without experts
+      row[key] = math.nan if undefined else statistics.fmean(values)
+      row[key + '_sd'] = math.nan if undefined or len(values) < 2 else statistics.stdev(values)
     row['active_params'], row['total_params'] = rows[0]['active_params'], rows[0]['total_params']
     out.append(row)
   return out
