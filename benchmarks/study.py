@@ -123,7 +123,8 @@ def run_one(method: str, seed: int) -> dict:
       'active_params': active_params(cfg.model, cfg.train.seq_len),
       'total_params': count_params(cfg.model),
       'load_cv': _layer_mean(last, ('/moe/load_cv', '/uoe/mlp_load_cv')),
-      'dead_experts': sum(v for k, v in last.items() if k.endswith('/dead_experts')),
+      'dead_experts': (sum(v for k, v in last.items() if k.endswith('/dead_experts'))
+                       if any(k.endswith('/dead_experts') for k in last) else math.nan),
       'alpha_star': statistics.fmean(v for k, v in result.items()
                                      if k.endswith('/coupling_level')) if any(
                                          k.endswith('/coupling_level') for k in result) else math.nan,
@@ -254,6 +255,20 @@ def main(argv):
                               body(summary, command))
 
 
+def beyond_spread(summary: list[dict]) -> str:
+  """A sentence naming the methods whose held-out bits/byte differ from dense's by more than the
+  sum of the two seed standard deviations."""
+  dense = next((r for r in summary if r['method'] == 'dense'), None)
+  if dense is None or math.isnan(dense['bits_per_byte_sd']):
+    return 'Without a dense row and several seeds, no difference is compared with the spread.'
+  out = [f"{r['method']} ({r['bits_per_byte'] - dense['bits_per_byte']:+.3f})" for r in summary
+         if r is not dense and abs(r['bits_per_byte'] - dense['bits_per_byte']) >
+         r['bits_per_byte_sd'] + dense['bits_per_byte_sd']]
+  return ('Held-out bits/byte further from dense than the two seed standard deviations together: '
+          + (', '.join(out) if out else 'none') + '; every other difference is within the seed '
+          'spread.')
+
+
 def body(summary: list[dict], command: str) -> str:
   tokens = _STEPS.value * _BATCH.value * 256
   return f"""Written by `{command}` ({common.device_description()}).
@@ -271,14 +286,18 @@ and × dense is its ratio to the dense model's; active parameters are the matmul
 average (`model.transformer.active_params`); load CV is the coefficient of variation of the
 per-expert load in the last logged window, averaged over routed layers; dead experts are summed
 over layers (last window); α* is the ERC coupling level from the checkpoint's weights, averaged
-over MoE layers (≤ 1: every router row and its expert are coupled).
+over MoE layers (≤ 1: every router row and its expert are coupled); "-" where a method has no
+such quantity (expert choice's load CV is 0 by construction: every expert takes its capacity;
+UoE's is its expert gate's).
 
 ![study](study.png)
 
 {markdown(summary)}
 
-What this scale can and cannot show: these are {tokens / 1e6:.1f}M-token runs of sub-million-
-parameter models on a CPU. The differences between methods at this size are about optimisation in
+{beyond_spread(summary)}
+
+What this scale can and cannot show: these are {tokens / 1e6:.1f}M-token runs of models with
+about 0.9M active parameters on a CPU. The differences between methods at this size are about optimisation in
 the first minutes, not about what each method does at scale; read a difference as real only where
 it exceeds the seed spread, and compare throughput only within this table (one machine, one
 session; XLA:CPU runs the routed kernels through padded fallbacks that a GPU would not use). The

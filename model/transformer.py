@@ -102,19 +102,29 @@ def matmul_params(cfg: ModelConfig) -> int:
   the router and the top_k + shared active experts; expert choice counted as top_k too), and the
   output head (D*V, tied or not); norms and the embedding lookup are excluded."""
   d = cfg.d_model
-  attn = _attention_params(cfg)
   mlp = 3 * d * cfg.mlp_dim
   m = cfg.moe
   f = m.hidden(cfg.mlp_dim)
   routed = d * m.num_experts + 3 * d * f * (m.top_k + m.shared_experts)  # router + active experts
   num_moe = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
-  return (cfg.num_layers * attn + (cfg.num_layers - num_moe) * mlp + num_moe * routed +
-          d * cfg.vocab_size)
+  routing = cfg.attention.routing_layers_resolved(cfg.num_layers)
+  attn = (len(routing) * _routing_attention_params(cfg) +
+          (cfg.num_layers - len(routing)) * _attention_params(cfg))
+  return attn + (cfg.num_layers - num_moe) * mlp + num_moe * routed + d * cfg.vocab_size
 
 
 def _attention_params(cfg: ModelConfig) -> int:
   """Q and output projections (D×H×K each) plus K and V (D×G×K each) of one layer."""
   return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
+
+
+def _routing_attention_params(cfg: ModelConfig) -> int:
+  """A routing-attention layer (model/routing_layer.py): Q and output projections of all H heads,
+  V of the R routing heads (their keys are their queries), K and V of the G_local local kv heads."""
+  h, k = cfg.num_heads, cfg.head_dim
+  r = cfg.attention.resolved_routing_heads(h)
+  g = cfg.num_kv_heads * (h - r) // h
+  return cfg.d_model * k * (2 * h + r + 2 * g)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -297,3 +297,15 @@ def test_attention_impl_choice():
   assert attention_impl('auto', 'float32') == 'xla'
   expected = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
   assert attention_impl('auto', 'bfloat16') == expected
+
+
+def test_matmul_params_of_routing_attention_layers_match_the_model():
+  """Routing heads have no K projection (their keys are their queries): the parameter difference
+  to the dense model is exactly the matmul-weight difference."""
+  from configs import routing_transformer, schema  # pylint: disable=g-import-not-at-top
+  c = routing_transformer.get_config('tiny')
+  c.model.num_kv_heads = c.model.num_heads  # without GQA the routing layers are smaller
+  routed = schema.load(c, 1).model
+  dense = dataclasses.replace(routed, attention=dataclasses.replace(routed.attention, kind='dense'))
+  assert count_params(routed) - count_params(dense) == matmul_params(routed) - matmul_params(dense)
+  assert matmul_params(routed) < matmul_params(dense)
