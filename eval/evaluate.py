@@ -125,7 +125,8 @@ def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
   return step
 
 
-def restore_on_one_device(workdir: str, step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
+def restore_on_one_device(workdir: str,
+                          step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
   """(the run's config on a one-device mesh, the step, the model) of a run's checkpoint (default:
   the newest), for the per-model tools (sampling, routing report, segment cache)."""
   cfg = dataclasses.replace(read_run_config(workdir),

@@ -103,15 +103,30 @@ def run_features(config: dict) -> dict[str, bool]:
 def series(records: list[dict], name: str, kind: str = 'moe') -> dict[int, tuple[list, list]]:
   """{layer: (steps, values)} of the per-layer metric `layer_i/<kind>/<name>` (kind: moe,
   routing, uoe)."""
-  out: dict[int, tuple[list, list]] = {}
+  return _per_layer_index(records).get((kind, name), {})
+
+
+_INDEXED: list = [None, 0, {}]  # the records last indexed, their length, their index
+
+
+def _per_layer_index(records: list[dict]) -> dict[tuple[str, str], dict[int, tuple[list, list]]]:
+  """{(kind, name): {layer: (steps, values)}} of every per-layer metric, parsed in one pass over
+  the records. The report asks for dozens of metrics of the same records, so the index of the
+  last records seen is kept (one entry; rebuilt when the list or its length changes)."""
+  if _INDEXED[0] is records and _INDEXED[1] == len(records):
+    return _INDEXED[2]
+  index: dict[tuple[str, str], dict[int, tuple[list, list]]] = {}
   for r in records:
     for key, value in r.items():
       m = _LAYER.match(key)
-      if m and m.group(2) == kind and m.group(3) == name:
-        steps, values = out.setdefault(int(m.group(1)), ([], []))
+      if m:
+        steps, values = index.setdefault((m.group(2), m.group(3)), {}).setdefault(
+            int(m.group(1)), ([], []))
         steps.append(r['step'])
         values.append(value)
-  return dict(sorted(out.items()))
+  index = {metric: dict(sorted(layers.items())) for metric, layers in index.items()}
+  _INDEXED[:] = [records, len(records), index]
+  return index
 
 
 def share_series(records: list[dict], name: str, kind: str) -> dict[int, tuple[list, np.ndarray]]:

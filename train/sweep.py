@@ -7,9 +7,9 @@ ROOT/<its overrides> (so an interrupted sweep resumes: finished runs are skipped
 one resumes from its checkpoint), is evaluated from its final checkpoint, and ROOT/results.csv
 and ROOT/results.md list the runs' overrides with their final training loss, final held-out
 metrics and best held-out metrics over training (in-training evaluations, `eval.every_steps`, and
-the final checkpoint), and ROOT/<key>.png plots the held-out loss against each swept numeric value. `--print` writes
-one `python -m train.train ...` command per run instead, for a cluster scheduler (a SLURM array or
-a TPU launcher takes one line each).
+the final checkpoint), and ROOT/<key>.png plots the held-out loss against each swept numeric
+value. `--print` writes one `python -m train.train ...` command per run instead, for a cluster
+scheduler (a SLURM array or a TPU launcher takes one line each).
 """
 
 import csv
@@ -124,21 +124,18 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
     last = routing_report.read_metrics(workdir)[-1]
     rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
                  'heldout_loss': result['loss'], 'bits_per_byte': result.get('bits_per_byte', ''),
-                 **best_heldout(workdir, result)})
+                 **best_heldout(routing_report.read_eval_metrics(workdir), result)})
   write_results(root, rows)
   plot_results(root, rows, sorted({k for r in runs for k in r}))
   return rows
 
 
-def best_heldout(workdir: str, final: dict) -> dict:
-  """The lowest held-out loss of the run: over the in-training evaluations in metrics.jsonl
-  (`eval.every_steps`) and the final checkpoint's `final` result, with its step and bits/byte."""
+def best_heldout(heldout: list[dict], final: dict) -> dict:
+  """The lowest held-out loss of the run: over its in-training evaluations (`heldout`, the
+  `eval_*` records of metrics.jsonl, `eval.every_steps`) and the final checkpoint's `final`
+  result, with its step and bits/byte."""
   points = [(final['loss'], final['step'], final.get('bits_per_byte', ''))]
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'eval_loss' in record:
-        points.append((record['eval_loss'], record['step'], record.get('eval_bits_per_byte', '')))
+  points += [(r['eval_loss'], r['step'], r.get('eval_bits_per_byte', '')) for r in heldout]
   loss, step, bpb = min(points, key=lambda p: p[0])
   return {'best_heldout_loss': loss, 'best_step': step, 'best_bits_per_byte': bpb}
 
