@@ -7,10 +7,14 @@ width `--mlp_dim`, for each L:
   `jax.nn.dot_product_attention`, output projection) vs SMHA with heads_per_token = H/2 and
   capacity 1.0 (each head takes L/2 tokens per sequence), gate included;
 - the dense SwiGLU MLP vs UoME data selection with E=4 experts, top-2, capacity 1.0 (each expert
-  takes L/2 tokens), gate included.
+  takes L/2 tokens), gate included;
+- and, as the baseline that isolates what selection saves, each UoE layer at 100% selection (every
+  head / expert takes every token: the same code with its gather, scatter and gate, none skipped).
 Forward + backward is the gradient of sum(y * cotangent) w.r.t. the input and every weight (gate
 included). Dense and UoE calls alternate within a round; each round gives a ratio; the table
-reports the median ratio and median times. FLOPs: analytic matmul FLOPs of fwd + bwd (3x forward;
+reports the median of the per-round ratios (`time_ratio`), the ratio of the median times
+(`ratio_of_medians`), the 50%-selection time relative to 100% selection (`vs_full`) and 100%
+selection relative to dense (`full_vs_dense`). FLOPs: analytic matmul FLOPs of fwd + bwd (3x forward;
 attention scores at full L x C, as XLA computes them, causal half not discounted), and XLA's own
 `cost_analysis()` count of the compiled fwd + bwd program.
 
@@ -72,6 +76,12 @@ def _programs(l: int):
   def union_mlp(x, router, wg, wu, wd):
     return uoe.uome(x, router, wg, wu, wd, k=e // 2)[0]
 
+  def selective_attention_full(x, router, wq, wk, wv, wo):
+    return smha.smha(x, router, wq, wk, wv, wo, positions, heads_per_token=h)[0]
+
+  def union_mlp_full(x, router, wg, wu, wd):
+    return uoe.uome(x, router, wg, wu, wd, k=e)[0]
+
   c_h, c_e = uoe.capacity(l, h // 2, h, 1.0), uoe.capacity(l, e // 2, e, 1.0)
   t = b * l
   flops = {  # forward matmul FLOPs, x3 for forward + backward
@@ -85,6 +95,8 @@ def _programs(l: int):
       'smha': (_fwd_bwd(selective_attention, 6), (x, router_h, wq, wk, wv, wo, cot)),
       'dense_mlp': (_fwd_bwd(layers.swiglu, 4), (x, wg, wu, wd, cot)),
       'uome': (_fwd_bwd(union_mlp, 5), (x, router_e, *experts, cot)),
+      'smha_full': (_fwd_bwd(selective_attention_full, 6), (x, router_h, wq, wk, wv, wo, cot)),
+      'uome_full': (_fwd_bwd(union_mlp_full, 5), (x, router_e, *experts, cot)),
   }, flops
 
 
@@ -104,7 +116,8 @@ def main(_):
   rows = []
   for l in map(int, _LENGTHS.value):
     progs, flops = _programs(l)
-    xla = {name: _xla_flops(fn, args) for name, (fn, args) in progs.items()}
+    xla = {name: _xla_flops(fn, args) for name, (fn, args) in progs.items()
+           if not name.endswith('_full')}
     for fn, args in progs.values():  # warm-up (compile + one run)
       jax.block_until_ready(fn(*args))
     times = {name: [] for name in progs}
@@ -113,10 +126,15 @@ def main(_):
         times[name].append(_once(fn, args))
     for routed, dense in (('smha', 'dense_attention'), ('uome', 'dense_mlp')):
       ratios = [r / d for r, d in zip(times[routed], times[dense])]
+      median = {name: statistics.median(times[name]) for name in (routed, dense, routed + '_full')}
       rows.append({
           'layer': routed, 'L': l,
-          'dense_s': statistics.median(times[dense]), 'routed_s': statistics.median(times[routed]),
+          'dense_s': median[dense], 'routed_s': median[routed],
+          'full_s': median[routed + '_full'],
           'time_ratio': statistics.median(ratios),
+          'ratio_of_medians': median[routed] / median[dense],
+          'vs_full': median[routed] / median[routed + '_full'],
+          'full_vs_dense': median[routed + '_full'] / median[dense],
           'flops_ratio': flops[routed] / flops[dense],
           'xla_flops_ratio': (xla[routed] / xla[dense] if xla[routed] and xla[dense] else None),
           'dense_gflop': flops[dense] / 1e9, 'routed_gflop': flops[routed] / 1e9,

@@ -33,13 +33,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.attention = a = ml_collections.ConfigDict()
   a.impl = 'auto'             # jax.nn.dot_product_attention backend: auto (cudnn on GPU when it applies) | xla | cudnn
   a.kind = 'dense'            # dense | routing (Routing Transformer heads in attention.routing_layers)
+  a.non_routing = 'dense'     # kind='routing', layers not in routing_layers: dense (full causal) | local (only local heads, as the paper's code)
   a.routing_layers = (-2, -1) # layers with routing heads when kind='routing'; negative counts from the end
   a.window = 256              # routing heads: tokens per cluster (each mean takes its top-window queries/keys)
-  a.local_window = 256        # local heads of a routing layer: block size (a query sees its block and the previous one)
+  a.local_window = 256        # local heads (routing layers; non_routing='local' layers): block size (a query sees its block and the previous one)
   a.num_clusters = 0          # k-means means per routing head; 0 = train.seq_len // window (must divide)
   a.routing_heads = -1        # routing heads per routing layer (the rest are local); -1 = half of model.num_heads
   a.commitment_weight = 1e-4  # weight of the k-means commitment loss added to the training loss
   a.kmeans_decay = 0.999      # EMA decay of the k-means sums and counts (centroid update after each step)
+  a.routing_scale = 'rsqrt_dim'  # routing heads' logit scale after the no-affine LayerNorm of q: rsqrt_dim (K**-0.5) | none (1, as the paper's code)
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0           # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP
@@ -55,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.block_size = 256          # rows per block of the blocked (CPU) grouped matmul; groups are padded to multiples
   e.capacity_factor = 1.25    # slots per expert = factor * tokens * top_k / num_experts (capacity execution, expert choice)
   e.balance_weight = 1e-2     # weight of the Switch load-balancing loss (token choice)
+  e.balance_convention = 'assignments'  # Switch loss f_i: assignments (share of the T*k assignments; HF's value / k) | tokens (share of tokens; HF's Mixtral/OLMoE value)
   e.z_loss_weight = 1e-3      # weight of the ST-MoE router z-loss
   e.bias_rate = 0.0           # loss-free balancing bias update rate u (b += u * sign(mean load - load)); 0 = no bias
   e.jitter = 0.0              # multiplicative router input noise, uniform in [1 - jitter, 1 + jitter]; 0 = off
@@ -133,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v.batch_size = 16           # evaluation batch in sequences
   v.max_batches = 50          # held-out batches per evaluation; 0 = the whole held-out split
   v.every_steps = 0           # held-out evaluation during training every N steps; 0 = never
+  v.positions_per_window = 4  # non-causal models: positions per held-out window scored from their exact prefix (one forward pass each)
 
   return make_tiny(c) if arg == 'tiny' else c
 

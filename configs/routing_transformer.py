@@ -1,8 +1,10 @@
 """Routing Transformer (Roy et al. 2021), the paper's enwik8 layout scaled down.
 
-The first six layers are dense; in the last two, half of the heads are routing heads (k-means
-clusters of 256 tokens, shared QK, EMA centroids, commitment loss 1e-4) and half are local heads
-(blocked causal window of 256). Byte-level LM on the default corpus, sequence 2048, so 8 clusters.
+The paper's layout: in the last two layers half of the heads are routing heads (k-means clusters
+of 256 tokens, shared QK, EMA centroids, commitment loss 1e-4) and half are local heads (blocked
+causal window of 256); the first six layers have only local heads (`attention.non_routing='local'`,
+as the paper's code), so no layer materialises L×L attention scores.
+Byte-level LM on the default corpus, sequence 2048, so 8 clusters.
 
 Usage: python -m train.train --config=configs/routing_transformer.py --workdir=runs/routing
        python -m train.train --config=configs/routing_transformer.py:tiny --workdir=/tmp/rt_tiny
@@ -19,8 +21,9 @@ from configs import base
 def get_config(arg: str | None = None):
   c = base.get_config()
   c.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, mlp_dim=1536)
-  c.attention.update(kind='routing', routing_layers=(-2, -1), window=256, local_window=256,
-                     num_clusters=0, routing_heads=-1, commitment_weight=1e-4, kmeans_decay=0.999)
+  c.attention.update(kind='routing', non_routing='local', routing_layers=(-2, -1), window=256,
+                     local_window=256, num_clusters=0, routing_heads=-1, commitment_weight=1e-4,
+                     kmeans_decay=0.999)
   c.train.update(steps=20000, batch_size=16, seq_len=2048)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=1000)
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')

@@ -89,6 +89,7 @@ class EvalConfig:
   batch_size: int = 16
   max_batches: int = 50
   every_steps: int = 0
+  positions_per_window: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +215,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
   if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:
     raise ConfigError('train.stop_after, train.peak_tflops, eval.max_batches and eval.every_steps must be >= 0')
+  if e.positions_per_window < 1:
+    raise ConfigError(f'eval.positions_per_window={e.positions_per_window}: expected >= 1 (positions '
+                      'scored from their exact prefix per held-out window, for non-causal models)')
   kind, _, tok_path = d.tokenizer.partition(':')
   if d.tokenizer != 'byte' and not (kind in ('sentencepiece', 'hf') and tok_path):
     raise ConfigError(f'data.tokenizer={d.tokenizer!r}: expected one of {TOKENIZERS}')
@@ -225,7 +229,20 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'data.read_threads={d.read_threads}: expected a value >= 0')
   _validate_routing(cfg)
   _validate_uoe(cfg)
+  _validate_packing(cfg)
   _validate_mesh(cfg, num_devices)
+
+
+def _validate_packing(cfg: Config) -> None:
+  """Packed documents must never influence each other: a layer that selects over the whole row
+  cannot guarantee it, so such a model refuses data.packing=True."""
+  if not cfg.data.packing:
+    return
+  from model import transformer  # pylint: disable=g-import-not-at-top  (model code is heavy)
+  reasons = transformer.future_dependence(cfg.model)
+  if reasons:
+    raise ConfigError(f'data.packing=True is refused: {reasons[0]}, so packed documents would '
+                      'influence each other (use data.packing=False)')
 
 
 def _validate_routing(cfg: Config) -> None:

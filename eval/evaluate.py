@@ -1,15 +1,22 @@
-"""`python -m eval.evaluate --workdir=DIR [--step=N] [--data=PATH] [--baseline]`.
+"""`python -m eval.evaluate --workdir=DIR [--step=N] [--data=PATH] [--baseline] [--positions_per_window=P]`.
 
 Restores a checkpoint in a fresh process (config from DIR/config.json), evaluates the held-out
 split, writes DIR/eval/step_N.json and prints one JSON line last. `--baseline` also evaluates the
 same architecture at initialisation, for comparison.
+
+Numbers are honest for every model (docs/causality.md): a causal model is scored teacher-forced
+(`"causal": true`), a model whose logits at t can read tokens after t is scored exact-prefix, each
+sampled position from its prefix alone (`"causal": false`, `loss` with `loss_stderr`, and the
+teacher-forced numbers beside it as `teacher_forced_*`).
 """
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +28,7 @@ from flax import nnx
 from configs import cli, schema, sharding
 from data import corpus, pipeline
 from data.tokenizer import get_tokenizer
-from model import erc
+from model import erc, transformer
 from model.config import ConfigError
 from model.moe_layer import MoE
 from train import mesh as mesh_lib
@@ -30,47 +37,110 @@ from train.step import StepFns, make_step_fns
 
 
 
-def make_eval_step(fns: StepFns, tokenizer):
-  """Jitted (model_state, batch) -> (sum of token losses, tokens, bytes the targets stand for).
+def eval_model(fns: StepFns, model_state) -> nnx.Module:
+  """The model of `model_state` in evaluation mode (no router jitter)."""
+  model = nnx.merge(fns.model_def, model_state)
+  model.eval()
+  return model
 
-  Build it once per run and pass it to `evaluate_model`: each new jit object compiles anew.
+
+def make_eval_step(fns: StepFns, tokenizer):
+  """Jitted (model_state, batch) -> sums over the batch, in evaluation mode.
+
+  `batch`: 'inputs', 'targets' [B, L], 'score' (f32 [B, L]: the sampled positions) and, for
+  exact-prefix rows, 'segment_ids' (1 up to the row's scored position, 0 after: the model sees
+  that prefix alone, `model.validity`). Sums: 'ce', 'tokens', 'bytes' over every position;
+  'ce_scored', 'ce2_scored', 'scored', 'bytes_scored' over the score positions. Build it once
+  per run and pass it to `evaluate_model`: each new jit object compiles anew.
   """
 
   def fn(model_state, batch):
-    model = nnx.merge(fns.model_def, model_state)
-    logits, _ = model(batch['inputs'])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch['targets'])
-    num_bytes = (tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32).sum()
-                 if tokenizer.byte_level else jnp.float32(0))
-    return ce.sum(), jnp.float32(ce.size), num_bytes
+    logits, _ = eval_model(fns, model_state)(batch['inputs'],
+                                             segment_ids_BL=batch.get('segment_ids'))
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                            batch['targets'])
+    bytes_BL = (tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
+                if tokenizer.byte_level else jnp.zeros_like(ce_BL))
+    score_BL = batch['score']
+    return {'ce': ce_BL.sum(), 'tokens': jnp.float32(ce_BL.size), 'bytes': bytes_BL.sum(),
+            'ce_scored': (ce_BL * score_BL).sum(), 'ce2_scored': (ce_BL ** 2 * score_BL).sum(),
+            'scored': score_BL.sum(), 'bytes_scored': (bytes_BL * score_BL).sum()}
 
   return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
 
 
-def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
-                   tokenizer=None, eval_step=None) -> dict:
-  """Held-out loss, perplexity, token count and bits per byte of `state['model']`.
+def sampled_positions(inputs_BL: np.ndarray, count: int) -> np.ndarray:
+  """[B, count] distinct positions per window, drawn uniformly and deterministically from the
+  window's own tokens (the same windows get the same positions in every run and checkpoint)."""
+  length = inputs_BL.shape[1]
+  count = min(count, length)
+  return np.stack([np.sort(np.random.default_rng(zlib.crc32(row.tobytes())).choice(
+      length, count, replace=False)) for row in inputs_BL])
 
+
+def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
+                   tokenizer=None, eval_step=None, positions_per_window: int | None = None) -> dict:
+  """Held-out loss, perplexity, token count and bits per byte of `state['model']`, honestly.
+
+  A causal model (`model.transformer.is_causal`) is scored teacher-forced: every position of every
+  window, exactly what it would predict from its prefix. A model that reads the future is scored
+  exact-prefix: `positions_per_window` positions per window (default `eval.positions_per_window`),
+  each predicted from its prefix alone through the validity mask (one forward pass each, one
+  compilation), with the standard error of the mean over positions; its teacher-forced numbers
+  (which let position t use tokens after t) are reported beside it, never as `loss`.
   `tokenizer` is the dataset's (default: `data.tokenizer`); bits per byte need a byte-level one.
   """
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
   step_fn = eval_step or make_eval_step(fns, tokenizer)
-  total, count, num_bytes = 0.0, 0.0, 0.0
+  causal = transformer.is_causal(cfg.model)
+  per_window = positions_per_window or cfg.eval.positions_per_window
+  if per_window < 1:
+    raise ConfigError(f'positions_per_window={per_window}: expected >= 1')
+  tf, prefix = collections.Counter(), collections.Counter()
   for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
                                      batch_size=cfg.eval.batch_size,
                                      max_batches=cfg.eval.max_batches,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    loss_sum, n, b = step_fn(state['model'], pipeline.make_global_batch(batch, fns.batch_sharding))
-    total, count, num_bytes = total + float(loss_sum), count + float(n), num_bytes + float(b)
-  if count == 0:
+    b, l = batch['inputs'].shape
+    cuts_BP = sampled_positions(batch['inputs'], per_window)
+    score_BL = np.zeros((b, l), np.float32)
+    np.put_along_axis(score_BL, cuts_BP, 1.0, axis=1)
+    sums = step_fn(state['model'], pipeline.make_global_batch({**batch, 'score': score_BL},
+                                                              fns.batch_sharding))
+    tf.update({k: float(v) for k, v in sums.items()})
+    if causal:
+      continue
+    for cut_B in cuts_BP.T:  # one exact-prefix pass per sampled position of every window
+      one = np.zeros((b, l), np.float32)
+      np.put_along_axis(one, cut_B[:, None], 1.0, axis=1)
+      seg = (np.arange(l)[None, :] <= cut_B[:, None]).astype(np.int32)
+      sums = step_fn(state['model'], pipeline.make_global_batch(
+          {**batch, 'score': one, 'segment_ids': seg}, fns.batch_sharding))
+      prefix.update({k: float(v) for k, v in sums.items() if k.endswith('scored')})
+  if tf['tokens'] == 0:
     raise corpus.DataError(f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; '
                            'nothing to evaluate')
-  loss = total / count
+  teacher_forced = _summary(tf['ce'], tf['tokens'], tf['bytes'], tokenizer)
+  if causal:
+    return {**teacher_forced, 'causal': True, 'evaluation': 'teacher_forced (exact: causal model)'}
+  n = prefix['scored']
+  mean = prefix['ce_scored'] / n
+  stderr = math.sqrt(max(prefix['ce2_scored'] / n - mean ** 2, 0.0) / max(n - 1, 1))
+  out = {**_summary(prefix['ce_scored'], n, prefix['bytes_scored'], tokenizer),
+         'loss_stderr': stderr, 'causal': False,
+         'evaluation': f'exact_prefix ({per_window} positions per window)',
+         'positions_per_window': per_window}
+  out.update({f'teacher_forced_{k}': v for k, v in teacher_forced.items()})
+  out['teacher_forced_sampled_loss'] = tf['ce_scored'] / tf['scored']  # same positions, future seen
+  return out
+
+
+def _summary(ce_sum: float, count: float, num_bytes: float, tokenizer) -> dict:
+  loss = ce_sum / count
   out = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)), 'tokens': int(count)}
   if tokenizer.byte_level and num_bytes:
-    out['bits_per_byte'] = total / math.log(2) / num_bytes
+    out['bits_per_byte'] = ce_sum / math.log(2) / num_bytes
   return out
 
 
@@ -139,7 +209,9 @@ def restore_on_one_device(workdir: str,
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
-                        baseline: bool = False) -> dict:
+                        baseline: bool = False, positions_per_window: int | None = None) -> dict:
+  if positions_per_window is not None and positions_per_window < 1:
+    raise ConfigError(f'--positions_per_window={positions_per_window}: expected >= 1')
   cfg = read_run_config(workdir)
   if data is not None:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
@@ -155,10 +227,10 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
   eval_step = make_eval_step(fns, tokenizer)
   result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer,
-                                           eval_step),
+                                           eval_step, positions_per_window),
             **coupling_levels(fns.model({'model': model_state}))}
   if baseline:
-    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, eval_step)
+    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, eval_step, positions_per_window)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
@@ -173,7 +245,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    result = evaluate_checkpoint(f.workdir, f.step, f.data, f.baseline)
+    result = evaluate_checkpoint(f.workdir, f.step, f.data, f.baseline, f.positions_per_window)
   except (ConfigError, corpus.DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -186,6 +258,9 @@ def run():
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
   flags.DEFINE_string('data', None, "Prepared dataset to evaluate; default: the run's own.")
   flags.DEFINE_bool('baseline', False, 'Also evaluate the untrained model (same seed).')
+  flags.DEFINE_integer('positions_per_window', None,
+                       'Models that read the future: positions per held-out window scored from '
+                       'their exact prefix; default: the run\'s eval.positions_per_window.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=cli.parse_flags)
 

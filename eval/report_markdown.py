@@ -79,7 +79,8 @@ def summary_paragraph(data: dict) -> str:
   if data['final_lm_loss'] is not None and data['final_lm_loss'] != data['final_loss']:
     parts[-1] += f" (lm_loss {_number(data['final_lm_loss'])})"
   if data['heldout_loss'] is not None:
-    parts.append(f"held-out loss {_number(data['heldout_loss'])} at step {data['heldout_step']}")
+    parts.append(f"held-out loss {_number(data['heldout_loss'])} at step {data['heldout_step']} "
+                 f"({data.get('heldout_evaluation') or 'teacher_forced'})")
   if data['dead_experts_total'] is not None:
     parts.append(f"{data['dead_experts_total']} dead experts over all MoE layers in the last "
                  f"logging window, mean load CV {_number(data['mean_load_cv'], '.3f')}")

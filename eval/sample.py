@@ -5,24 +5,20 @@ Restores a checkpoint like eval/evaluate.py (config from DIR/config.json, model 
 samples a continuation of the prompt; the same seed gives the same ids, for every model type.
 Prints the continuation, then one JSON line last.
 
-Decoding re-runs the whole prefix at every step (no KV cache). When no future position can reach
-an earlier logit (dense attention with dense, top-k dropless, loss-free or ERC MoE, entropy
-trigger), a fixed buffer of length prompt + max_new_tokens is exact and compiles once. Otherwise
-(`needs_exact_prefix`) padding would change the earlier logits, so the exact prefix is re-run at
-each length, one compilation per generated token:
-- selection that reads the whole sequence: routing attention's clusters
-  (docs/routing_attention.md), UoE's per-head/expert token selection (docs/uoe.md), expert-choice
-  MoE (each expert takes its top-C tokens of the sequence, docs/moe.md);
-- capacity execution (`moe.execution='capacity'`): C slots per expert and sequence grow with the
-  length, and padding's first choices take slots before the prompt's second choices;
-- router jitter (`moe.jitter > 0`, also on at evaluation): its noise is drawn for the whole shape.
-With the exact prefix such a model sees a short sequence (fewer slots, clusters over the prefix),
-not the training length.
+Decoding runs one fixed buffer per call (no KV cache): the prompt and the tokens drawn so far,
+padded to a length bucket (the next power of two >= prompt + max_new_tokens, at least 64), so one
+compilation serves every step and every call of that bucket. A causal model ignores the padding.
+A model that reads the future (`Transformer.causal` is False: routing attention, UoE at partial
+capacity, expert choice, capacity execution) gets the validity mask (`model.validity`): padding has
+segment id 0, so each step's logits are exactly those of the prefix run alone. Such a model sees a
+prefix, not the training length (fewer capacity slots, clusters over the prefix); see
+docs/causality.md. Router jitter is off (evaluation mode).
 """
 
 import functools
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from configs import cli, schema
+from configs import cli
 from data.tokenizer import get_tokenizer
 from eval import evaluate
 from model.config import ConfigError
@@ -52,11 +48,17 @@ def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p:
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'vocab_size', 'temperature', 'top_k',
-                                             'top_p'))
+                                             'top_p', 'masked'))
 def _next_token(state, tokens_1L, last, key, *, graphdef, vocab_size: int, temperature: float,
-                top_k: int, top_p: float) -> jax.Array:
-  """The id drawn after position `last`; compiled once per model, settings and length."""
-  logits, _ = nnx.merge(graphdef, state)(tokens_1L)
+                top_k: int, top_p: float, masked: bool) -> jax.Array:
+  """The id drawn after position `last`; compiled once per model, settings and buffer length.
+  With `masked`, positions after `last` have segment id 0: invisible to every layer."""
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  segment_ids = None
+  if masked:
+    segment_ids = (jnp.arange(tokens_1L.shape[1]) <= last).astype(jnp.int32)[None]
+  logits, _ = model(tokens_1L, segment_ids_BL=segment_ids)
   logits_V = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits[0, last], -jnp.inf)
   if temperature == 0:
     return jnp.argmax(logits_V)
@@ -64,43 +66,42 @@ def _next_token(state, tokens_1L, last, key, *, graphdef, vocab_size: int, tempe
   return jax.random.categorical(key, logits_V)
 
 
+def bucket(length: int) -> int:
+  """Buffer length for `length` tokens: the next power of two, at least 64."""
+  return max(64, 1 << (length - 1).bit_length())
+
+
 def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0, exact_prefix: bool = True,
-           eos_id: int | None = None) -> list[int]:
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+           progress_every: int = 0) -> list[int]:
   """Appends up to `max_new_tokens` sampled ids to `prompt_ids`; temperature 0 is greedy.
 
-  Only ids < `vocab_size` (the tokenizer's) are ever drawn. `exact_prefix=False` runs a fixed
-  buffer instead of the exact prefix: exact only when `needs_exact_prefix` is False.
+  Only ids < `vocab_size` (the tokenizer's) are ever drawn. Every step runs one buffer of
+  `bucket(len(prompt) + max_new_tokens)` tokens, masked when the model is not causal (module
+  docstring). `progress_every` > 0 prints a progress line to stderr every that many tokens.
   """
   if len(prompt_ids) == 0:
     raise ValueError('prompt_ids is empty: sampling needs at least one token to continue')
   graphdef, state = nnx.split(model)
   settings = dict(graphdef=graphdef, vocab_size=vocab_size, temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p))
+                  top_k=int(top_k), top_p=float(top_p), masked=not model.causal)
   ids = [int(i) for i in prompt_ids]
-  total = len(ids) + max_new_tokens
+  buffer = np.zeros(bucket(len(ids) + max_new_tokens), np.int32)
+  buffer[:len(ids)] = ids
   key = jax.random.key(seed)
+  start = time.perf_counter()
   for t in range(max_new_tokens):
     n = len(ids)
-    tokens = ids if exact_prefix else ids + [0] * (total - n)
-    tok = int(_next_token(state, jnp.asarray([tokens], jnp.int32), n - 1,
-                          jax.random.fold_in(key, t), **settings))
+    tok = int(_next_token(state, jnp.asarray(buffer[None]), n - 1, jax.random.fold_in(key, t),
+                          **settings))
     ids.append(tok)
+    buffer[n] = tok
+    if progress_every and (t + 1) % progress_every == 0:
+      print(f'sampled {t + 1}/{max_new_tokens} tokens ({time.perf_counter() - start:.1f} s)',
+            file=sys.stderr, flush=True)
     if eos_id is not None and tok == eos_id:
       break
   return ids
-
-
-def needs_exact_prefix(cfg: schema.Config) -> bool:
-  """Whether padding a prefix would change its logits (see the module docstring): some layer's
-  selection reads the whole sequence (routing attention, UoE SMHA, UoME data selection, expert
-  choice), or a MoE layer runs with capacity slots or router jitter."""
-  u, m = cfg.uoe, cfg.moe
-  reads_future = (cfg.attention.kind != 'dense' or u.attention == 'smha' or
-                  (u.feed_forward == 'uome' and u.paradigm == 'data_selection'))
-  moe_length_dependent = m.num_experts > 0 and (
-      m.router == 'expert_choice' or m.execution == 'capacity' or m.jitter > 0)
-  return reads_future or moe_length_dependent
 
 
 def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
@@ -115,8 +116,8 @@ def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
     raise ConfigError('--prompt is empty: give at least one character')
   ids = sample(model, prompt_ids, max_new_tokens=max_new_tokens,
                vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k,
-               top_p=top_p, seed=seed, exact_prefix=needs_exact_prefix(cfg),
-               eos_id=tokenizer.eos_id)
+               top_p=top_p, seed=seed, eos_id=tokenizer.eos_id,
+               progress_every=50 if max_new_tokens >= 100 else 0)
   new = ids[len(prompt_ids):]
   return {'step': step, 'prompt': prompt, 'completion': tokenizer.decode(np.asarray(new)),
           'tokens': new, 'seed': seed}

@@ -58,6 +58,12 @@ class Attention(nnx.Module):
     self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
                          pd)
 
+  @staticmethod
+  def reads_future(cfg: ModelConfig) -> str | None:
+    """Causal mask (and segment mask): the output at t never reads a later token."""
+    del cfg
+    return None
+
   def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
                segment_ids_BL: jax.Array | None = None) -> jax.Array:
     cast = lambda w: w[...].astype(self.dtype)

@@ -1,5 +1,10 @@
 """Pre-norm transformer block and the protocol its sublayers follow.
 
+Attention sublayers are called as `(x_BLD, positions_BL, segment_ids_BL)`, feed-forward ones as
+`(x_BLD, segment_ids_BL)`: segment ids keep packed documents apart and id 0 marks tokens that are
+not there (`model.validity`). Every kind declares `reads_future(cfg) -> str | None` (a static
+method: why its output at t can depend on tokens after t, or None), from which the model's
+causality is derived (`model.transformer.future_dependence`).
 A sublayer returns either an array (dense) or `(y, aux)` (routed), where aux is
 `{'loss': f32 scalar of weighted aux losses, 'metrics': {name: scalar}, 'stats': pytree}`.
 `stats` feed `update_state(stats)`, which the train step calls after the gradient to update the
@@ -17,12 +22,13 @@ from model import axes
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, RMSNorm
+from model.local_layer import LocalAttention
 from model.routing_layer import RoutingAttention
 
 RESIDUAL = ('batch', 'length', 'act_embed')
 
 # kind name -> constructor(cfg, *, rngs); routed kinds are added by their modules' registration.
-ATTENTION = {'dense': Attention, 'routing': RoutingAttention}
+ATTENTION = {'dense': Attention, 'local': LocalAttention, 'routing': RoutingAttention}
 FEED_FORWARD = {'mlp': MLP}
 
 
@@ -37,7 +43,10 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
   """The spec of every layer, from the config (routed kinds where their config asks for them)."""
   specs = []
   for i in range(cfg.num_layers):
-    attention = 'routing' if i in cfg.attention.routing_layers_resolved(cfg.num_layers) else 'dense'
+    routing = i in cfg.attention.routing_layers_resolved(cfg.num_layers)
+    # kind='routing', non_routing='local' (the paper's layout): only local heads between them
+    local = cfg.attention.kind == 'routing' and cfg.attention.non_routing == 'local'
+    attention = 'routing' if routing else 'local' if local else 'dense'
     feed_forward = 'moe' if cfg.moe.is_moe_layer(i) else 'mlp'
     if cfg.uoe.is_smha_layer(i, cfg.num_layers):  # Union of Experts: uoe.layers (() = every layer)
       attention = 'smha'
@@ -72,7 +81,7 @@ class Block(nnx.Module):
                segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
     y_BLD, attn_aux = _split(self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL))
     x_BLD = axes.constrain(x_BLD + y_BLD, RESIDUAL)
-    y_BLD, mlp_aux = _split(self.mlp(self.mlp_norm(x_BLD)))
+    y_BLD, mlp_aux = _split(self.mlp(self.mlp_norm(x_BLD), segment_ids_BL))
     x_BLD = axes.constrain(x_BLD + y_BLD, RESIDUAL)
     aux = {'loss': attn_aux['loss'] + mlp_aux['loss'],
            'metrics': {**attn_aux['metrics'], **mlp_aux['metrics']},

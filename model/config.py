@@ -13,12 +13,15 @@ class ConfigError(ValueError):
 
 
 ATTENTION_KINDS = ('dense', 'routing')
+NON_ROUTING_KINDS = ('dense', 'local')
+ROUTING_SCALES = ('rsqrt_dim', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   impl: str = 'auto'
   kind: str = 'dense'
+  non_routing: str = 'dense'
   routing_layers: tuple[int, ...] = (-2, -1)
   window: int = 256
   local_window: int = 256
@@ -26,6 +29,7 @@ class AttentionConfig:
   routing_heads: int = -1
   commitment_weight: float = 1e-4
   kmeans_decay: float = 0.999
+  routing_scale: str = 'rsqrt_dim'
 
   def routing_layers_resolved(self, num_layers: int) -> frozenset[int]:
     """Indices of the layers with routing heads (none unless kind == 'routing')."""
@@ -38,6 +42,12 @@ class AttentionConfig:
       raise ConfigError(f'attention.impl={self.impl!r}: expected one of {ATTENTION_IMPLS}')
     if self.kind not in ATTENTION_KINDS:
       raise ConfigError(f'attention.kind={self.kind!r}: expected one of {ATTENTION_KINDS}')
+    if self.routing_scale not in ROUTING_SCALES:
+      raise ConfigError(f'attention.routing_scale={self.routing_scale!r}: expected one of '
+                        f'{ROUTING_SCALES}')
+    if self.non_routing not in NON_ROUTING_KINDS:
+      raise ConfigError(f'attention.non_routing={self.non_routing!r}: expected one of '
+                        f'{NON_ROUTING_KINDS}')
     for i in self.routing_layers:
       if not -num_layers <= i < num_layers:
         raise ConfigError(f'attention.routing_layers={self.routing_layers}: layer {i} is outside '
@@ -72,6 +82,7 @@ MOE_ROUTERS = ('topk', 'expert_choice')
 MOE_SCORES = ('softmax', 'sigmoid')
 MOE_EXECUTIONS = ('dropless', 'capacity')
 MOE_DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
+MOE_BALANCE_CONVENTIONS = ('assignments', 'tokens')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,7 @@ class MoEConfig:
   block_size: int = 256
   capacity_factor: float = 1.25
   balance_weight: float = 1e-2
+  balance_convention: str = 'assignments'
   z_loss_weight: float = 1e-3
   bias_rate: float = 0.0
   jitter: float = 0.0
@@ -110,7 +122,8 @@ class MoEConfig:
     if self.num_experts < 0:
       raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
     for name, allowed in (('router', MOE_ROUTERS), ('score', MOE_SCORES),
-                          ('execution', MOE_EXECUTIONS), ('dropless_impl', MOE_DROPLESS_IMPLS)):
+                          ('execution', MOE_EXECUTIONS), ('dropless_impl', MOE_DROPLESS_IMPLS),
+                          ('balance_convention', MOE_BALANCE_CONVENTIONS)):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'moe.{name}={getattr(self, name)!r}: expected one of {allowed}')
     if self.num_experts and not 1 <= self.top_k <= self.num_experts:

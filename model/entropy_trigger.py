@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import axes, router
+from model.validity import masked_mean
 from model.config import EntropyConfig
 
 # Key of a monitor's statistics inside its layer's aux['stats'] (how mode 'global' finds them).
@@ -44,8 +45,10 @@ def _plogp(p: jax.Array) -> jax.Array:
   return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
 
 
-def routing_entropies(probs_TE: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(H_tok, H_use): mean token entropy and entropy of the mean distribution, both / log E, f32.
+def routing_entropies(probs_TE: jax.Array,
+                      valid_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(H_tok, H_use): mean token entropy and entropy of the mean distribution, both / log E, f32,
+  over the valid tokens (`valid_T`; all when None).
 
   Differentiable. The means run over the global token axis: under GSPMD (sharding constraints
   inside one jit) a plain mean over a data-sharded axis IS the reduction over the data-parallel
@@ -54,8 +57,8 @@ def routing_entropies(probs_TE: jax.Array) -> tuple[jax.Array, jax.Array]:
   probs_TE = probs_TE.astype(jnp.float32)
   e = probs_TE.shape[-1]
   norm = math.log(e) if e > 1 else 1.0  # one expert: both entropies are 0
-  h_tok = -jnp.mean(jnp.sum(_plogp(probs_TE), axis=-1)) / norm
-  h_use = -jnp.sum(_plogp(jnp.mean(probs_TE, axis=0))) / norm
+  h_tok = -masked_mean(jnp.sum(_plogp(probs_TE), axis=-1), valid_T) / norm
+  h_use = -jnp.sum(_plogp(masked_mean(probs_TE, valid_T))) / norm
   return h_tok, h_use
 
 
@@ -157,9 +160,10 @@ class EntropyMonitor(nnx.Module):
     return TriggerState(self.ema[...][0], self.trigger_step[...][0], self.step[...][0],
                         self.history[...])
 
-  def __call__(self, probs_TE: jax.Array) -> tuple[jax.Array, dict, dict]:
+  def __call__(self, probs_TE: jax.Array,
+               valid_T: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
     c, state = self.cfg, self.state()
-    h_tok, h_use = routing_entropies(probs_TE)
+    h_tok, h_use = routing_entropies(probs_TE, valid_T)
     w = ramp_weight(state, c.ramp_steps)
     loss = entropy_loss(h_tok, h_use, w, c.beta_tok, c.beta_use)
     metrics = {'h_tok': h_tok, 'h_use': h_use, 'h_tok_ema': state.ema,

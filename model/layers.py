@@ -99,6 +99,13 @@ class MLP(nnx.Module):
     self.w_down = axes.param(rngs, init_normal(cfg, output=True), (f, d), ('mlp', 'embed'),
                              cfg.param_dtype)
 
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+  @staticmethod
+  def reads_future(cfg: ModelConfig) -> str | None:
+    """Token-wise: the output at t never depends on another token."""
+    del cfg
+    return None
+
+  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
+    del segment_ids_BL  # token-wise
     cast = lambda w: w[...].astype(self.dtype)
     return swiglu(x_BLD.astype(self.dtype), cast(self.w_gate), cast(self.w_up), cast(self.w_down))

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from model import axes
+from model import axes, validity
 
 DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
 
@@ -183,40 +183,49 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> i
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
-def _capacity_slots(experts_TK, num_experts: int, capacity_factor: float, num_groups: int):
+def _capacity_slots(experts_TK, num_experts: int, capacity_factor: float, num_groups: int,
+                    valid_T=None):
   """Expert one-hot [G, K, S, E], slot [G, K, S] and kept mask [G, K, S] of every assignment, and C.
 
-  Slots are given in order: all first choices of a group, then all second choices, ...
+  Slots are given in order: all first choices of a group, then all second choices, ... Invalid
+  tokens (`valid_T` False) take no slot and are never kept; a group's slots per expert follow its
+  number of valid tokens (what the valid tokens alone would get), within the static C.
   """
   if capacity_factor <= 0:
     raise ValueError(f'capacity_factor={capacity_factor}: expected > 0')
   (t, k), e, g = experts_TK.shape, num_experts, num_groups
   s = t // g
-  c = capacity(s, k, e, capacity_factor)
+  formula = lambda n: capacity(n, k, e, capacity_factor)
+  c = formula(s)
   mask_GKSE = jax.nn.one_hot(experts_TK.reshape(g, s, k).transpose(0, 2, 1), e, dtype=jnp.int32)
+  valid_GS = jnp.ones((g, s), bool) if valid_T is None else valid_T.reshape(g, s)
+  mask_GKSE = mask_GKSE * valid_GS[:, None, :, None]
   pos_GKSE = jnp.cumsum(mask_GKSE.reshape(g, k * s, e), axis=1).reshape(g, k, s, e) - 1
   pos_GKS = jnp.sum(pos_GKSE * mask_GKSE, axis=-1)
-  return mask_GKSE, pos_GKS, pos_GKS < c, c
+  used_G = c if valid_T is None else validity.slots_for(formula, valid_GS.sum(-1), s)[:, None, None]
+  keep_GKS = (pos_GKS < used_G) & valid_GS[:, None, :]
+  return mask_GKSE, pos_GKS, keep_GKS, c
 
 
 def capacity_kept(experts_TK, num_experts: int, capacity_factor: float, *,
-                  num_groups: int = 1) -> jax.Array:
+                  num_groups: int = 1, valid_T=None) -> jax.Array:
   """[T, K] bool: which assignments `experts_capacity` runs (False = dropped for lack of slots)."""
   t, k = experts_TK.shape
-  keep_GKS = _capacity_slots(experts_TK, num_experts, capacity_factor, num_groups)[2]
+  keep_GKS = _capacity_slots(experts_TK, num_experts, capacity_factor, num_groups, valid_T)[2]
   return keep_GKS.transpose(0, 2, 1).reshape(t, k)
 
 
 def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                     capacity_factor: float, *, num_groups: int = 1):
+                     capacity_factor: float, *, num_groups: int = 1, valid_T=None):
   """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction).
 
   With `num_groups` G, the T tokens are G consecutive groups (e.g. sequences), each with its own
-  C = ceil(capacity_factor * (T / G) * K / E) slots per expert (GShard's groups).
+  C = ceil(capacity_factor * (T / G) * K / E) slots per expert (GShard's groups). Invalid tokens
+  (`valid_T` False) take no slot and get zeros; the dropped fraction counts valid assignments.
   """
   (t, k), e, g = experts_TK.shape, w_gate_EDF.shape[0], num_groups
   s = t // g
-  mask_GKSE, pos_GKS, keep_GKS, c = _capacity_slots(experts_TK, e, capacity_factor, g)
+  mask_GKSE, pos_GKS, keep_GKS, c = _capacity_slots(experts_TK, e, capacity_factor, g, valid_T)
   slot_GKSC = jax.nn.one_hot(jnp.where(keep_GKS, pos_GKS, c), c, dtype=x_TD.dtype)
   dispatch_GKSEC = mask_GKSE.astype(x_TD.dtype)[..., None] * slot_GKSC[..., None, :]
   weights_GKS = weights_TK.reshape(g, s, k).transpose(0, 2, 1).astype(x_TD.dtype)
@@ -227,7 +236,9 @@ def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_
   y_EGCD = _swiglu_E(x_EGCD.reshape(e, g * c, -1), w_gate_EDF, w_up_EDF, w_down_EFD)
   y_EGCD = axes.constrain(y_EGCD.reshape(e, g, c, -1), names)
   y_GSD = jnp.einsum('gsec,egcd->gsd', combine_GSEC, y_EGCD)
-  dropped = 1.0 - jnp.mean(keep_GKS.astype(jnp.float32))
+  valid_A = (None if valid_T is None else
+             jnp.broadcast_to(valid_T.reshape(g, 1, s), keep_GKS.shape).reshape(-1))
+  dropped = 1.0 - validity.masked_mean(keep_GKS.reshape(-1), valid_A)
   return y_GSD.reshape(t, -1), dropped
 
 

@@ -8,6 +8,10 @@ batch, 'assign_BLE': which experts ran on each token (bool; dropped assignments 
 eval.segment_cache, dead code in the train step), 'entropy': this step's H_tok (when enabled)}.
 `update_state` moves the loss-free balancing bias by those counts after the gradient, advances
 the jitter and ERC noise keys and the entropy trigger. Expert choice picks per sequence.
+
+Tokens with segment id 0 (`model.validity`) are invisible: never picked by expert choice, no
+capacity slot, left out of every loss and count. Router jitter applies in training only
+(`model.eval()` sets `deterministic`, as for dropout).
 """
 
 import dataclasses
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, entropy_trigger, erc, moe, router
+from model import axes, block, entropy_trigger, erc, moe, router, validity
 from model.config import ModelConfig
 from model.layers import MLP, init_normal
 
@@ -40,50 +44,70 @@ class MoE(nnx.Module):
     self.jitter_key = _key_state(rngs) if m.jitter else None
     self.erc_key = _key_state(rngs) if m.erc_weight else None
     self.entropy = entropy_trigger.EntropyMonitor(cfg.entropy) if cfg.entropy.enabled else None
+    self.deterministic = False  # True (model.eval()): no router jitter
+
+  @staticmethod
+  def reads_future(cfg: ModelConfig) -> str | None:
+    """Why the output at t can depend on tokens after t (None: it cannot; jitter is off in eval)."""
+    m = cfg.moe
+    if m.router == 'expert_choice':
+      return 'expert-choice MoE: each expert takes its top-C tokens of the whole sequence'
+    if m.execution == 'capacity' and m.capacity_factor * m.top_k < m.num_experts:
+      return ('capacity execution: tokens of a sequence compete for C slots per expert (first '
+              'choices of later tokens before second choices of earlier ones)')
+    return None
 
   def _logits(self, x_TD: jax.Array) -> jax.Array:
     """Router logits in f32, with multiplicative input jitter when configured."""
     x32_TD = x_TD.astype(jnp.float32)
-    if self.jitter_key is not None:
+    if self.jitter_key is not None and not self.deterministic:
       j = self.cfg.moe.jitter
       x32_TD = x32_TD * jax.random.uniform(self.jitter_key[...], x32_TD.shape, jnp.float32,
                                            1.0 - j, 1.0 + j)
     return x32_TD @ self.router[...].astype(jnp.float32)
 
-  def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict]:
+  def __call__(self, x_BLD: jax.Array,
+               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
     m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
     b, l, d = x_BLD.shape
     x_TD = x_BLD.reshape(b * l, d).astype(dtype)
+    valid_BL = validity.valid_tokens(segment_ids_BL, b, l)
+    valid_T = None if segment_ids_BL is None else valid_BL.reshape(-1)
     logits_TE = self._logits(x_TD)
     ws = [w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
     if m.router == 'expert_choice':
-      out, y_TD = self._expert_choice(x_TD, logits_TE.reshape(b, l, -1), ws)
-      assign_BLE = jax.vmap(expert_choice_assignment, in_axes=(0, None))(out.indices, l)
+      out, y_TD = self._expert_choice(x_TD, logits_TE.reshape(b, l, -1), valid_BL, ws)
+      assign_BLE = jax.vmap(expert_choice_assignment, in_axes=(0, 0, None))(
+          out.indices, out.kept, l)
     else:
       bias_E = None if self.bias is None else self.bias[...]
       out = router.route_topk(logits_TE, m.top_k, score=m.score, bias_E=bias_E,
-                              renormalize=m.renormalize)
+                              renormalize=m.renormalize, valid_T=valid_T,
+                              convention=m.balance_convention)
       kept_TK = None
       if m.execution == 'capacity':
         y_TD, dropped = moe.experts_capacity(x_TD, out.weights, out.indices, *ws,
-                                             m.capacity_factor, num_groups=b)
+                                             m.capacity_factor, num_groups=b, valid_T=valid_T)
         out = out._replace(dropped_fraction=dropped)
-        kept_TK = moe.capacity_kept(out.indices, m.num_experts, m.capacity_factor, num_groups=b)
+        kept_TK = moe.capacity_kept(out.indices, m.num_experts, m.capacity_factor, num_groups=b,
+                                    valid_T=valid_T)
       else:
         y_TD = moe.experts_dropless(x_TD, out.weights, out.indices, *ws,
                                     impl=m.dropless_impl, block_size=m.block_size)
       assign_BLE = topk_assignment(out.indices, m.num_experts, kept_TK).reshape(b, l, -1)
+      assign_BLE = assign_BLE & valid_BL[..., None]
     y_BLD = axes.constrain(y_TD.reshape(b, l, d), block.RESIDUAL)
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD)
     loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
     erc_loss, erc_metrics = self._erc()
-    entropy_loss, entropy_metrics, stats = self._entropy(logits_TE)
+    entropy_loss, entropy_metrics, stats = self._entropy(logits_TE, valid_T)
     return y_BLD, {'loss': (loss + erc_loss + entropy_loss).astype(jnp.float32),
                    'metrics': {**self._metrics(out), **erc_metrics, **entropy_metrics},
                    'stats': {'expert_counts': out.load_E, 'assign_BLE': assign_BLE, **stats}}
 
-  def _entropy(self, logits_TE: jax.Array) -> tuple[jax.Array, dict, dict]:
+  def _entropy(self, logits_TE: jax.Array,
+               valid_T: jax.Array | None) -> tuple[jax.Array, dict, dict]:
     """Normalised routing entropies H_tok, H_use of the full distribution (bias excluded), always
     logged; with `entropy.enabled` also the trigger's loss, state metrics and stats.
 
@@ -92,9 +116,9 @@ class MoE(nnx.Module):
     """
     probs_TE = entropy_trigger.routing_probs(logits_TE, self.cfg.moe.score)
     if self.entropy is None:
-      h_tok, h_use = entropy_trigger.routing_entropies(probs_TE)
+      h_tok, h_use = entropy_trigger.routing_entropies(probs_TE, valid_T)
       return jnp.zeros((), jnp.float32), {'moe/h_tok': h_tok, 'moe/h_use': h_use}, {}
-    loss, metrics, stats = self.entropy(probs_TE)
+    loss, metrics, stats = self.entropy(probs_TE, valid_T)
     return loss, {f'moe/{k}': v for k, v in metrics.items()}, {entropy_trigger.STATS_KEY: stats}
 
   def _erc(self) -> tuple[jax.Array, dict]:
@@ -114,16 +138,25 @@ class MoE(nnx.Module):
     layers = sum(map(m.is_moe_layer, range(self.cfg.num_layers)))
     return m.erc_weight * loss / layers, metrics
 
-  def _expert_choice(self, x_TD, logits_BLE, ws):
-    """Each expert takes its top-C tokens of each sequence; losses and load over sequences."""
+  def _expert_choice(self, x_TD, logits_BLE, valid_BL, ws):
+    """Each expert takes its top-C tokens of each sequence; losses and load over sequences.
+
+    C follows the sequence's number of valid tokens: a padded prefix gets the slots it would get
+    alone.
+    """
     b, l, e = logits_BLE.shape
-    c = router.expert_choice_capacity(l, e, self.cfg.moe.capacity_factor)
-    out = jax.vmap(lambda z: router.route_expert_choice(z, c))(logits_BLE)
+    formula = lambda n: router.expert_choice_capacity(n, e, self.cfg.moe.capacity_factor)
+    c = formula(l)
+    used_B = validity.slots_for(formula, valid_BL.sum(-1), l)
+    out = jax.vmap(lambda z, v, u: router.route_expert_choice(z, c, valid_T=v, used_capacity=u))(
+        logits_BLE, valid_BL, used_B)
     y_BLD = jax.vmap(moe.experts_choice, in_axes=(0, 0, 0, None, None, None))(
         x_TD.reshape(b, l, -1), out.weights, out.indices, *ws)
-    out = out._replace(load_E=out.load_E.sum(0), z_loss=out.z_loss.mean(),
-                       entropy=out.entropy.mean(), balance_loss=out.balance_loss.mean(),
-                       dropped_fraction=out.dropped_fraction.mean())
+    n_B = valid_BL.sum(-1).astype(jnp.float32)
+    over_tokens = lambda v_B: jnp.sum(v_B * n_B) / jnp.maximum(n_B.sum(), 1.0)  # row -> token mean
+    out = out._replace(load_E=out.load_E.sum(0), z_loss=over_tokens(out.z_loss),
+                       entropy=over_tokens(out.entropy), balance_loss=out.balance_loss.mean(),
+                       dropped_fraction=over_tokens(out.dropped_fraction))
     return out, y_BLD.reshape(b * l, -1)
 
   def _metrics(self, out: router.RouterOutput) -> dict:
@@ -158,11 +191,13 @@ def topk_assignment(experts_TK: jax.Array, num_experts: int,
   return hot_TKE.any(axis=1)
 
 
-def expert_choice_assignment(tokens_EC: jax.Array, length: int) -> jax.Array:
-  """[L, E] bool: token t is assigned to expert e when e picked it (unpicked tokens: no expert)."""
+def expert_choice_assignment(tokens_EC: jax.Array, kept_EC: jax.Array, length: int) -> jax.Array:
+  """[L, E] bool: token t is assigned to expert e when e picked it in a kept slot (unpicked
+  tokens: no expert)."""
   e = tokens_EC.shape[0]
   experts_EC = jnp.broadcast_to(jnp.arange(e)[:, None], tokens_EC.shape)
-  return jnp.zeros((length, e), jnp.bool_).at[tokens_EC, experts_EC].set(True)
+  return jnp.zeros((length, e), jnp.int32).at[tokens_EC, experts_EC].add(
+      kept_EC.astype(jnp.int32)) > 0
 
 
 def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:

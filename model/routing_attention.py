@@ -10,6 +10,10 @@ Pure, jit-able functions; the layer in `model/routing_layer.py` owns the state a
 - `kmeans_stats` / `kmeans_ema_update`: the EMA k-means of the google implementation (sums and
   counts of the nearest-mean assignment, decay 0.999, Laplace smoothing of the counts).
 - `commitment_loss`: mean squared distance of each vector to its (stop-gradient) nearest mean.
+
+Tokens with segment id 0 (`model.validity`) are invisible: a cluster takes them only after every
+valid token (when the window is longer than the valid tokens), and no query ever sees them as keys.
+Selection runs in f32 whatever the compute dtype; attention inside the clusters in v's dtype.
 """
 
 import jax
@@ -22,13 +26,18 @@ def _to_bh(x_BLHK: jax.Array) -> jax.Array:
   return jnp.transpose(x_BLHK, (0, 2, 1, 3))
 
 
-def balanced_assignment(x_BHLK: jax.Array, means_HNK: jax.Array, window: int) -> jax.Array:
+def balanced_assignment(x_BHLK: jax.Array, means_HNK: jax.Array, window: int,
+                        valid_BL: jax.Array | None = None) -> jax.Array:
   """[B, H, N, W] int32: per mean, the `window` positions with the highest dot product, in time order.
 
-  Selection is a hard top-k, so no gradient flows through it (neither to x nor to the means).
+  Selection is a hard top-k in f32, so no gradient flows through it (neither to x nor to the
+  means). Invalid positions rank below every valid one.
   """
-  x_BHLK, means_HNK = jax.lax.stop_gradient((x_BHLK, means_HNK))
-  dots_BHNL = jnp.einsum('bhlk,hnk->bhnl', x_BHLK, means_HNK, preferred_element_type=jnp.float32)
+  x_BHLK, means_HNK = jax.lax.stop_gradient((x_BHLK.astype(jnp.float32),
+                                              means_HNK.astype(jnp.float32)))
+  dots_BHNL = jnp.einsum('bhlk,hnk->bhnl', x_BHLK, means_HNK)
+  if valid_BL is not None:
+    dots_BHNL = jnp.where(valid_BL[:, None, None, :], dots_BHNL, -jnp.inf)
   _, idx_BHNW = jax.lax.top_k(dots_BHNL, window)
   return jnp.sort(idx_BHNW, axis=-1).astype(jnp.int32)
 
@@ -56,10 +65,12 @@ def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   clusters picked each query).
 
   Queries and keys are selected separately; when `k_BLHK is q_BLHK` (shared QK) the selection is
-  computed once. The causal mask compares the gathered original positions, so it is exact whether
-  or not the query and key sets coincide. With `segment_ids_BL` a query only sees keys of its own
-  segment. A query that sees no key inside a cluster (possible only when q and k differ) gets
-  nothing from that cluster and that cluster is left out of its average.
+  computed once, from q and the means in f32 (pass q in f32 for an f32 selection; the clusters'
+  attention runs in v's dtype). The causal mask compares the gathered original positions, so it
+  is exact whether or not the query and key sets coincide. With `segment_ids_BL` a query only sees
+  keys of its own segment and never a key of segment 0 (invisible tokens, ranked last by the
+  selection). A query that sees no key inside a cluster gets nothing from that cluster and that
+  cluster is left out of its average.
   """
   b, l, h, kd = q_BLHK.shape
   if window > l:
@@ -67,11 +78,12 @@ def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   scale = kd ** -0.5 if scale is None else scale
   q_BHLK, v_BHLK = _to_bh(q_BLHK), _to_bh(v_BLHK)
   k_BHLK = q_BHLK if k_BLHK is q_BLHK else _to_bh(k_BLHK)
-  idx_q = balanced_assignment(q_BHLK, means_HNK, window)
-  idx_k = idx_q if k_BLHK is q_BLHK else balanced_assignment(k_BHLK, means_HNK, window)
+  valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
+  idx_q = balanced_assignment(q_BHLK, means_HNK, window, valid_BL)
+  idx_k = idx_q if k_BLHK is q_BLHK else balanced_assignment(k_BHLK, means_HNK, window, valid_BL)
 
-  qc = _gather(q_BHLK, idx_q)
-  kc = _gather(k_BHLK, idx_k)
+  qc = _gather(q_BHLK, idx_q).astype(v_BLHK.dtype)
+  kc = _gather(k_BHLK, idx_k).astype(v_BLHK.dtype)
   vc = _gather(v_BHLK, idx_k)
   logits = jnp.einsum('bhnik,bhnjk->bhnij', qc, kc, preferred_element_type=jnp.float32) * scale
   mask = jnp.ones(logits.shape, bool)
@@ -80,7 +92,9 @@ def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   if segment_ids_BL is not None:
     seg_BHL = jnp.broadcast_to(segment_ids_BL[:, None, :], (b, h, l))
     take = jax.vmap(jax.vmap(lambda s_L, i_NW: s_L[i_NW]))
-    mask = mask & (take(seg_BHL, idx_q)[..., :, None] == take(seg_BHL, idx_k)[..., None, :])
+    seg_k = take(seg_BHL, idx_k)
+    mask = mask & (take(seg_BHL, idx_q)[..., :, None] == seg_k[..., None, :]) & (
+        seg_k[..., None, :] != 0)
   probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
   seen_BHNW = jnp.any(mask, axis=-1)
   probs = jnp.where(seen_BHNW[..., None], probs, 0.0)

@@ -9,14 +9,16 @@ axis before `wo`.
 
 `__call__` returns `(y_BLD, aux)`: aux['loss'] is the weighted commitment loss, aux['metrics'] the
 per-layer routing metrics, aux['stats'] the k-means statistics of the (global) batch that
-`update_state` turns into one EMA step after the gradient.
+`update_state` turns into one EMA step after the gradient. Tokens with segment id 0
+(`model.validity`) are invisible to the clusters and left out of the k-means statistics, the
+commitment loss and the metrics. Selection and k-means run in f32 whatever the compute dtype.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
+from model import axes, validity
 from model.config import ModelConfig
 from model.layers import apply_rope, init_normal
 from model.local_attention import local_attention
@@ -49,6 +51,9 @@ class RoutingAttention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.window, self.local_window = a.window, a.local_window
     self.decay, self.commitment_weight = a.kmeans_decay, a.commitment_weight
+    # LN(q) has unit variance per channel, so q·k grows like K: K**-0.5 keeps logits O(1); the
+    # google code uses no scale ('none'), sharper attention inside the clusters.
+    self.scale = cfg.head_dim ** -0.5 if a.routing_scale == 'rsqrt_dim' else 1.0
     d, h, k, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
     self.r = r = a.resolved_routing_heads(h)
     self.g = g = cfg.num_kv_heads * (h - r) // h  # local kv heads keep the model's GQA ratio
@@ -80,10 +85,10 @@ class RoutingAttention(nnx.Module):
     vr_BLRK = jnp.einsum('bld,drk->blrk', x_BLD, cast(self.wv_routing))
     means_RNK = self.means[...]
     window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
-    qr = qr_BLRK.astype(self.dtype)
-    out_r, picks_BRL = routing_attention(qr, qr, vr_BLRK, means_RNK.astype(self.dtype),
-                                         window=window, segment_ids_BL=segment_ids_BL,
-                                         return_picks=True)
+    # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype
+    out_r, picks_BRL = routing_attention(qr_BLRK, qr_BLRK, vr_BLRK, means_RNK,
+                                         window=window, scale=self.scale,
+                                         segment_ids_BL=segment_ids_BL, return_picks=True)
     outs.append(out_r)
 
     # local heads: RoPE, blocked causal sliding window
@@ -98,20 +103,33 @@ class RoutingAttention(nnx.Module):
     o_BLHK = axes.constrain(o_BLHK.astype(self.dtype), ('batch', 'length', 'act_heads', 'act_kv'))
     y_BLD = jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
 
-    stats = kmeans_stats(qr_BLRK, means_RNK)
-    commit = commitment_loss(qr_BLRK, means_RNK)
+    valid_BL = validity.valid_tokens(segment_ids_BL, b, l)
+    stats = kmeans_stats(qr_BLRK, means_RNK, valid_BL)
+    commit = commitment_loss(qr_BLRK, means_RNK, valid_BL)
     new_means = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats,
                                   decay=self.decay)[0]
-    occupancy_RN = stats['count_HN'] / (b * window)
+    # tokens nearest each mean per sequence, relative to the window (b * l valid tokens: b * window)
+    valid_share = jnp.maximum(valid_BL.sum(), 1).astype(jnp.float32) / (b * l)
+    occupancy_RN = stats['count_HN'] / (b * window * valid_share)
+    valid_BRL = jnp.broadcast_to(valid_BL[:, None, :], picks_BRL.shape)
     metrics = {
         'routing/occupancy_min': occupancy_RN.min(),
         'routing/occupancy_max': occupancy_RN.max(),
-        'routing/unpicked_fraction': jnp.mean(picks_BRL == 0),
-        'routing/multi_picked_fraction': jnp.mean(picks_BRL > 1),
+        'routing/unpicked_fraction': validity.masked_mean((picks_BRL == 0).reshape(-1),
+                                                          valid_BRL.reshape(-1)),
+        'routing/multi_picked_fraction': validity.masked_mean((picks_BRL > 1).reshape(-1),
+                                                              valid_BRL.reshape(-1)),
         'routing/commitment_loss': commit,
         'routing/centroid_drift': jnp.linalg.norm(new_means - means_RNK, axis=-1).mean(),
     }
     return y_BLD, {'loss': self.commitment_weight * commit, 'metrics': metrics, 'stats': stats}
+
+  @staticmethod
+  def reads_future(cfg: ModelConfig) -> str | None:
+    """Why the output at t can depend on tokens after t (None: it cannot)."""
+    del cfg
+    return ('routing attention: each k-means cluster takes the top-window tokens of the whole row, '
+            'so later tokens decide which earlier tokens share a cluster')
 
   def update_state(self, stats: dict) -> None:
     """One EMA k-means step from this layer's forward statistics (called after the gradient)."""

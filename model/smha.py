@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from model.layers import apply_rope
-from model.uoe import Gate, Selection, capacity, gate, gather_tokens, scatter_tokens, select_tokens
+from model.uoe import Gate, Selection, gate, gather_tokens, scatter_tokens, select_valid
 
 _MASKED = -1e30  # finite: a padding query with no visible key gets a uniform row, then weight 0
 
@@ -64,12 +64,12 @@ def smha(x_BLD: jax.Array, router_DH: jax.Array, wq_DHK: jax.Array, wk_DGK: jax.
          wv_DGK: jax.Array, wo_HKD: jax.Array, positions_BL: jax.Array, *, heads_per_token: int,
          capacity_factor: float = 1.0, gate_outputs: bool = True, rope_theta: float = 10000.0,
          segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, Gate, Selection]:
-  """SMHA end to end: gate, per-head token selection (C = ceil(cap·L·heads_per_token/H)),
+  """SMHA end to end: gate, per-head token selection (C = ceil(cap·L·heads_per_token/H), of which
+  a sequence uses what its valid tokens alone would get; segment id 0 is never selected),
   attention among the selected tokens. Returns (y_BLD, gate, selection)."""
-  l, h = x_BLD.shape[1], wq_DHK.shape[1]
   g = gate(x_BLD, router_DH, heads_per_token)
-  sel = select_tokens(g, capacity(l, heads_per_token, h, capacity_factor),
-                      gate_outputs=gate_outputs)
+  valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
+  sel = select_valid(g, heads_per_token, capacity_factor, valid_BL, gate_outputs=gate_outputs)
   y_BLD = smha_selected(x_BLD, wq_DHK, wk_DGK, wv_DGK, wo_HKD, positions_BL, sel,
                         rope_theta=rope_theta, segment_ids_BL=segment_ids_BL)
   return y_BLD, g, sel

@@ -7,6 +7,11 @@ dtype; aux is {'loss': f32 scalar summed over layers, 'metrics': {'layer_{i}/nam
 Consecutive layers with the same `LayerSpec` form one `Stage` (one scan). A dense model is one
 stage; routed layers in some positions split it.
 
+Causality is declared, not listed: every layer kind answers `reads_future(cfg)` (why its output at
+t can depend on tokens after t, or None), and `future_dependence(cfg)` gathers the answers of the
+layers a config builds; `Transformer.causal` is True when there are none. Segment id 0 marks tokens
+that are not there (`model.validity`), which is how a non-causal model is run on an exact prefix.
+
 Under raw jax transforms (jax.jit, jax.grad, ...) merge the model inside the transformed function:
 nnx.scan refuses Variables created at an outer trace level. nnx.jit / nnx.grad need nothing special.
 """
@@ -20,7 +25,7 @@ from flax import nnx
 from model import axes, entropy_trigger
 from model import moe_layer  # noqa: F401  (registers block.FEED_FORWARD['moe'])
 from model import uoe_layer  # noqa: F401  (registers block.ATTENTION['smha'], FEED_FORWARD['uome'])
-from model.block import RESIDUAL, layer_specs
+from model.block import ATTENTION, FEED_FORWARD, RESIDUAL, layer_specs
 from model.config import ModelConfig
 from model.layers import Embedding, RMSNorm, init_normal
 from model.stage import Stage
@@ -42,6 +47,11 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.head = axes.param(rngs, init_normal(cfg), (cfg.d_model, cfg.vocab_size),
                              ('embed', 'vocab'), cfg.param_dtype)
+
+  @property
+  def causal(self) -> bool:
+    """Whether the logits at t depend on tokens <= t only (derived from the layer kinds)."""
+    return is_causal(self.cfg)
 
   def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -88,6 +98,26 @@ class Transformer(nnx.Module):
     for stage, stage_stats in zip(self.stages, stats):
       out.update(stage.layer_stats(stage_stats))
     return out
+
+
+def future_dependence(cfg: ModelConfig) -> list[str]:
+  """Why the model's logits at t can depend on tokens after t: the distinct reasons its layer
+  kinds declare (`reads_future`), in layer order; empty for a causal model."""
+  reasons = []
+  for spec in layer_specs(cfg):
+    for kind in (ATTENTION[spec.attention], FEED_FORWARD[spec.feed_forward]):
+      if not hasattr(kind, 'reads_future'):
+        raise TypeError(f'layer kind {kind.__name__} does not declare reads_future(cfg) '
+                        '(see model/block.py)')
+      reason = kind.reads_future(cfg)
+      if reason and reason not in reasons:
+        reasons.append(reason)
+  return reasons
+
+
+def is_causal(cfg: ModelConfig) -> bool:
+  """True when no layer's output at t can depend on tokens after t (evaluation mode)."""
+  return not future_dependence(cfg)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -30,6 +30,10 @@ Gate outputs: with `gate_outputs=True` each selected output is multiplied by E·
 probability, E the number of experts), so the gate learns and a uniform gate gives weight 1, the
 released forward pass. With False the weight is 1: the released code, where the gate is used only
 through top-k indices and receives no gradient.
+
+Tokens with segment id 0 (`model.validity`) are invisible: never selected, no capacity slot, left
+out of every statistic; a sequence's capacity follows its number of valid tokens. With segment
+ids the expert-selection gate's prefix mean restarts at every segment.
 """
 
 import dataclasses
@@ -40,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from model import moe, router
+from model import moe, router, validity
 
 
 # ----------------------------------------------------------------------------- decomposition
@@ -92,11 +96,15 @@ def dense_config(cfg):
   return dataclasses.replace(cfg, uoe=uoe)
 
 
-def convert_dense_state(state: dict, cfg, key: jax.Array | None = None) -> dict:
+def convert_dense_state(state: dict, cfg, key: jax.Array | None = None,
+                        gate_std: float = 0.0) -> dict:
   """A dense model's `nnx.to_pure_dict` state -> the state of the UoE model of ModelConfig `cfg`.
 
   Attention weights keep their layout (heads are already the expert axis); MLPs are split by
-  `mlp_to_experts`. The gates, absent from a dense model, are drawn from N(0, init_std) with `key`.
+  `mlp_to_experts`. The gates, absent from a dense model, are zero by default: a uniform gate, so
+  with every expert at full capacity and `gate_outputs=True` (weight E·1/E = 1) the UoE model
+  equals the dense one exactly (ties in the top-k then go to the lowest expert index). With
+  `gate_std` > 0 they are drawn from N(0, gate_std²) with `key` instead (no longer exact).
   """
   key = jax.random.key(0) if key is None else key
   n, u = cfg.num_layers, cfg.uoe
@@ -105,7 +113,7 @@ def convert_dense_state(state: dict, cfg, key: jax.Array | None = None) -> dict:
   for i, layer in enumerate(layers):
     layer = dict(layer)
     k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
-    draw = lambda k, e: (cfg.init_std * jax.random.normal(k, (cfg.d_model, e))).astype(
+    draw = lambda k, e: (gate_std * jax.random.normal(k, (cfg.d_model, e))).astype(
         cfg.param_dtype)
     if u.is_smha_layer(i, n):
       layer['attn'] = {**layer['attn'], 'router': draw(k_attn, cfg.num_heads)}
@@ -172,15 +180,29 @@ def _weight(probs, num_experts: int, gate_outputs: bool):
   return num_experts * probs if gate_outputs else jnp.ones_like(probs)
 
 
-def select_tokens(g: Gate, capacity_: int, *, gate_outputs: bool = True) -> Selection:
-  """Each expert's top-`capacity_` tokens per sequence among those that chose it, in time order."""
+def select_tokens(g: Gate, capacity_: int, *, gate_outputs: bool = True,
+                  valid_BL: jax.Array | None = None,
+                  used_capacity_B: jax.Array | None = None) -> Selection:
+  """Each expert's top-`capacity_` tokens per sequence among those that chose it, in time order.
+
+  Invalid tokens (`valid_BL` False) never count as having chosen; with `used_capacity_B` (traced,
+  <= capacity_) an expert keeps only its first `used_capacity_B[b]` picks of sequence b.
+  """
   e = g.probs.shape[-1]
   chosen_BEL = jnp.moveaxis((g.experts[..., None] == jnp.arange(e)).any(-2), -1, 1)
+  if valid_BL is not None:
+    chosen_BEL = chosen_BEL & valid_BL[:, None, :]
   probs_BEL = jnp.moveaxis(g.probs, -1, 1)
   score_BEL = jnp.where(chosen_BEL, jax.lax.stop_gradient(probs_BEL), -1.0)
   _, idx_BEC = jax.lax.top_k(score_BEL, capacity_)
-  idx_BEC = jnp.sort(idx_BEC, axis=-1).astype(jnp.int32)
-  valid_BEC = jnp.take_along_axis(chosen_BEL, idx_BEC, axis=-1)
+  keep_BEC = jnp.ones(idx_BEC.shape, bool)
+  if used_capacity_B is not None:  # top_k's order is the rank: keep the first `used` picks
+    keep_BEC = jnp.broadcast_to(
+        jnp.arange(capacity_)[None, None, :] < used_capacity_B[:, None, None], idx_BEC.shape)
+  order_BEC = jnp.argsort(idx_BEC, axis=-1)
+  idx_BEC = jnp.take_along_axis(idx_BEC, order_BEC, axis=-1).astype(jnp.int32)
+  keep_BEC = jnp.take_along_axis(keep_BEC, order_BEC, axis=-1)
+  valid_BEC = jnp.take_along_axis(chosen_BEL, idx_BEC, axis=-1) & keep_BEC
   gate_BEC = jnp.take_along_axis(probs_BEL, idx_BEC, axis=-1)
   weight_BEC = jnp.where(valid_BEC, _weight(gate_BEC, e, gate_outputs), 0.0)
   return Selection(idx_BEC, valid_BEC, weight_BEC)
@@ -207,33 +229,40 @@ def scatter_tokens(y_BEC_: jax.Array, idx_BEC: jax.Array, length: int) -> jax.Ar
   return jax.vmap(one)(y_BEC_, idx_BEC)
 
 
-def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array) -> dict:
-  """Losses and load statistics of one gate (f32 scalars, unprefixed names).
+def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array,
+                    valid_BL: jax.Array | None = None) -> dict:
+  """Losses and load statistics of one gate over the valid tokens (f32 scalars, unprefixed names).
 
-  `load_E`: share of the tokens each expert processes; `selected_BL`: how many experts process
-  each token. Balance loss and z-loss are the MoE core's (`model.router`), on the token choices.
+  `load_E`: share of the (valid) tokens each expert processes; `selected_BL`: how many experts
+  process each token. Balance loss and z-loss are the MoE core's (`model.router`), on the token
+  choices.
   """
   b, l, e = g.probs.shape
   probs_TE = g.probs.reshape(b * l, e)
   k = g.experts.shape[-1]
+  valid_T = None if valid_BL is None else valid_BL.reshape(-1)
   mean = jnp.maximum(load_E.mean(), 1e-9)
+  selected_T = selected_BL.reshape(-1).astype(jnp.float32)
+  valid_f = jnp.ones_like(selected_T) if valid_T is None else valid_T.astype(jnp.float32)
+  choices = k * jnp.maximum(valid_f.sum(), 1.0)
   return {
-      'balance_loss': router.balance_loss(probs_TE, g.experts.reshape(b * l, k)),
-      'z_loss': router.z_loss(g.logits.reshape(b * l, e)),
-      'gate_entropy': router.entropy(probs_TE),
+      'balance_loss': router.balance_loss(probs_TE, g.experts.reshape(b * l, k), valid_T),
+      'z_loss': router.z_loss(g.logits.reshape(b * l, e), valid_T),
+      'gate_entropy': router.entropy(probs_TE, valid_T),
       'load_cv': load_E.std() / mean,
       'load_min': load_E.min(),
       'load_max': load_E.max(),
-      'unselected_fraction': jnp.mean((selected_BL == 0).astype(jnp.float32)),
-      'dropped_fraction': (b * l * k - selected_BL.sum().astype(jnp.float32)) / (b * l * k),
+      'unselected_fraction': validity.masked_mean((selected_T == 0).astype(jnp.float32), valid_T),
+      'dropped_fraction': (choices - jnp.sum(selected_T * valid_f)) / choices,
   }
 
 
-def selection_metrics(g: Gate, sel: Selection) -> dict:
+def selection_metrics(g: Gate, sel: Selection, valid_BL: jax.Array | None = None) -> dict:
   """`routing_metrics` of a data selection (tokens per expert after capacity)."""
   b, l, _ = g.probs.shape
   valid = sel.valid.astype(jnp.float32)
-  return routing_metrics(g, valid.sum((0, 2)) / (b * l), scatter_tokens(valid, sel.idx, l))
+  n = b * l if valid_BL is None else jnp.maximum(valid_BL.sum(), 1).astype(jnp.float32)
+  return routing_metrics(g, valid.sum((0, 2)) / n, scatter_tokens(valid, sel.idx, l), valid_BL)
 
 
 # ----------------------------------------------------------------------------- UoME
@@ -256,32 +285,51 @@ def uome_selected(x_BLD: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
   return scatter_tokens(y_BECD, sel.idx, l).astype(x_BLD.dtype)
 
 
+def select_valid(g: Gate, per_token: int, factor: float, valid_BL: jax.Array | None, *,
+                 gate_outputs: bool = True) -> Selection:
+  """`select_tokens` with C = `capacity(L, ...)` slots, of which each sequence uses as many as its
+  valid tokens alone would get: a padded prefix selects what the prefix selects alone."""
+  b, l, e = g.probs.shape
+  formula = lambda n: capacity(n, per_token, e, factor)
+  used_B = None
+  if valid_BL is not None:
+    used_B = validity.slots_for(formula, valid_BL.sum(-1), l)
+  return select_tokens(g, formula(l), gate_outputs=gate_outputs, valid_BL=valid_BL,
+                       used_capacity_B=used_B)
+
+
 def uome(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
          w_down_EfD: jax.Array, *, k: int, capacity_factor: float = 1.0,
-         gate_outputs: bool = True) -> tuple[jax.Array, Gate, Selection]:
+         gate_outputs: bool = True, valid_BL: jax.Array | None = None
+         ) -> tuple[jax.Array, Gate, Selection]:
   """UoME data selection end to end: gate, per-expert token selection, experts. (y, gate, sel)."""
-  b, l, _ = x_BLD.shape
-  e = router_DE.shape[-1]
   g = gate(x_BLD, router_DE, k)
-  sel = select_tokens(g, capacity(l, k, e, capacity_factor), gate_outputs=gate_outputs)
+  sel = select_valid(g, k, capacity_factor, valid_BL, gate_outputs=gate_outputs)
   return uome_selected(x_BLD, w_gate_EDf, w_up_EDf, w_down_EfD, sel), g, sel
 
 
-def prefix_mean(x_BLD: jax.Array) -> jax.Array:
-  """Causal running mean in f32: out[:, t] = mean(x[:, :t + 1])."""
-  counts_L = jnp.arange(1, x_BLD.shape[1] + 1, dtype=jnp.float32)
-  return jnp.cumsum(x_BLD.astype(jnp.float32), axis=1) / counts_L[None, :, None]
+def prefix_mean(x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  """Causal running mean in f32: out[:, t] = mean(x[:, s:t + 1]), s the start of t's segment
+  (0 without segment ids); a segment's means never read another segment."""
+  x32 = x_BLD.astype(jnp.float32)
+  if segment_ids_BL is None:
+    counts_L = jnp.arange(1, x_BLD.shape[1] + 1, dtype=jnp.float32)
+    return jnp.cumsum(x32, axis=1) / counts_L[None, :, None]
+  ones_BL = jnp.ones(segment_ids_BL.shape, jnp.float32)
+  counts_BL = validity.segment_cumsum(ones_BL, segment_ids_BL)
+  return validity.segment_cumsum(x32, segment_ids_BL) / counts_BL[..., None]
 
 
 def uome_expert_selection(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array,
                           w_up_EDf: jax.Array, w_down_EfD: jax.Array, *, k: int,
-                          gate_outputs: bool = True, impl: str = 'auto', block_size: int = 256
-                          ) -> tuple[jax.Array, Gate]:
-  """UoME expert selection for a causal LM: the gate reads the prefix mean, so position t's k
-  experts depend on x_0..x_t only; executed dropless by the MoE core (`moe.experts_dropless`)."""
+                          gate_outputs: bool = True, impl: str = 'auto', block_size: int = 256,
+                          segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, Gate]:
+  """UoME expert selection for a causal LM: the gate reads the prefix mean (of the token's
+  segment), so position t's k experts depend on x_0..x_t only; executed dropless by the MoE core
+  (`moe.experts_dropless`)."""
   b, l, d = x_BLD.shape
   e = router_DE.shape[-1]
-  g = gate(prefix_mean(x_BLD), router_DE, k)
+  g = gate(prefix_mean(x_BLD, segment_ids_BL), router_DE, k)
   weights_TK = _weight(jnp.take_along_axis(g.probs, g.experts, axis=-1), e, gate_outputs)
   y_TD = moe.experts_dropless(x_BLD.reshape(b * l, d), weights_TK.reshape(b * l, k),
                               g.experts.reshape(b * l, k), w_gate_EDf, w_up_EDf, w_down_EfD,
@@ -289,9 +337,11 @@ def uome_expert_selection(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: ja
   return y_TD.reshape(b, l, d), g
 
 
-def expert_selection_metrics(g: Gate) -> dict:
-  """`routing_metrics` of expert selection: every position gets its k experts."""
+def expert_selection_metrics(g: Gate, valid_BL: jax.Array | None = None) -> dict:
+  """`routing_metrics` of expert selection: every (valid) position gets its k experts."""
   b, l, e = g.probs.shape
   k = g.experts.shape[-1]
-  load_E = jax.nn.one_hot(g.experts, e, dtype=jnp.float32).sum((0, 1, 2)) / (b * l)
-  return routing_metrics(g, load_E, jnp.full((b, l), k, jnp.int32))
+  valid_BL = jnp.ones((b, l), bool) if valid_BL is None else valid_BL
+  hot_BLE = jax.nn.one_hot(g.experts, e, dtype=jnp.float32).sum(2) * valid_BL[..., None]
+  load_E = hot_BLE.sum((0, 1)) / jnp.maximum(valid_BL.sum(), 1).astype(jnp.float32)
+  return routing_metrics(g, load_E, jnp.full((b, l), k, jnp.int32), valid_BL)

@@ -189,13 +189,13 @@ def test_packed_segments_equal_separate_documents():
   docs = tokens(cfg, b=2, l=8, seed=1)
   packed = docs.reshape(1, 16)
   positions = jnp.tile(jnp.arange(8), 2)[None]
-  segments = jnp.repeat(jnp.arange(2), 8)[None]
+  segments = jnp.repeat(jnp.arange(1, 3), 8)[None]
   out, _ = forward(model, packed, positions, segments)
   alone, _ = forward(model, docs)  # each document in its own row, positions 0..7
   np.testing.assert_allclose(out.reshape(2, 8, -1), alone, rtol=1e-5,
                              atol=1e-5 * np.abs(alone).max())
   # With one segment the second document sees the first: the test can tell them apart.
-  leaky, _ = forward(model, packed, positions, jnp.zeros_like(segments))
+  leaky, _ = forward(model, packed, positions, jnp.ones_like(segments))
   assert not np.allclose(leaky[0, 8:], alone[1], rtol=1e-3, atol=1e-3 * np.abs(alone).max())
 
 

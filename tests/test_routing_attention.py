@@ -36,10 +36,26 @@ def test_one_cluster_full_window_equals_dense_outputs_and_gradients(causal):
 def test_segment_ids_never_cross_documents():
   b, l, h, kd = 2, 12, 2, 4
   q, k, v = normal((b, l, h, kd), 5), normal((b, l, h, kd), 6), normal((b, l, h, kd), 7)
-  seg = jnp.asarray([[0] * 5 + [1] * 7, [0] * 12], jnp.int32)
+  seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
   out = jax.jit(lambda q, k, v: routing_attention(q, k, v, normal((h, 1, kd), 8), window=l,
                                                   segment_ids_BL=seg))(q, k, v)
   np.testing.assert_allclose(out, dense(q, k, v, True, seg), rtol=1e-5, atol=1e-6)
+
+
+def test_segment_zero_is_invisible_and_never_outranks_a_valid_token():
+  """Padding (segment id 0) is selected only after every valid token and never seen as a key:
+  a padded prefix gives the prefix's outputs run alone, whatever the padding holds."""
+  b, l, t, h, kd, n, w = 2, 24, 13, 2, 4, 3, 8
+  q, v = normal((b, l, h, kd), 9), normal((b, l, h, kd), 10)
+  means = normal((h, n, kd), 11)
+  seg = jnp.broadcast_to((jnp.arange(l) < t).astype(jnp.int32), (b, l))
+  run = jax.jit(lambda q, v, seg: routing_attention(q, q, v, means, window=w, segment_ids_BL=seg))
+  padded = run(q, v, seg)[:, :t]
+  alone = jax.jit(lambda q, v: routing_attention(q, q, v, means, window=w))(q[:, :t], v[:, :t])
+  np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
+  noise = 100 * normal((b, l, h, kd), 12)  # padding that would win every cluster if it could
+  q2 = jnp.where((jnp.arange(l) < t)[None, :, None, None], q, noise)
+  np.testing.assert_allclose(run(q2, v, seg)[:, :t], alone, rtol=1e-5, atol=1e-6)
 
 
 def _hand_built():

@@ -1,4 +1,5 @@
-"""The routing-attention layer in the model: config errors, sharded update, training, resume, sampling.
+"""The routing-attention layer in the model: config errors, sharded update, training, resume,
+sampling; the local-only layers of `attention.non_routing='local'`.
 
 Training, resume and sampling compile a train step (~40 s each on 2 busy cores): marked slow.
 """
@@ -15,9 +16,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import routing_transformer, schema
+from eval.routing_report import read_metrics
 from eval.sample import sample_checkpoint
+from model.block import LayerSpec, layer_specs
 from model.config import ConfigError
-from model.transformer import Transformer
+from model.layers import apply_rope
+from model.local_layer import LocalAttention
+from model.transformer import Transformer, count_params, matmul_params
 from train.checkpoint import Checkpointer
 from train.train import train_and_evaluate
 
@@ -35,6 +40,7 @@ def _config(**attention):
     ({'routing_layers': (0, 2)}, {}, r'attention.routing_layers=\(0, 2\): layer 2 is outside'),
     ({'routing_heads': 1}, {}, r'attention.routing_heads=1: the 3 local heads'),
     ({'kmeans_decay': 1.0}, {}, r'attention.kmeans_decay=1.0'),
+    ({'non_routing': 'sparse'}, {}, r"attention.non_routing='sparse': expected one of"),
 ])
 def test_bad_routing_configs_name_the_field(attention, train, match):
   c = _config(**attention)
@@ -50,7 +56,7 @@ def test_clusters_derived_from_seq_len_and_layers_split():
   assert cfg.attention.num_clusters == 4
   model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   state = nnx.state(model)
-  assert len(state['stages']) == 2  # [dense], [routing, routing]
+  assert len(state['stages']) == 2  # [local], [routing, routing]
   means = state['stages'][1]['blocks']['attn']['means']
   assert means.shape == (2, 2, 4, 16)  # [layers, routing heads, clusters, head dim]
 
@@ -157,3 +163,84 @@ def test_sampling_a_routing_checkpoint_is_deterministic(straight):
   run = lambda seed: sample_checkpoint(str(workdir), 'import ', max_new_tokens=3, seed=seed)
   first = run(5)
   assert first == run(5) and first['step'] == 12 and len(first['tokens']) <= 3
+
+
+def _local_reference(layer, x, positions, window, segment_ids=None):
+  """The layer's projections and RoPE around dense attention with the block-local causal mask."""
+  l = x.shape[1]
+  q = apply_rope(jnp.einsum('bld,dhk->blhk', x, layer.wq[...]), positions, layer.rope_theta)
+  k = apply_rope(jnp.einsum('bld,dgk->blgk', x, layer.wk[...]), positions, layer.rope_theta)
+  v = jnp.einsum('bld,dgk->blgk', x, layer.wv[...])
+  i, j = np.arange(l)[:, None], np.arange(l)[None, :]
+  mask = jnp.asarray((j <= i) & (j >= (i // window - 1) * window))[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
+  return jnp.einsum('blhk,hkd->bld', o, layer.wo[...])
+
+
+@pytest.mark.parametrize('l,segments', [(30, False), (32, True)])
+def test_local_layer_equals_dense_attention_with_the_block_local_mask(l, segments):
+  """GQA (4 heads, 2 kv heads), a window of 8 not dividing L, packed segments with their own
+  positions; outputs at positions <= t never depend on inputs after t."""
+  c = _config(local_window=8, non_routing='local')
+  cfg = schema.load(c, 8).model
+  layer = LocalAttention(cfg, rngs=nnx.Rngs(0))
+  assert layer.wq.shape == (64, 4, 16) and layer.wk.shape == layer.wv.shape == (64, 2, 16)
+  assert layer.wo.shape == (4, 16, 64)
+  b = 2
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((b, l, 64)), jnp.float32)
+  bounds = [0, 11, 23, l]
+  seg = np.repeat([np.repeat(np.arange(3), np.diff(bounds))], b, 0)
+  pos = np.concatenate([np.arange(n) for n in np.diff(bounds)]) if segments else np.arange(l)
+  positions = jnp.asarray(np.repeat(pos[None], b, 0), jnp.int32)
+  segment_ids = jnp.asarray(seg, jnp.int32) if segments else None
+  run = jax.jit(lambda x: layer(x, positions, segment_ids))
+  got = run(x)
+  np.testing.assert_allclose(got, _local_reference(layer, x, positions, 8, segment_ids),
+                             rtol=1e-5, atol=1e-6)
+  t = 17
+  changed = run(x.at[:, t + 1:].add(1.0))
+  np.testing.assert_array_equal(changed[:, :t + 1], got[:, :t + 1])
+  assert not np.allclose(changed[:, t + 1:], got[:, t + 1:])
+
+
+def test_non_routing_local_layer_specs_and_parameters():
+  """Local layers between the routing layers; the same parameters (and matmul weights) as dense."""
+  def model_cfg(**attention):
+    c = _config(**attention)
+    c.model.num_layers = 4
+    return schema.load(c, 8).model
+
+  spec = lambda *names: [LayerSpec(n) for n in names]
+  local = model_cfg(non_routing='local')
+  assert layer_specs(local) == spec('local', 'local', 'routing', 'routing')
+  assert layer_specs(model_cfg(non_routing='dense')) == spec('dense', 'dense', 'routing', 'routing')
+  assert layer_specs(model_cfg(kind='dense', non_routing='local')) == spec(*['dense'] * 4)
+  assert layer_specs(model_cfg(non_routing='local', routing_layers=(1,))) == spec(
+      'local', 'routing', 'local', 'local')
+  assert routing_transformer.get_config().attention.non_routing == 'local'
+
+  dense = model_cfg(non_routing='dense')
+  assert count_params(local) == count_params(dense)
+  assert matmul_params(local) == matmul_params(dense)
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(local, rngs=nnx.Rngs(0))))
+  local_attn = state['stages'][0]['blocks']['attn']
+  assert set(local_attn) == {'wq', 'wk', 'wv', 'wo'}
+  assert local_attn['wk'].shape == (2, 64, 2, 16)  # [layers, D, G, K]
+
+
+@pytest.mark.slow
+def test_tiny_routing_transformer_with_local_layers_trains(tmp_path):
+  c = _config(non_routing='local')
+  c.model.num_layers = 3  # :tiny's two layers are both routing layers; one local layer before them
+  c.data.cache_dir = str(tmp_path / 'corpus')
+  c.train.update(steps=6, log_every=1)
+  cfg = schema.load(c, jax.device_count())
+  assert [s.attention for s in layer_specs(cfg.model)] == ['local', 'routing', 'routing']
+  train_and_evaluate(cfg, str(tmp_path / 'run'))
+  records = read_metrics(str(tmp_path / 'run'))
+  assert len(records) == 6 and all(np.isfinite(r['loss']) for r in records)
+  assert records[-1]['loss'] < records[0]['loss']
+  assert 'layer_0/routing/occupancy_min' not in records[-1]
+  assert 'layer_1/routing/occupancy_min' in records[-1]

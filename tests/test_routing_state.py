@@ -24,9 +24,9 @@ class EmaMLP(MLP):
     self.ema = axes.routing_state(jnp.zeros(cfg.d_model), ('norm',))
     self.updates = axes.routing_state(jnp.zeros(1), ('norm',))
 
-  def __call__(self, x_BLD):
+  def __call__(self, x_BLD, segment_ids_BL=None):
     mean_D = x_BLD.astype(jnp.float32).mean((0, 1))
-    return super().__call__(x_BLD), {'stats': {'mean': mean_D},
+    return super().__call__(x_BLD, segment_ids_BL), {'stats': {'mean': mean_D},
                                      'metrics': {'ema_norm': jnp.linalg.norm(self.ema[...])}}
 
   def update_state(self, stats):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs import (moe_entropy, moe_erc, moe_expert_choice, moe_lossfree, moe_topk,
                      routing_transformer, schema, tiny, uoe)
-from eval.sample import filter_logits, needs_exact_prefix, sample, sample_checkpoint
+from eval.sample import filter_logits, sample, sample_checkpoint
 from tests.tiny_runs import random_model
 from train.train import train_and_evaluate
 
@@ -42,7 +42,7 @@ MODEL_TYPES = {'dense': tiny.get_config, 'moe_topk': moe_topk.get_config,
                'moe_expert_choice': moe_expert_choice.get_config, 'moe_erc': moe_erc.get_config,
                'moe_entropy': moe_entropy.get_config,
                'routing_transformer': routing_transformer.get_config, 'uoe': uoe.get_config}
-FIXED_BUFFER = {'dense', 'moe_topk', 'moe_lossfree', 'moe_erc', 'moe_entropy'}
+CAUSAL = {'dense', 'moe_topk', 'moe_lossfree', 'moe_erc', 'moe_entropy'}
 
 
 def _types(fast):
@@ -51,35 +51,47 @@ def _types(fast):
           for name in MODEL_TYPES]
 
 
+def _greedy_exact_prefix(model, prompt, steps):
+  """Reference decoding: the exact prefix, unpadded, re-run at every step (no mask, no buffer)."""
+  model.eval()
+  ids = list(prompt)
+  for _ in range(steps):
+    logits = model(jnp.asarray([ids], jnp.int32))[0]
+    ids.append(int(jnp.argmax(logits[0, -1, :257])))
+  return ids
+
+
 @pytest.mark.parametrize('name', _types(fast={'moe_topk', 'moe_expert_choice'}))
-def test_sampling_is_deterministic_per_seed(name):
+def test_sampling_is_deterministic_per_seed_and_exact(name):
   c = MODEL_TYPES[name]('tiny')
-  exact = needs_exact_prefix(schema.load(c, jax.device_count()))
-  assert exact == (name not in FIXED_BUFFER)
   model = random_model(c)
+  assert model.causal == (name in CAUSAL)
   prompt = [72, 105, 32]
-  run = lambda seed, exact_prefix=exact: sample(model, prompt, max_new_tokens=3, vocab_size=257,
-                                                temperature=2.0, seed=seed,
-                                                exact_prefix=exact_prefix)
+  run = lambda seed, temperature=2.0: sample(model, prompt, max_new_tokens=3, vocab_size=257,
+                                             temperature=temperature, seed=seed)
   a = run(3)
   assert a[:3] == prompt and len(a) == 6 and max(a) < 257
   assert a == run(3)
   assert a[3:] != run(4)[3:]
-  if not exact:  # the fixed buffer is claimed exact: it samples what the exact prefix samples
-    assert a == run(3, exact_prefix=True)
+  # The (masked, for a non-causal model) fixed buffer decodes what the exact prefix decodes.
+  assert run(0, temperature=0.0) == _greedy_exact_prefix(model, prompt, 3)
 
 
 @pytest.mark.parametrize('name', _types(fast={'moe_capacity'}))
-def test_padding_changes_earlier_logits_exactly_when_the_prefix_is_rerun(name):
+def test_padding_changes_earlier_logits_unless_causal_or_masked(name):
   c = MODEL_TYPES[name]('tiny')
-  graphdef, state = nnx.split(random_model(c))
-  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+  model = random_model(c)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, t, seg: nnx.merge(graphdef, s)(t, segment_ids_BL=seg)[0])
   tokens_1L = jnp.asarray([[72, 105, 32, 100]], jnp.int32)
-  prefix = np.asarray(logits(state, tokens_1L))
+  prefix = np.asarray(logits(state, tokens_1L, None))
   # A buffer of 32: longer than routing attention's tiny window (16), so its clusters must choose.
-  padded = np.asarray(logits(state, jnp.pad(tokens_1L, ((0, 0), (0, 28)))))[:, :4]
-  same = np.allclose(prefix, padded, rtol=1e-5, atol=1e-5)
-  assert same == (not needs_exact_prefix(schema.load(c, jax.device_count())))
+  buffer = jnp.pad(tokens_1L, ((0, 0), (0, 28)))
+  padded = np.asarray(logits(state, buffer, None))[:, :4]
+  assert np.allclose(prefix, padded, rtol=1e-5, atol=1e-5) == model.causal
+  masked = np.asarray(logits(state, buffer, (jnp.arange(32) < 4).astype(jnp.int32)[None]))[:, :4]
+  np.testing.assert_allclose(masked, prefix, rtol=1e-5, atol=1e-5 * np.abs(prefix).max())
 
 
 @pytest.mark.slow

@@ -76,8 +76,12 @@ def test_assignments_exclude_capacity_drops_and_follow_expert_choice():
                                 [[1, 0, 0, 0], [0, 1, 1, 0]])
   np.testing.assert_array_equal(topk_assignment(experts_TK, 4), [[1, 1, 0, 0], [0, 1, 1, 0]])
   tokens_EC = jnp.asarray([[0, 2], [2, 1]])  # expert 0 took tokens 0, 2; expert 1 took 2, 1
-  np.testing.assert_array_equal(expert_choice_assignment(tokens_EC, 4),
+  kept_EC = jnp.ones((2, 2), bool)
+  np.testing.assert_array_equal(expert_choice_assignment(tokens_EC, kept_EC, 4),
                                 [[1, 0], [0, 1], [1, 1], [0, 0]])
+  kept_EC = jnp.asarray([[True, False], [True, True]])  # expert 0's second slot unused
+  np.testing.assert_array_equal(expert_choice_assignment(tokens_EC, kept_EC, 4),
+                                [[1, 0], [0, 1], [0, 1], [0, 0]])
 
 
 @pytest.mark.parametrize('router,execution', [('topk', 'dropless'), ('topk', 'capacity'),

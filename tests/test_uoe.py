@@ -72,7 +72,7 @@ def test_smha_with_every_head_and_full_capacity_equals_dense_attention():
   """GQA (H=4, G=2) with three packed segments per row; without segments it is the same path
   minus the segment mask (covered by the converted model in test_uoe_model.py)."""
   x, ws, router = _attn_problem()
-  seg = jnp.asarray(np.repeat([[0, 1, 2]], B, 0).repeat(L // 3, 1))
+  seg = jnp.asarray(np.repeat([[1, 2, 3]], B, 0).repeat(L // 3, 1))
 
   def ours(x, router, *ws):
     return smha.smha(x, router, *ws, POSITIONS, heads_per_token=H, capacity_factor=1.0,

@@ -44,20 +44,21 @@ def test_uome_experts_must_divide_over_the_expert_axis():
     schema.load(c, 8)
 
 
-def test_sampling_reruns_the_exact_prefix_when_selection_reads_the_sequence():
-  from eval.sample import needs_exact_prefix  # pylint: disable=g-import-not-at-top
+def test_causality_is_declared_by_the_uoe_layers():
+  from model.transformer import is_causal  # pylint: disable=g-import-not-at-top
   c = uoe_config.get_config('tiny')
-  assert needs_exact_prefix(schema.load(c, 8))  # SMHA + UoME-DS: capacity over the sequence
+  assert not is_causal(schema.load(c, 8).model)  # SMHA + UoME-DS: capacity over the sequence
   c.uoe.update(attention='dense', paradigm='expert_selection')
-  assert not needs_exact_prefix(schema.load(c, 8))  # prefix-mean gate: causal, padding is safe
+  assert is_causal(schema.load(c, 8).model)  # prefix-mean gate: causal, padding is safe
 
 
-def _uoe_model_cfg(layers=(), scan=True, **fields):
-  """The tiny UoE model with every head and expert used at full capacity, released gates."""
+def _uoe_model_cfg(layers=(), scan=True, gate_outputs=False, **fields):
+  """The tiny UoE model with every head and expert used at full capacity, released gates (or
+  gates that multiply the outputs)."""
   c = uoe_config.get_config('tiny')
   c.model.scan_layers = scan
   c.uoe.update(layers=layers, heads_per_token=c.model.num_heads, head_capacity=1.0,
-               experts_per_token=c.uoe.num_experts, expert_capacity=1.0, gate_outputs=False,
+               experts_per_token=c.uoe.num_experts, expert_capacity=1.0, gate_outputs=gate_outputs,
                **fields)
   return schema.load(c, 8).model
 
@@ -83,8 +84,10 @@ def _logits(cfg, pure_state, tokens):
   return forward(state, tokens)
 
 
-def test_converted_dense_checkpoint_gives_the_same_logits_and_round_trips():
-  cfg = _uoe_model_cfg()
+@pytest.mark.parametrize('gate_outputs', [False, True])
+def test_converted_dense_checkpoint_gives_the_same_logits_and_round_trips(gate_outputs):
+  """Exact with released gates, and with output gates too: the converter's gates are uniform."""
+  cfg = _uoe_model_cfg(gate_outputs=gate_outputs)
   dense_cfg = uoe.dense_config(cfg)
   dense = _numpy_state(dense_cfg)
   converted = uoe.convert_dense_state(dense, cfg)
@@ -195,3 +198,30 @@ def test_flops_per_token_counts_what_the_selection_keeps():
       matmul_params(cfg) - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts))
   assert active_params(dense_cfg := dataclasses.replace(cfg, uoe=dataclasses.replace(
       cfg.uoe, attention='dense', feed_forward='mlp')), s) == matmul_params(dense_cfg)
+
+
+@pytest.mark.slow
+def test_uoe_from_dense_command_converts_a_run_exactly_and_trains_on(tmp_path_factory):
+  """A dense tiny run -> a full-capacity UoE run (uniform gates, gate_outputs): equal logits;
+  train.train then continues the converted run."""
+  from train import uoe_from_dense  # pylint: disable=g-import-not-at-top
+  from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  c = uoe_config.get_config('tiny')
+  c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
+  c.train.update(steps=4, log_every=2)
+  c.uoe.update(attention='dense', feed_forward='mlp')
+  dense_dir = str(tmp_path_factory.mktemp('dense'))
+  train_and_evaluate(schema.load(c, jax.device_count()), dense_dir)
+  c.uoe.update(attention='smha', feed_forward='uome', heads_per_token=c.model.num_heads,
+               experts_per_token=c.uoe.num_experts, gate_outputs=True)
+  target = schema.load(c, jax.device_count())
+  out_dir = str(tmp_path_factory.mktemp('uoe'))
+  result = uoe_from_dense.convert_run(dense_dir, target, out_dir)
+  assert result['full_capacity'] and result['dense_step'] == 4
+  assert result['max_logit_change'] < 1e-4
+  record = train_and_evaluate(target, out_dir)
+  assert record['step'] == 4 and np.isfinite(record['loss'])
+  c.model.d_model = 32
+  with pytest.raises(ConfigError, match=r'model.d_model=32 differs from the dense run'):
+    uoe_from_dense.convert_run(dense_dir, schema.load(c, jax.device_count()),
+                               str(tmp_path_factory.mktemp('bad')))

@@ -2,11 +2,9 @@
 random weights without training."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from configs import schema
+from eval import causality
 from eval.routing_report import read_metrics
 from model.transformer import Transformer
 from train.train import train_and_evaluate
@@ -25,14 +23,6 @@ def train_tiny(config_module, tmp_path_factory, steps: int = 16,
 
 
 def random_model(config, scale: float = 0.3, seed: int = 0) -> Transformer:
-  """The Transformer of a ConfigDict with N(0, scale²) weights and routing state; numpy random
-  numbers, so no eager initialisation (slow on 2 cores)."""
-  model = nnx.eval_shape(lambda: Transformer(schema.load(config, jax.device_count()).model,
-                                             rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  rng = np.random.default_rng(seed)
-  pure = jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype),
-                      nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  return model
+  """The Transformer of a ConfigDict with N(0, scale²) weights and routing state."""
+  return causality.random_model(schema.load(config, jax.device_count()).model, scale=scale,
+                                seed=seed)

@@ -8,7 +8,8 @@ one resumes from its checkpoint), is evaluated from its final checkpoint, and RO
 and ROOT/results.md list the runs' overrides with their final training loss, final held-out
 metrics and best held-out metrics over training (in-training evaluations, `eval.every_steps`, and
 the final checkpoint), and ROOT/<key>.png plots the held-out loss against each swept numeric
-value. `--print` writes one `python -m train.train ...` command per run instead, for a cluster
+value. Held-out numbers are exact-prefix for a model that reads the future (with its standard
+error; the `evaluation` column says which, docs/causality.md). `--print` writes one `python -m train.train ...` command per run instead, for a cluster
 scheduler (a SLURM array or a TPU launcher takes one line each).
 """
 
@@ -123,8 +124,11 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
     result = evaluate.evaluate_checkpoint(workdir)
     last = routing_report.read_metrics(workdir)[-1]
     rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
-                 'heldout_loss': result['loss'], 'bits_per_byte': result.get('bits_per_byte', ''),
-                 **best_heldout(routing_report.read_eval_metrics(workdir), result)})
+                 'heldout_loss': result['loss'],
+                 'heldout_loss_stderr': result.get('loss_stderr', ''),
+                 'bits_per_byte': result.get('bits_per_byte', ''),
+                 **best_heldout(routing_report.read_eval_metrics(workdir), result),
+                 'evaluation': result['evaluation']})
   write_results(root, rows)
   plot_results(root, rows, sorted({k for r in runs for k in r}))
   return rows

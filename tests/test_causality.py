@@ -1,0 +1,62 @@
+"""Causality declared by the layer kinds, measured by eval.causality on every experiment config:
+padded prefixes equal prefixes alone, declared-causal models never read the future, packing is
+accepted only where documents cannot influence each other."""
+
+import os
+
+import jax
+import pytest
+
+from configs import schema
+from eval import causality
+from model.config import ConfigError
+from tests.test_config import _experiment_files, _load_module
+
+# Which experiment configs read the future (and so refuse packing); a new config must be added.
+NON_CAUSAL = {'demo.py', 'moe_expert_choice.py', 'routing_transformer.py', 'uoe.py'}
+
+
+def _tiny(path_or_name: str):
+  path = path_or_name if os.sep in path_or_name else os.path.join(
+      os.path.dirname(_experiment_files()[0]), path_or_name)
+  return _load_module(path).get_config('tiny')
+
+
+@pytest.mark.parametrize('path', _experiment_files(), ids=os.path.basename)
+def test_every_experiment_config_is_as_declared(path):
+  record, problems = causality.check_config(_tiny(path), name=os.path.basename(path))
+  assert not problems, problems
+  assert record['causal'] == (os.path.basename(path) not in NON_CAUSAL), record
+  assert record['prefix_padding_change'] <= record['tolerance']
+
+
+# (config, overrides, causal, bitwise: a causal model's logits are bitwise independent of other
+# tokens; capacity execution is not, because a later token's choice moves an earlier token's
+# assignment to another slot row of the expert matmul: f32 rounding, within the tolerance)
+@pytest.mark.parametrize('name,overrides,causal,bitwise', [
+    ('moe_topk.py', {'moe.execution': 'capacity', 'moe.capacity_factor': 1.0}, False, False),
+    ('moe_topk.py', {'moe.execution': 'capacity', 'moe.capacity_factor': 4.0}, True, False),
+    ('moe_topk.py', {'moe.jitter': 0.5}, True, True),  # jitter is off in evaluation mode
+    ('uoe.py', {'uoe.paradigm': 'expert_selection', 'uoe.head_capacity': 2.0}, True, True),
+    ('routing_transformer.py', {'attention.non_routing': 'dense'}, False, False),
+])
+def test_variants_are_as_declared(name, overrides, causal, bitwise):
+  config = _tiny(name)
+  for key, value in overrides.items():
+    group, field = key.split('.')
+    config[group][field] = value
+  record, problems = causality.check_config(config, name=name)
+  assert not problems, problems
+  assert record['causal'] == causal and record['packing'] == ('ok' if causal else 'refused')
+  if bitwise:
+    assert record['future_change'] == 0.0 and record['cross_document_change'] == 0.0
+
+
+def test_packing_is_refused_with_the_reason_for_models_that_read_the_future():
+  config = _tiny('uoe.py')
+  config.data.packing = True
+  with pytest.raises(ConfigError, match=r'^data.packing=True is refused: SMHA: each head takes'):
+    schema.load(config, jax.device_count())
+  config = _tiny('moe_topk.py')
+  config.data.packing = True
+  assert schema.load(config, jax.device_count()).data.packing
