@@ -164,7 +164,7 @@ def _section(on, off, checks, plot_name) -> str:
       "differences of this size are not shown to exceed seed noise (not measured); tau and the "
       "plateau test are scaled to this short run, where H_tok without the trigger stays above 0.79.",
       '',
-      '| run | held-out loss | bits/byte | dead experts (last window, all layers) |',
+      '| run | held-out loss (teacher-forced, exact: causal) | bits/byte | dead experts (last window, all layers) |',
       '|---|---|---|---|']
   for name, run in (('trigger on', on), ('trigger off', off)):
     bpb = run['bits_per_byte']

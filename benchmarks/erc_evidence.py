@@ -69,7 +69,8 @@ def main(argv):
   body = f"""Command: `python -m benchmarks.erc_evidence --steps={_STEPS.value} --seed={_SEED.value}`
 ({common.device_description()}). `configs/moe_topk.py` and `configs/moe_erc.py` at the demo's
 size (4 layers, width 128, 8 experts of width 192, top-2; batch 16 × 256 tokens), same seed and
-data. Held-out loss and bits per byte from each final checkpoint (`eval.evaluate`); alpha* per MoE
+data. Held-out loss and bits per byte from each final checkpoint (`eval.evaluate`; teacher-forced,
+exact for these causal models); alpha* per MoE
 layer at initialisation -> at the end (the smallest margin alpha at which every ERC constraint
 holds: at most 1 means each router row activates its own expert more than any other expert, and
 each expert is activated by its own row more than by any other; lower = tighter coupling); dead

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from configs import cli, schema, sharding
 from data import corpus, pipeline
@@ -45,13 +46,14 @@ def eval_model(fns: StepFns, model_state) -> nnx.Module:
 
 
 def make_eval_step(fns: StepFns, tokenizer):
-  """Jitted (model_state, batch) -> sums over the batch, in evaluation mode.
+  """Jitted (model_state, batch) -> sums over the batch and values at chosen positions, in
+  evaluation mode.
 
-  `batch`: 'inputs', 'targets' [B, L], 'score' (f32 [B, L]: the sampled positions) and, for
-  exact-prefix rows, 'segment_ids' (1 up to the row's scored position, 0 after: the model sees
-  that prefix alone, `model.validity`). Sums: 'ce', 'tokens', 'bytes' over every position;
-  'ce_scored', 'ce2_scored', 'scored', 'bytes_scored' over the score positions. Build it once
-  per run and pass it to `evaluate_model`: each new jit object compiles anew.
+  `batch`: 'inputs', 'targets' [B, L], 'cuts' (int32 [B, P]: positions whose cross-entropy is
+  returned) and, for exact-prefix rows, 'segment_ids' (1 up to the row's scored position, 0
+  after: the model sees that prefix alone, `model.validity`). Returns 'ce', 'tokens', 'bytes'
+  (sums over every position) and 'ce_BP', 'bytes_BP' (at the cuts). Build it once per run and pass
+  it to `evaluate_model`: each new jit object compiles anew.
   """
 
   def fn(model_state, batch):
@@ -61,10 +63,9 @@ def make_eval_step(fns: StepFns, tokenizer):
                                                             batch['targets'])
     bytes_BL = (tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
                 if tokenizer.byte_level else jnp.zeros_like(ce_BL))
-    score_BL = batch['score']
+    at = lambda x_BL: jnp.take_along_axis(x_BL, batch['cuts'], axis=1)
     return {'ce': ce_BL.sum(), 'tokens': jnp.float32(ce_BL.size), 'bytes': bytes_BL.sum(),
-            'ce_scored': (ce_BL * score_BL).sum(), 'ce2_scored': (ce_BL ** 2 * score_BL).sum(),
-            'scored': score_BL.sum(), 'bytes_scored': (bytes_BL * score_BL).sum()}
+            'ce_BP': at(ce_BL), 'bytes_BP': at(bytes_BL)}
 
   return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
 
@@ -75,7 +76,12 @@ def sampled_positions(inputs_BL: np.ndarray, count: int) -> np.ndarray:
   length = inputs_BL.shape[1]
   count = min(count, length)
   return np.stack([np.sort(np.random.default_rng(zlib.crc32(row.tobytes())).choice(
-      length, count, replace=False)) for row in inputs_BL])
+      length, count, replace=False)) for row in inputs_BL]).astype(np.int32)
+
+
+def _gathered(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
@@ -86,8 +92,9 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
   window, exactly what it would predict from its prefix. A model that reads the future is scored
   exact-prefix: `positions_per_window` positions per window (default `eval.positions_per_window`),
   each predicted from its prefix alone through the validity mask (one forward pass each, one
-  compilation), with the standard error of the mean over positions; its teacher-forced numbers
-  (which let position t use tokens after t) are reported beside it, never as `loss`.
+  compilation), with the standard error of the mean over positions. Beside it: the teacher-forced
+  numbers (which let position t use tokens after t), never as `loss`, and the paired size of the
+  leak at the same positions (`future_leak`: exact-prefix minus teacher-forced, with its error).
   `tokenizer` is the dataset's (default: `data.tokenizer`); bits per byte need a byte-level one.
   """
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
@@ -96,43 +103,46 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
   per_window = positions_per_window or cfg.eval.positions_per_window
   if per_window < 1:
     raise ConfigError(f'positions_per_window={per_window}: expected >= 1')
-  tf, prefix = collections.Counter(), collections.Counter()
+  tf = collections.Counter()
+  exact, forced, nbytes = [], [], []  # per scored position
   for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
                                      batch_size=cfg.eval.batch_size,
                                      max_batches=cfg.eval.max_batches,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    b, l = batch['inputs'].shape
-    cuts_BP = sampled_positions(batch['inputs'], per_window)
-    score_BL = np.zeros((b, l), np.float32)
-    np.put_along_axis(score_BL, cuts_BP, 1.0, axis=1)
-    sums = step_fn(state['model'], pipeline.make_global_batch({**batch, 'score': score_BL},
-                                                              fns.batch_sharding))
-    tf.update({k: float(v) for k, v in sums.items()})
+    l = batch['inputs'].shape[1]
+    cuts_BP = sampled_positions(batch['inputs'], 1 if causal else per_window)
+    out = step_fn(state['model'], pipeline.make_global_batch({**batch, 'cuts': cuts_BP},
+                                                             fns.batch_sharding))
+    tf.update({k: float(out[k]) for k in ('ce', 'tokens', 'bytes')})
     if causal:
       continue
-    for cut_B in cuts_BP.T:  # one exact-prefix pass per sampled position of every window
-      one = np.zeros((b, l), np.float32)
-      np.put_along_axis(one, cut_B[:, None], 1.0, axis=1)
-      seg = (np.arange(l)[None, :] <= cut_B[:, None]).astype(np.int32)
-      sums = step_fn(state['model'], pipeline.make_global_batch(
-          {**batch, 'score': one, 'segment_ids': seg}, fns.batch_sharding))
-      prefix.update({k: float(v) for k, v in sums.items() if k.endswith('scored')})
+    forced.append(_gathered(out['ce_BP']))
+    passes = []
+    for cut_B1 in np.split(cuts_BP, cuts_BP.shape[1], axis=1):  # one pass per sampled position
+      seg = (np.arange(l)[None, :] <= cut_B1).astype(np.int32)
+      out = step_fn(state['model'], pipeline.make_global_batch(
+          {**batch, 'cuts': cut_B1, 'segment_ids': seg}, fns.batch_sharding))
+      passes.append((_gathered(out['ce_BP']), _gathered(out['bytes_BP'])))
+    exact.append(np.concatenate([ce for ce, _ in passes], axis=1))
+    nbytes.append(np.concatenate([b for _, b in passes], axis=1))
   if tf['tokens'] == 0:
     raise corpus.DataError(f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; '
                            'nothing to evaluate')
   teacher_forced = _summary(tf['ce'], tf['tokens'], tf['bytes'], tokenizer)
   if causal:
     return {**teacher_forced, 'causal': True, 'evaluation': 'teacher_forced (exact: causal model)'}
-  n = prefix['scored']
-  mean = prefix['ce_scored'] / n
-  stderr = math.sqrt(max(prefix['ce2_scored'] / n - mean ** 2, 0.0) / max(n - 1, 1))
-  out = {**_summary(prefix['ce_scored'], n, prefix['bytes_scored'], tokenizer),
-         'loss_stderr': stderr, 'causal': False,
+  exact, forced, nbytes = (np.concatenate(x).reshape(-1).astype(np.float64)
+                           for x in (exact, forced, nbytes))
+  stderr = lambda x: float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else float('nan')
+  out = {**_summary(exact.sum(), exact.size, nbytes.sum(), tokenizer),
+         'loss_stderr': stderr(exact), 'causal': False,
          'evaluation': f'exact_prefix ({per_window} positions per window)',
          'positions_per_window': per_window}
   out.update({f'teacher_forced_{k}': v for k, v in teacher_forced.items()})
-  out['teacher_forced_sampled_loss'] = tf['ce_scored'] / tf['scored']  # same positions, future seen
+  out['teacher_forced_sampled_loss'] = float(forced.mean())  # same positions, future visible
+  out['future_leak'] = float((exact - forced).mean())
+  out['future_leak_stderr'] = stderr(exact - forced)
   return out
 
 
@@ -197,15 +207,18 @@ def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
 
 def restore_on_one_device(workdir: str,
                           step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
-  """(the run's config on a one-device mesh, the step, the model) of a run's checkpoint (default:
-  the newest), for the per-model tools (sampling, routing report, segment cache)."""
+  """(the run's config on a one-device mesh, the step, the model in evaluation mode) of a run's
+  checkpoint (default: the newest), for the per-model tools (sampling, routing report, segment
+  cache, eval.causality)."""
   cfg = dataclasses.replace(read_run_config(workdir),
                             mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   step = checkpoint_step(ckpt, step)
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
                       sharding.rules(cfg.mesh.rules))
-  return cfg, step, fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  model.eval()
+  return cfg, step, model
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,

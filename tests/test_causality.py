@@ -5,11 +5,18 @@ accepted only where documents cannot influence each other."""
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
-from configs import schema
-from eval import causality
+from configs import schema, sharding
+from data import pipeline
+from data.tokenizer import get_tokenizer
+from eval import causality, evaluate
 from model.config import ConfigError
+from train import mesh as mesh_lib
+from train.step import make_step_fns
 from tests.test_config import _experiment_files, _load_module
 
 # Which experiment configs read the future (and so refuse packing); a new config must be added.
@@ -60,3 +67,34 @@ def test_packing_is_refused_with_the_reason_for_models_that_read_the_future():
   config = _tiny('moe_topk.py')
   config.data.packing = True
   assert schema.load(config, jax.device_count()).data.packing
+
+
+def test_exact_prefix_evaluation_scores_each_position_from_its_prefix_alone():
+  """eval.evaluate on a non-causal model: `loss` is the mean cross-entropy of the sampled
+  positions, each predicted from its prefix alone (checked against prefixes run unpadded);
+  the teacher-forced numbers are beside it, labelled."""
+  config = _tiny('moe_expert_choice.py')
+  config.eval.update(batch_size=8, max_batches=1, positions_per_window=1)
+  cfg = schema.load(config, jax.device_count())
+  model = causality.random_model(cfg.model, seed=1)
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
+  tokens = np.random.default_rng(0).integers(0, 257, size=8 * 64 + 9).astype(np.int32)
+  result = evaluate.evaluate_model(fns, {'model': nnx.state(model)}, tokens, cfg,
+                                   get_tokenizer('byte'))
+  assert result['causal'] is False and result['evaluation'].startswith('exact_prefix')
+  assert result['tokens'] == 8 and result['teacher_forced_tokens'] == 8 * 64
+  assert result['loss_stderr'] > 0 and 'teacher_forced_bits_per_byte' in result
+  batch = next(pipeline.eval_batches(tokens, seq_len=64, batch_size=8, max_batches=1))
+  cuts_BP = evaluate.sampled_positions(batch['inputs'], 1)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+  ce = []
+  for b, cuts in enumerate(cuts_BP):
+    for cut in cuts:
+      logits = np.asarray(forward(state, jnp.asarray(batch['inputs'][b:b + 1, :cut + 1])))
+      ce.append(-jax.nn.log_softmax(logits[0, cut])[batch['targets'][b, cut]])
+  np.testing.assert_allclose(result['loss'], np.mean(ce), rtol=1e-5)
+  with pytest.raises(ConfigError, match='positions_per_window=0: expected >= 1'):
+    evaluate.evaluate_model(fns, {'model': nnx.state(model)}, tokens, cfg, get_tokenizer('byte'),
+                            positions_per_window=0)

@@ -111,6 +111,7 @@ def test_evaluate_in_fresh_process(uninterrupted):
   for key in ('step', 'loss', 'perplexity', 'tokens', 'bits_per_byte'):
     assert key in result
   assert result['step'] == 16
+  assert result['causal'] is True and result['evaluation'].startswith('teacher_forced')
   assert np.isclose(result['perplexity'], np.exp(result['loss']))
   with open(workdir / 'eval' / 'step_16.json') as f:
     assert json.load(f) == result
