@@ -100,7 +100,8 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
   step_fn = eval_step or make_eval_step(fns, tokenizer)
   causal = transformer.is_causal(cfg.model)
-  per_window = positions_per_window or cfg.eval.positions_per_window
+  per_window = (cfg.eval.positions_per_window if positions_per_window is None
+                else positions_per_window)
   if per_window < 1:
     raise ConfigError(f'positions_per_window={per_window}: expected >= 1')
   tf = collections.Counter()
