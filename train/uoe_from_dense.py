@@ -41,10 +41,13 @@ def _one_device(cfg: schema.Config) -> schema.Config:
 
 
 def _check_architecture(dense: schema.Config, target: schema.Config) -> None:
+  if dense.model.uoe.attention != 'dense' or dense.model.uoe.feed_forward != 'mlp':
+    raise ConfigError('--dense_workdir is already a UoE run (uoe.attention or uoe.feed_forward '
+                      'set); convert a dense run')
   want = dataclasses.asdict(uoe.dense_config(target.model))
   have = dataclasses.asdict(dense.model)
   for key, value in want.items():
-    if have.get(key) != value:
+    if key != 'uoe' and have.get(key) != value:
       raise ConfigError(f'--config model.{key}={value!r} differs from the dense run\'s '
                         f'{have.get(key)!r}: the conversion keeps the architecture')
   if not (target.model.uoe.attention == 'smha' or target.model.uoe.feed_forward == 'uome'):
