@@ -53,6 +53,25 @@ def test_losses_on_a_hand_built_case():
   np.testing.assert_array_equal(out.load_E, [2.0, 0.0])
 
 
+def test_balance_conventions_and_invalid_tokens_on_a_hand_built_case():
+  """f per assignment (sums to 1) vs per token (sums to k, Hugging Face's Mixtral/OLMoE value):
+  k times apart; an invalid token changes no loss and no count."""
+  probs = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
+  logits = jnp.log(probs)
+  experts = jnp.array([[0, 1], [3, 2], [0, 1]])
+  # f = (2, 2, 1, 1) / 6 per assignment; P = (1.2, 0.6, 0.6, 0.6) / 3; E * sum f P = 4 * 4.8 / 18
+  np.testing.assert_allclose(router.balance_loss(probs, experts), 4 * 4.8 / 18, rtol=1e-6)
+  np.testing.assert_allclose(router.balance_loss(probs, experts, convention='tokens'),
+                             2 * 4 * 4.8 / 18, rtol=1e-6)
+  valid = jnp.array([True, True, False])
+  out = router.route_topk(logits, 2, valid_T=valid)
+  alone = router.route_topk(logits[:2], 2)
+  for name in ('load_E', 'balance_loss', 'z_loss', 'entropy'):
+    np.testing.assert_allclose(getattr(out, name), getattr(alone, name), rtol=1e-6, err_msg=name)
+  with pytest.raises(ValueError, match="balance convention 'hf'"):
+    router.balance_loss(probs, experts, convention='hf')
+
+
 def _close(actual, desired):
   """Equal to 1e-5 relative to the array's scale: gradients are sums over tokens in a different
   order, so an element that cancels to near zero carries rounding of the size of its terms."""

@@ -22,6 +22,7 @@ from model.block import LayerSpec, layer_specs
 from model.config import ConfigError
 from model.layers import apply_rope
 from model.local_layer import LocalAttention
+from model.routing_layer import RoutingAttention
 from model.transformer import Transformer, count_params, matmul_params
 from train.checkpoint import Checkpointer
 from train.train import train_and_evaluate
@@ -41,12 +42,21 @@ def _config(**attention):
     ({'routing_heads': 1}, {}, r'attention.routing_heads=1: the 3 local heads'),
     ({'kmeans_decay': 1.0}, {}, r'attention.kmeans_decay=1.0'),
     ({'non_routing': 'sparse'}, {}, r"attention.non_routing='sparse': expected one of"),
+    ({'routing_scale': 'sqrt'}, {}, r"attention.routing_scale='sqrt': expected one of"),
 ])
 def test_bad_routing_configs_name_the_field(attention, train, match):
   c = _config(**attention)
   c.train.update(**train)
   with pytest.raises(ConfigError, match=match):
     schema.load(c, 8)
+
+
+@pytest.mark.parametrize('routing_scale,scale', [('rsqrt_dim', 16 ** -0.5), ('none', 1.0)])
+def test_routing_scale_option(routing_scale, scale):
+  """'rsqrt_dim': K**-0.5 on the in-cluster logits; 'none': 1, as the paper's code."""
+  cfg = schema.load(_config(routing_scale=routing_scale), 8)
+  layer = nnx.eval_shape(lambda: RoutingAttention(cfg.model, rngs=nnx.Rngs(0)))
+  assert cfg.model.head_dim == 16 and layer.scale == scale
 
 
 def test_clusters_derived_from_seq_len_and_layers_split():
