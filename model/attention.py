@@ -76,7 +76,12 @@ class Attention(nnx.Module):
     q_BLHK = axes.constrain(q_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
     k_BLGK = axes.constrain(k_BLGK, ('batch', 'length', 'act_kv_heads', 'act_kv'))
     v_BLGK = axes.constrain(v_BLGK, ('batch', 'length', 'act_kv_heads', 'act_kv'))
-    o_BLHK = causal_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL,
-                              impl=attention_impl(self.impl, self.dtype))
+    o_BLHK = self.attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
     o_BLHK = axes.constrain(o_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
     return jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
+
+  def attend(self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array,
+             segment_ids_BL: jax.Array | None) -> jax.Array:
+    """The attention between the projections (full causal here; local in `LocalAttention`)."""
+    return causal_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL,
+                            impl=attention_impl(self.impl, self.dtype))
