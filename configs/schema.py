@@ -241,7 +241,7 @@ def _validate_packing(cfg: Config) -> None:
   from model import transformer  # pylint: disable=g-import-not-at-top  (model code is heavy)
   reasons = transformer.future_dependence(cfg.model)
   if reasons:
-    raise ConfigError(f'data.packing=True is refused: {reasons[0]}, so packed documents would '
+    raise ConfigError(f'data.packing=True is refused: {reasons[0]}; packed documents would '
                       'influence each other (use data.packing=False)')
 
 
