@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test env clean-demo
+.PHONY: demo test test-all env clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # Two worker processes: compilation is single-threaded, so the 2-core CI machine runs ~20% faster.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# Everything, the slow proofs included (whole sharded trainings, multi-process runs, every model type).
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m '' $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
