@@ -144,6 +144,20 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
   out['teacher_forced_sampled_loss'] = float(forced.mean())  # same positions, future visible
   out['future_leak'] = float((exact - forced).mean())
   out['future_leak_stderr'] = stderr(exact - forced)
+  out.update(paired_estimate(out))
+  return out
+
+
+def paired_estimate(result: dict) -> dict:
+  """The exact-prefix loss over every position, estimated as the teacher-forced loss over every
+  position plus the leak measured at the sampled positions (a control variate: unbiased like
+  `loss`, and its error is only that of the leak, far below `loss_stderr` when the leak is
+  steady). `paired_loss`, `paired_loss_stderr` and, byte-level, `paired_bits_per_byte`."""
+  loss = result['teacher_forced_loss'] + result['future_leak']
+  out = {'paired_loss': loss, 'paired_loss_stderr': result['future_leak_stderr']}
+  if 'teacher_forced_bits_per_byte' in result:
+    out['paired_bits_per_byte'] = (result['teacher_forced_bits_per_byte'] * loss /
+                                   result['teacher_forced_loss'])
   return out
 
 

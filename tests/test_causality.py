@@ -95,6 +95,8 @@ def test_exact_prefix_evaluation_scores_each_position_from_its_prefix_alone():
       logits = np.asarray(forward(state, jnp.asarray(batch['inputs'][b:b + 1, :cut + 1])))
       ce.append(-jax.nn.log_softmax(logits[0, cut])[batch['targets'][b, cut]])
   np.testing.assert_allclose(result['loss'], np.mean(ce), rtol=1e-5)
+  np.testing.assert_allclose(result['paired_loss'],
+                             result['teacher_forced_loss'] + result['future_leak'], rtol=1e-12)
   with pytest.raises(ConfigError, match='positions_per_window=0: expected >= 1'):
     evaluate.evaluate_model(fns, {'model': nnx.state(model)}, tokens, cfg, get_tokenizer('byte'),
                             positions_per_window=0)
