@@ -11,7 +11,15 @@ Expected: a reference point for the routed experiments, not a result by itself.
 import ml_collections
 
 
+def check_variant(path: str, arg: str | None, variants: tuple[str, ...] = ('tiny',)) -> None:
+  """Refuses, in one line, a `--config=PATH:ARG` variant the experiment file does not define."""
+  if arg and arg not in variants:
+    raise ValueError(f'{path}: unknown variant {arg!r}; expected one of: {", ".join(variants)} '
+                     '(or no variant)')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  check_variant('configs/base.py', arg)
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
@@ -121,6 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.log_every = 10            # steps between metric lines, metrics.jsonl rows and TensorBoard points
   t.peak_tflops = 989.0       # per-device peak for the MFU estimate (989 = H100 SXM dense bf16); 0 hides MFU
   t.stop_after = 0            # stop (with a checkpoint) after this many steps in this process; 0 = run to train.steps
+  t.on_nonfinite = 'stop'     # a step whose loss, gradient or new state is not finite is never applied; then: stop | skip (drop that batch and go on)
+  t.nonfinite_patience = 10   # with on_nonfinite='skip': stop after this many non-finite steps in a row
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 1000        # steps between checkpoints (a final one is always written)

@@ -11,7 +11,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    message = str(e).splitlines()[0]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[0]
+    if 'Traceback (most recent call last):' in lines:  # a config file's get_config raised
+      message = (re.sub(r'Error whilst parsing config file:?$', 'the config file did not load', message)
+                 + f' ({lines[-1]})')
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
     text = str(e.args[0] if e.args else e)
     key = re.search(r'[A-Za-z_]\w*', text).group()

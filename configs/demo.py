@@ -21,6 +21,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  base.check_variant('configs/demo.py', arg, ('tiny', 'dense'))
   c = base.get_config()
   c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
                  dtype='float32')  # f32: XLA:CPU runs bf16 matmuls slower than f32
@@ -41,6 +42,4 @@ def get_config(arg: str | None = None):
   if arg == 'tiny':
     base.make_tiny(c)
     c.attention.update(window=16, local_window=16)  # 4 clusters of 16 tokens at sequence 64
-  elif arg:
-    raise ValueError(f'configs/demo.py: unknown argument {arg!r}; expected tiny or dense')
   return c

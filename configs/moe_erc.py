@@ -14,6 +14,7 @@ from configs import base, moe_topk, sweeps
 
 
 def get_config(arg: str | None = None):
+  base.check_variant('configs/moe_erc.py', arg)
   c = moe_topk.get_config()
   c.moe.update(erc_weight=1.0, erc_alpha=1.0, erc_grad_to_router=False)
   if arg == 'tiny':

@@ -10,6 +10,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  base.check_variant('configs/moe_lossfree.py', arg)
   c = base.get_config()
   c.moe.update(num_experts=8, top_k=2, expert_dim=1024, router='topk', score='sigmoid',
                balance_weight=0.0, z_loss_weight=0.0, bias_rate=1e-3)

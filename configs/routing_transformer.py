@@ -19,6 +19,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  base.check_variant('configs/routing_transformer.py', arg)
   c = base.get_config()
   c.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, mlp_dim=1536)
   c.attention.update(kind='routing', non_routing='local', routing_layers=(-2, -1), window=256,
@@ -30,6 +31,4 @@ def get_config(arg: str | None = None):
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers (both routing), 4 heads (2 routing), sequence 64
     c.attention.update(window=16, local_window=16)  # 4 clusters of 16 tokens
-  elif arg:
-    raise ValueError(f'configs/routing_transformer.py: unknown argument {arg!r}; expected tiny')
   return c

@@ -13,7 +13,7 @@ import ml_collections
 
 from configs import sharding
 from model.config import (AttentionConfig, ConfigError, EntropyConfig, ModelConfig, MoEConfig,
-                          UoEConfig)
+                          UoEConfig, check_finite)
 
 # Groups of the config file that live inside ModelConfig (a field of that name whose type is the
 # group's dataclass): a new mechanism adds its dataclass to ModelConfig and is picked up here.
@@ -60,6 +60,8 @@ class TrainConfig:
   log_every: int = 10
   peak_tflops: float = 989.0
   stop_after: int = 0
+  on_nonfinite: str = 'stop'
+  nonfinite_patience: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,13 +197,16 @@ def _positive(path: str, value: float) -> None:
 
 def validate(cfg: Config, num_devices: int) -> None:
   """Cross-field checks; raises ConfigError naming the first offending field."""
+  for group in ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval'):
+    check_finite(group, getattr(cfg, group))  # nan passes every range check below
   cfg.model.validate()
   t, o, d, k, e = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint, cfg.eval
   for path, value in (('train.steps', t.steps), ('train.batch_size', t.batch_size),
                       ('train.seq_len', t.seq_len), ('train.grad_accum', t.grad_accum),
                       ('train.log_every', t.log_every), ('optimizer.learning_rate', o.learning_rate),
                       ('checkpoint.every_steps', k.every_steps),
-                      ('checkpoint.max_to_keep', k.max_to_keep), ('eval.batch_size', e.batch_size)):
+                      ('checkpoint.max_to_keep', k.max_to_keep), ('eval.batch_size', e.batch_size),
+                      ('optimizer.eps', o.eps)):
     _positive(path, value)
   if o.decay not in DECAYS:
     raise ConfigError(f'optimizer.decay={o.decay!r}: expected one of {DECAYS}')
@@ -209,8 +214,15 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'optimizer.min_lr_ratio={o.min_lr_ratio}: expected a value in [0, 1]')
   if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
     raise ConfigError(f'optimizer.warmup_steps={o.warmup_steps}: expected 0 <= warmup < train.steps={t.steps}')
-  if o.weight_decay < 0 or o.grad_clip < 0:
-    raise ConfigError('optimizer.weight_decay and optimizer.grad_clip must be >= 0')
+  for path, value in (('optimizer.weight_decay', o.weight_decay),
+                      ('optimizer.grad_clip', o.grad_clip), ('train.seed', t.seed),
+                      ('data.seed', d.seed)):
+    if value < 0:
+      raise ConfigError(f'{path}={value}: expected a value >= 0')
+  if t.on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
+  if t.nonfinite_patience < 1:
+    raise ConfigError(f'train.nonfinite_patience={t.nonfinite_patience}: expected >= 1')
   if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
     raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
   if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:

@@ -9,5 +9,5 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  del arg  # already tiny; accepts `:tiny` like every experiment
+  base.check_variant('configs/tiny.py', arg)  # already tiny; accepts `:tiny` like every experiment
   return base.make_tiny(base.get_config())

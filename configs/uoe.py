@@ -25,6 +25,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  base.check_variant('configs/uoe.py', arg)
   c = base.get_config()
   c.uoe.update(attention='smha', feed_forward='uome', layers=(), heads_per_token=-1,
                head_capacity=1.0, num_experts=4, experts_per_token=2, expert_capacity=1.0,
@@ -32,6 +33,4 @@ def get_config(arg: str | None = None):
                z_loss_weight=1e-3)
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers, 4 heads (2 per token), MLP 128 = 4 experts of 32, sequence 64
-  elif arg:
-    raise ValueError(f'configs/uoe.py: unknown argument {arg!r}; expected tiny')
   return c

@@ -209,6 +209,40 @@ def read_run_config(workdir: str) -> schema.Config:
     return schema.from_dict(json.load(f))
 
 
+def run_tokenizer_identity(workdir: str, data_cfg: schema.DataConfig) -> tuple[str, str]:
+  """(fingerprint, spec) of the tokenizer a run was trained with: DIR/dataset.json (written by
+  train.train), else the metadata of the run's own dataset (`data_cfg`)."""
+  path = os.path.join(workdir, 'dataset.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      ident = json.load(f)
+    return ident['tokenizer'], ident['tokenizer_spec']
+  info = corpus.load_metadata(corpus.resolve_dataset(data_cfg))['tokenizer']
+  return info['fingerprint'], info['spec']
+
+
+def run_tokenizer(workdir: str, data_cfg: schema.DataConfig):
+  """The tokenizer of a run's dataset (one tokenizer per run: sampling and evaluation decode with
+  the one the model was trained on, never `data.tokenizer`, which a prepared dataset overrides)."""
+  fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
+  tokenizer = get_tokenizer(spec)
+  if tokenizer.fingerprint != fingerprint:
+    raise corpus.DataError(f'tokenizer {spec!r} changed since {workdir} was trained '
+                           f'(fingerprint {tokenizer.fingerprint} != {fingerprint})')
+  return tokenizer
+
+
+def check_same_tokenizer(workdir: str, data_cfg: schema.DataConfig, dataset_dir: str) -> None:
+  """Refuses (one line) a dataset tokenized otherwise than the run `workdir` trained on
+  `data_cfg`: its loss would be a meaningless number. Other text, same tokenizer, is fine."""
+  info = corpus.load_metadata(dataset_dir)['tokenizer']
+  fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
+  if info['fingerprint'] != fingerprint:
+    raise corpus.DataError(f'--data={dataset_dir} is tokenized with {info["spec"]} '
+                           f'({info["fingerprint"]}) but {workdir} was trained with {spec} '
+                           f'({fingerprint}); evaluate a dataset prepared with the run\'s tokenizer')
+
+
 def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
   """`step` if a complete checkpoint exists there (default: the newest); a one-line error otherwise."""
   steps = ckpt.all_steps()
@@ -242,7 +276,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
     raise ConfigError(f'--positions_per_window={positions_per_window}: expected >= 1')
   cfg = read_run_config(workdir)
   if data is not None:
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+    data_cfg = dataclasses.replace(cfg.data, path=data)
+    check_same_tokenizer(workdir, cfg.data, corpus.resolve_dataset(data_cfg))  # before any work
+    cfg = dataclasses.replace(cfg, data=data_cfg)
   cfg, num_devices = _eval_config(cfg)
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   step = checkpoint_step(ckpt, step)

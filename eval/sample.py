@@ -27,7 +27,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import cli
-from data.tokenizer import get_tokenizer
+from data import corpus
 from eval import evaluate
 from model.config import ConfigError
 
@@ -109,11 +109,13 @@ def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
                       top_p: float = 1.0, seed: int = 0) -> dict:
   """{'step', 'prompt', 'completion', 'tokens', 'seed'}: a continuation of `prompt` sampled from a
   run's checkpoint (default: the newest) on one device."""
-  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
-  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  # The run's dataset's tokenizer (not data.tokenizer, which a prepared dataset overrides),
+  # checked with the prompt before the model is restored.
+  tokenizer = evaluate.run_tokenizer(workdir, evaluate.read_run_config(workdir).data)
   prompt_ids = tokenizer.encode(prompt)
   if len(prompt_ids) == 0:
     raise ConfigError('--prompt is empty: give at least one character')
+  _, step, model = evaluate.restore_on_one_device(workdir, step)
   ids = sample(model, prompt_ids, max_new_tokens=max_new_tokens,
                vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k,
                top_p=top_p, seed=seed, eos_id=tokenizer.eos_id,
@@ -131,7 +133,7 @@ def main(argv):
     result = sample_checkpoint(f.workdir, f.prompt, step=f.step, max_new_tokens=f.max_new_tokens,
                                temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                                seed=f.seed)
-  except ConfigError as e:
+  except (ConfigError, corpus.DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   print(result['prompt'] + result['completion'])

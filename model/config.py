@@ -12,6 +12,15 @@ class ConfigError(ValueError):
   """A configuration value is wrong; the message names the field and what was expected."""
 
 
+def check_finite(group: str, obj) -> None:
+  """Refuses a nan or infinite float field of the dataclass `obj` (range checks such as `x < 0`
+  are False for nan, so they alone would let it through)."""
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'{group}.{f.name}={value}: expected a finite number')
+
+
 ATTENTION_KINDS = ('dense', 'routing')
 NON_ROUTING_KINDS = ('dense', 'local')
 ROUTING_SCALES = ('rsqrt_dim', 'none')
@@ -283,6 +292,9 @@ class ModelConfig:
             or self.uoe.is_uome_layer(i, n)]
 
   def validate(self) -> None:
+    check_finite('model', self)
+    for group in ('attention', 'moe', 'entropy', 'uoe'):
+      check_finite(group, getattr(self, group))
     for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads', 'mlp_dim'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'model.{name}={getattr(self, name)}: expected a positive integer')
@@ -300,8 +312,9 @@ class ModelConfig:
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f'model.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
-    if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-      raise ConfigError('model.init_std, model.norm_eps and model.rope_theta must be positive')
+    for name in ('init_std', 'norm_eps', 'rope_theta'):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f'model.{name}={getattr(self, name)}: expected a positive value')
     self.attention.validate(self.num_layers)
     self.attention.validate_heads(self.num_heads, self.num_kv_heads)
     self.moe.validate()

@@ -77,6 +77,26 @@ def _with(**overrides):
     ({'moe__num_experts': 6, 'mesh__shape': (1, 2, 1, 4), 'mesh__rules': 'fsdp_ep'}, 'moe.num_experts'),
     ({'train__steps': 'ten'}, 'train.steps'),
     ({'model__scan_layers': 1}, 'model.scan_layers'),
+    # nan passes every range check (`nan < 0` is False): refused as not finite, naming the field
+    ({'optimizer__learning_rate': float('nan')}, 'optimizer.learning_rate=nan'),
+    ({'optimizer__learning_rate': float('inf')}, 'optimizer.learning_rate=inf'),
+    ({'optimizer__weight_decay': float('nan')}, 'optimizer.weight_decay=nan'),
+    ({'optimizer__grad_clip': float('nan')}, 'optimizer.grad_clip=nan'),
+    ({'optimizer__b2': float('nan')}, 'optimizer.b2=nan'),
+    ({'optimizer__eps': -1}, 'optimizer.eps=-1'),
+    ({'optimizer__grad_clip': -1.0}, 'optimizer.grad_clip=-1'),
+    ({'model__init_std': float('inf')}, 'model.init_std=inf'),
+    ({'model__norm_eps': 0.0}, 'model.norm_eps=0'),
+    ({'moe__num_experts': 4, 'moe__jitter': float('nan')}, 'moe.jitter=nan'),
+    ({'attention__commitment_weight': float('-inf')}, 'attention.commitment_weight=-inf'),
+    ({'entropy__beta_tok': float('nan')}, 'entropy.beta_tok=nan'),
+    ({'uoe__head_capacity': float('inf')}, 'uoe.head_capacity=inf'),
+    ({'data__heldout_fraction': float('nan')}, 'data.heldout_fraction=nan'),
+    ({'train__peak_tflops': float('nan')}, 'train.peak_tflops=nan'),
+    ({'data__seed': -1}, 'data.seed=-1'),
+    ({'train__seed': -1}, 'train.seed=-1'),
+    ({'train__on_nonfinite': 'ignore'}, 'train.on_nonfinite'),
+    ({'train__nonfinite_patience': 0}, 'train.nonfinite_patience=0'),
 ])
 def test_validation_names_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:
@@ -121,11 +141,33 @@ def _run_train(tmp_path, *extra):
     ('--config.train.steps=abc', '--config.train.steps=abc'),
     ('--config.model.num_heads=3', 'model.num_heads=3 must divide model.d_model=64'),
     ('--config.mesh.shape=(4,4,1,1)', 'mesh.shape=(4, 4, 1, 1) needs 16 devices'),
+    ('--config.optimizer.learning_rate=nan', 'optimizer.learning_rate=nan: expected a finite number'),
+    ('--config.data.seed=-1', 'data.seed=-1: expected a value >= 0'),
 ])
 def test_cli_errors_are_one_line_and_start_nothing(tmp_path, flag, expected):
   proc, workdir = _run_train(tmp_path, flag)
+  _assert_one_line_error(proc, workdir, expected)
+
+
+def _assert_one_line_error(proc, workdir, expected):
   assert proc.returncode != 0
   lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and expected in lines[0], proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('path', _experiment_files(), ids=os.path.basename)
+def test_unknown_variant_lists_the_accepted_ones(path):
+  with pytest.raises(ValueError, match=r"configs/\w+\.py: unknown variant 'tinny'; expected one "
+                                       r'of: tiny'):
+    _load_module(path).get_config('tinny')
+
+
+def test_cli_unknown_variant_is_one_line(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([sys.executable, '-m', 'train.train', '--config=configs/demo.py:tinny',
+                         f'--workdir={workdir}'], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=120)
+  _assert_one_line_error(proc, workdir, "configs/demo.py: unknown variant 'tinny'; expected one of: "
+                                        'tiny, dense')

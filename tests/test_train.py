@@ -89,7 +89,7 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   explode = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=0),
                                 optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e30),
                                 checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1))
-  with pytest.raises(TrainingError, match='non-finite loss or gradient at step'):
+  with pytest.raises(TrainingError, match='non-finite loss, gradient or updated state at step'):
     train_and_evaluate(explode, str(workdir))
   step, state = _final_params(workdir, cfg)
   assert step >= 4
@@ -99,6 +99,37 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   previous = ckpt.all_steps()[-2]
   _, before = _final_params(workdir, cfg, previous)
   jax.tree.map(np.testing.assert_array_equal, state, before)
+
+
+@pytest.mark.parametrize('mode', ['stop', 'skip'])
+def test_overflowing_update_is_never_applied_nor_saved(tmp_path, cache_dir, mode):
+  """learning_rate 3.4e38: the loss and gradient of step 1 are finite, the update is not. The
+  guard on the new state refuses it; 'skip' goes on until nonfinite_patience steps in a row."""
+  cfg = _cfg(cache_dir, steps=6, on_nonfinite=mode, nonfinite_patience=2)
+  cfg = dataclasses.replace(
+      cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=3.4e38, warmup_steps=0,
+                                         decay='constant'),
+      checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1))
+  workdir = tmp_path / mode
+  match = r'updated state at step 1 .*the update was not applied' if mode == 'stop' else \
+      r'updated state at step 2 .*\(2 in a row\) and training stopped; last good checkpoint'
+  with pytest.raises(TrainingError, match=match):
+    train_and_evaluate(cfg, str(workdir))
+  for step in Checkpointer(str(workdir), cfg.checkpoint, read_only=True).all_steps():
+    _, state = _final_params(workdir, cfg, step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)), step
+
+
+def test_a_resumed_run_keeps_one_metrics_record_per_step(tmp_path):
+  """Records written after the checkpoint a run resumes from are dropped (and a torn last line
+  of a killed run with them); earlier ones and other files stay."""
+  from train.metrics import MetricsLogger  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in range(1, 8)) +
+                  '{"step": 8, "lo')
+  MetricsLogger(str(tmp_path), total_steps=10, tokens_per_step=1, flops_per_token=0,
+                peak_flops=0, resume_step=5).close()
+  assert [r['step'] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
 def test_evaluate_in_fresh_process(uninterrupted):
@@ -119,7 +150,11 @@ def test_evaluate_in_fresh_process(uninterrupted):
   assert np.isclose(in_process['loss'], result['loss'], rtol=1e-5)
 
 
-def test_sigterm_writes_checkpoint_that_resumes(tmp_path, cache_dir):
+@pytest.mark.parametrize('sig,code', [
+    (signal.SIGTERM, 0),
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # Ctrl-C: same path, exit 130
+])
+def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
   workdir = tmp_path / 'preempt'
   args = [sys.executable, '-m', 'train.train', '--config=configs/tiny.py', f'--workdir={workdir}',
           f'--config.data.cache_dir={cache_dir}', '--config.train.steps=100000',
@@ -132,9 +167,9 @@ def test_sigterm_writes_checkpoint_that_resumes(tmp_path, cache_dir):
   while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
     time.sleep(0.5)
   assert proc.poll() is None, proc.communicate()[1][-2000:]
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == code, err[-2000:]
   steps = Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).all_steps()
   assert len(steps) == 1 and 0 < steps[0] < 100000
   resume = subprocess.run(args[:-3] + [f'--config.train.steps={steps[0] + 2}'], cwd=ROOT, env=env,
@@ -142,6 +177,9 @@ def test_sigterm_writes_checkpoint_that_resumes(tmp_path, cache_dir):
   assert resume.returncode == 0, resume.stderr[-2000:]
   assert 'Resuming from checkpoint step' in resume.stderr
   assert Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).latest_step() == steps[0] + 2
+  logged = [r['step'] for r in _metrics(workdir) if 'loss' in r]
+  assert logged[:steps[0]] == list(range(1, steps[0] + 1)) and logged[-1] == steps[0] + 2
+  assert logged == sorted(set(logged))  # each step once across the two processes
 
 
 def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):

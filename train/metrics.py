@@ -35,6 +35,29 @@ VECTOR_SUMMARIES = {'expert_counts': _expert_summary, 'cluster_counts': _cluster
 
 
 
+def drop_records_after(path: str, step: int) -> int:
+  """Rewrites the JSONL file at `path` without the records whose 'step' exceeds `step` (atomic:
+  a temporary file renamed over it); returns how many were dropped. A missing file is fine."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if not line.strip() or _step_of(line) <= step]
+  if len(keep) == len(lines):
+    return 0
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
+  return len(lines) - len(keep)
+
+
+def _step_of(line: str) -> float:
+  try:
+    return json.loads(line).get('step', -math.inf)
+  except ValueError:  # a torn last line from a killed run: drop it
+    return math.inf
+
+
 class MetricsLogger:
   """Accumulates per-step host metrics and writes one record per logging window.
 
@@ -42,7 +65,11 @@ class MetricsLogger:
   """
 
   def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
-               flops_per_token: float, peak_flops: float, primary: bool = True):
+               flops_per_token: float, peak_flops: float, primary: bool = True,
+               resume_step: int | None = None):
+    """With `resume_step`, records of later steps in an existing metrics.jsonl (written after
+    the checkpoint the run resumes from, and about to be written again) are dropped first, so
+    readers see one record per step."""
     self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     self.primary = primary
@@ -53,6 +80,8 @@ class MetricsLogger:
     self._jsonl = self._tb = None
     if primary:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        drop_records_after(os.path.join(workdir, 'metrics.jsonl'), resume_step)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))

@@ -73,6 +73,12 @@ class StepFns:
     return nnx.merge(self.model_def, state['model'])
 
 
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (one fused reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
 def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
   model, opt = nnx.eval_shape(lambda: _build(cfg))
   model_def, model_state = nnx.split(model)
@@ -121,8 +127,10 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       model.update_state(jax.lax.stop_gradient(aux['stats']))
       optimizer.update(model, grads)
       new_state = {'model': nnx.state(model), 'opt': nnx.state(optimizer)}
-      # Non-finite guard: a bad step leaves the state untouched, so no checkpoint is ever poisoned.
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # Non-finite guard on the loss, the gradient AND the new state (an overflowing update can
+      # make finite gradients into infinite weights): a bad step leaves the state untouched, so no
+      # checkpoint is ever poisoned.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state)
       new_state = jax.tree.unflatten(treedef, [
           jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new_state), old_leaves)])
       metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,

@@ -1,8 +1,11 @@
 """Entry point: `python -m train.train --config=configs/NAME.py --workdir=DIR [--config.a.b=v ...]`.
 
-Trains, and resumes from the newest complete checkpoint in DIR if there is one. SIGTERM (a
-preemption) writes a final checkpoint and exits cleanly; a non-finite loss stops the run with the
-last good checkpoint intact (the step that produced it is not applied).
+Trains, and resumes from the newest complete checkpoint in DIR if there is one (metrics.jsonl
+then keeps one record per step). SIGTERM (a preemption) writes a final checkpoint and exits with
+status 0; SIGINT (Ctrl-C) does the same and exits with 130, and a second Ctrl-C exits at once. A
+step whose loss, gradient or new state is not finite is never applied: the run stops with the last
+good checkpoint intact (`train.on_nonfinite='stop'`) or drops that batch and goes on ('skip',
+stopping after `train.nonfinite_patience` such steps in a row).
 """
 
 import json
@@ -80,19 +83,30 @@ def write_config(cfg: schema.Config, workdir: str) -> None:
     os.replace(path + '.tmp', path)
 
 
+class Interrupted(Exception):
+  """Ctrl-C stopped the run after its checkpoint was written."""
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after every step."""
+  """Turns SIGTERM and SIGINT into a flag the loop checks after every step.
+
+  The first SIGINT restores Python's own handler, so a second Ctrl-C interrupts at once.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested = None  # the signal's name once one arrived
+    self._previous = {sig: signal.signal(sig, self._handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
@@ -138,21 +152,29 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   logger = MetricsLogger(
       workdir, total_steps=cfg.train.steps, tokens_per_step=tokens_per_step,
       flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-      peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(), primary=primary)
+      peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(), primary=primary,
+      resume_step=start)
   end = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps,
                                                                start + cfg.train.stop_after)
   preemption = _Preemption()
-  record, pending, step, saved = {}, None, start, start
+  record, pending, step, saved, bad_in_a_row = {}, None, start, start, 0
 
   def consume(done_step, metrics):
-    nonlocal record
+    nonlocal record, bad_in_a_row
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
-      ckpt.wait()
-      raise TrainingError(
-          f'non-finite loss or gradient at step {done_step} (loss={float(metrics["loss"])}); '
-          f'the update was skipped and training stopped; last good checkpoint: step '
-          f'{ckpt.latest_step()} in {ckpt.directory}')
+      bad_in_a_row += 1
+      what = (f'non-finite loss, gradient or updated state at step {done_step} '
+              f'(loss={float(metrics["loss"])}); the update was not applied')
+      if cfg.train.on_nonfinite == 'stop' or bad_in_a_row >= cfg.train.nonfinite_patience:
+        ckpt.wait()
+        repeat = f' ({bad_in_a_row} in a row)' if cfg.train.on_nonfinite == 'skip' else ''
+        raise TrainingError(f'{what}{repeat} and training stopped; last good checkpoint: step '
+                            f'{ckpt.latest_step()} in {ckpt.directory}')
+      logging.warning('%s; its batch is skipped (%d in a row, train.nonfinite_patience=%d)',
+                      what, bad_in_a_row, cfg.train.nonfinite_patience)
+      return
+    bad_in_a_row = 0
     logger.add(metrics)
     if done_step % cfg.train.log_every == 0 or done_step == end:
       record = logger.write(done_step)
@@ -181,11 +203,15 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
     if saved != step:
       ckpt.save(step, state, data_iter)
     if preemption.requested:
-      logging.warning('SIGTERM: wrote checkpoint at step %d; exiting cleanly', step)
+      logging.warning('%s: wrote checkpoint at step %d; exiting cleanly', preemption.requested,
+                      step)
     ckpt.close()
   finally:
     preemption.restore()
     logger.close()
+  if preemption.requested == 'SIGINT':
+    raise Interrupted(f'interrupted (Ctrl-C): checkpoint written at step {step} in '
+                      f'{ckpt.directory}; rerun the same command to resume')
   return record
 
 
@@ -210,6 +236,9 @@ def main(argv, flag):
   try:
     cfg = schema.load(cli.config_value(flag['config']), jax.device_count())
     train_and_evaluate(cfg, flag['workdir'].value)
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(130)  # 128 + SIGINT: a shell or scheduler sees the run was interrupted
   except (ConfigError, TrainingError, corpus.DataError) as e:
     _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
