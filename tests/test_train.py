@@ -217,3 +217,25 @@ def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(tmp_p
   assert len(steps) == 1 and steps[0]._cache_size() == 1  # one jit object, compiled once
   # Read one step late, so each evaluation sees the state after the following step.
   assert [r['step'] for r in evals] == [3, 5, 6]
+
+
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path, cache_dir):
+  """The lock names its holder; a live holder (this process here) or one on another host refuses
+  the second trainer before anything is written; a dead holder's lock is taken over."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from train.lock import LOCK_NAME, WorkdirLocked  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(cache_dir, steps=3)
+  lock = tmp_path / LOCK_NAME
+  holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': 'earlier'}
+  lock.write_text(json.dumps(holder))
+  with pytest.raises(WorkdirLocked, match=rf'is in use by pid {os.getpid()} on this host since'):
+    train_and_evaluate(cfg, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # nothing else touched
+  lock.write_text(json.dumps({**holder, 'host': 'elsewhere'}))
+  with pytest.raises(WorkdirLocked, match='on host elsewhere .*remove the lock file'):
+    train_and_evaluate(cfg, str(tmp_path))
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  lock.write_text(json.dumps({**holder, 'pid': int(dead.stdout)}))  # kill -9 leaves this behind
+  assert train_and_evaluate(cfg, str(tmp_path))['step'] == 3
+  assert not lock.exists()  # given back at the end

@@ -27,6 +27,7 @@ from model.transformer import flops_per_token
 from train import distributed
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
+from train.lock import WorkdirLock, WorkdirLocked
 from train.metrics import MetricsLogger
 from train.step import make_step_fns
 
@@ -110,7 +111,13 @@ class _Preemption:
 
 
 def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last logged metrics record."""
+  """Runs (or resumes) training; returns the last logged metrics record. Holds the workdir's
+  lock throughout (`train.lock`: a second trainer on the same workdir is refused)."""
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(cfg, workdir)
+
+
+def _train(cfg: schema.Config, workdir: str) -> dict:
   primary = jax.process_index() == 0
   dataset_dir = corpus.resolve_dataset(cfg.data)
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
@@ -239,7 +246,7 @@ def main(argv, flag):
   except Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(130)  # 128 + SIGINT: a shell or scheduler sees the run was interrupted
-  except (ConfigError, TrainingError, corpus.DataError) as e:
+  except (ConfigError, TrainingError, WorkdirLocked, corpus.DataError) as e:
     _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     # In a multi-process run a peer's failure surfaces here as a collective or barrier error:
