@@ -82,6 +82,31 @@ def test_stop_and_resume_is_bit_exact(tmp_path, uninterrupted, cache_dir):
   assert losses_a == losses_b  # same data order, same numbers, step by step
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_exactly(tmp_path, uninterrupted):
+  """Checkpoints at 4 and 7; step 7 truncated: the rerun moves it aside (kept), resumes from 4
+  and ends bit-identical to an uninterrupted run, one metrics record per step."""
+  straight_dir, cfg = uninterrupted
+  workdir = tmp_path / 'damaged'
+  for stop_after in (4, 3):
+    train_and_evaluate(dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, stop_after=stop_after)), str(workdir))
+  assert Checkpointer(str(workdir), cfg.checkpoint, read_only=True).all_steps() == [4, 7]
+  files = sorted(p for p in (workdir / 'checkpoints' / '7').rglob('*') if p.is_file() and
+                 p.stat().st_size > 100)
+  for f in files:
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # truncated: a full disk, a crash
+  train_and_evaluate(cfg, str(workdir))
+  assert [p.name.split('-')[0] for p in (workdir / 'checkpoints_damaged').iterdir()] == ['7']
+  _, state_a = _final_params(straight_dir, cfg)
+  step_b, state_b = _final_params(workdir, cfg)
+  assert step_b == 16
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  losses = {r['step']: r['loss'] for r in _metrics(straight_dir)}
+  resumed = [(r['step'], r['loss']) for r in _metrics(workdir) if 'loss' in r]
+  assert [step for step, _ in resumed] == sorted({step for step, _ in resumed})
+  assert all(losses[step] == loss for step, loss in resumed)
+
+
 def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / 'nan'
   cfg = _cfg(cache_dir, steps=12, stop_after=4)

@@ -9,8 +9,10 @@ when complete, so a half-written step is never listed and never chosen for resto
 
 import os
 import re
+import time
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from configs.schema import CheckpointConfig
@@ -24,6 +26,7 @@ class Checkpointer:
         max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
         create=not read_only, read_only=read_only)
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.quarantine = os.path.join(os.path.abspath(workdir), 'checkpoints_damaged')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -39,6 +42,16 @@ class Checkpointer:
     counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json').match, names)
               if m}
     return counts.pop() if len(counts) == 1 else None
+
+  def move_aside(self, step: int) -> str:
+    """Moves a damaged step out of the checkpoint directory (kept for inspection under
+    `checkpoints_damaged/`) so that it is never chosen again; returns where it went."""
+    target = os.path.join(self.quarantine, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      os.makedirs(self.quarantine, exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def save(self, step: int, state: dict, data_iterator=None) -> bool:
     items = {'model': ocp.args.StandardSave(state['model']),

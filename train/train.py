@@ -140,20 +140,12 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
       read_threads=cfg.data.read_threads, packing=cfg.data.packing))
 
   ckpt = Checkpointer(workdir, cfg.checkpoint)
-  start = ckpt.latest_step()
+  start, state = _restore_newest(ckpt, fns, data_iter)
   if start is None:
     start, state = 0, fns.init()
     if primary:
       logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
           nnx.to_pure_dict(state['model']), include_stats=False))
-  elif ckpt.data_process_count(start) == jax.process_count():
-    logging.info('Resuming from checkpoint step %d in %s', start, ckpt.directory)
-    state = ckpt.restore(start, fns.abstract_state(), data_iter)
-  else:  # written by another number of processes: same global stream, repositioned by step
-    logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
-                 start, ckpt.directory, ckpt.data_process_count(start), jax.process_count())
-    pipeline.seek(data_iter, start)
-    state = ckpt.restore(start, fns.abstract_state())
 
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
   logger = MetricsLogger(
@@ -220,6 +212,32 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     raise Interrupted(f'interrupted (Ctrl-C): checkpoint written at step {step} in '
                       f'{ckpt.directory}; rerun the same command to resume')
   return record
+
+
+def _restore_newest(ckpt: Checkpointer, fns, data_iter) -> tuple[int | None, dict | None]:
+  """(step, state) of the newest checkpoint that restores (the data iterator with it), or
+  (None, None) without checkpoints. A step that fails to restore is moved aside with a warning and
+  the next older one is tried; when none restores, the run stops with one line."""
+  steps = ckpt.all_steps()
+  for step in reversed(steps):
+    try:
+      if ckpt.data_process_count(step) == jax.process_count():
+        logging.info('Resuming from checkpoint step %d in %s', step, ckpt.directory)
+        return step, ckpt.restore(step, fns.abstract_state(), data_iter)
+      # written by another number of processes: same global stream, repositioned by step
+      logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
+                   step, ckpt.directory, ckpt.data_process_count(step), jax.process_count())
+      pipeline.seek(data_iter, step)
+      return step, ckpt.restore(step, fns.abstract_state())
+    except Exception as e:  # pylint: disable=broad-except  (any damage: missing, truncated, ...)
+      aside = ckpt.move_aside(step)
+      logging.warning('checkpoint step %d does not restore (%s: %s); moved to %s, trying the '
+                      'next older one', step, type(e).__name__, str(e).splitlines()[0][:200],
+                      aside)
+  if steps:
+    raise TrainingError(f'none of the checkpoints {steps} in {ckpt.directory} restores (moved '
+                        f'aside to {ckpt.quarantine}); remove them to start afresh')
+  return None, None
 
 
 def _fail(message: str) -> None:
