@@ -107,6 +107,33 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_exactly(tmp_pat
   assert all(losses[step] == loss for step, loss in resumed)
 
 
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(tmp_path, cache_dir,
+                                                                        monkeypatch):
+  """ENOSPC injected into the metrics write at step 5 (checkpoint at 4): the error names the
+  file and the last good checkpoint, which restores."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from train import train as train_lib  # pylint: disable=g-import-not-at-top
+  from train.metrics import MetricsLogger  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(cache_dir, steps=8, log_every=1)
+  cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=4))
+  path = str(tmp_path / 'metrics.jsonl')
+  record = MetricsLogger.record
+
+  def full_disk(self, step, rec):
+    if step >= 5:
+      raise OSError(errno.ENOSPC, 'No space left on device', path)
+    record(self, step, rec)
+
+  monkeypatch.setattr(MetricsLogger, 'record', full_disk)
+  with pytest.raises(OSError) as raised:
+    train_and_evaluate(cfg, str(tmp_path))
+  line = train_lib.describe_os_error(train_lib._os_error_in(raised.value), str(tmp_path))  # pylint: disable=protected-access
+  assert '\n' not in line and line.startswith(f'cannot write {path}: No space left on device')
+  assert 'last good checkpoint: step 4' in line
+  step, state = _final_params(tmp_path, cfg, 4)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
 def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / 'nan'
   cfg = _cfg(cache_dir, steps=12, stop_after=4)

@@ -208,10 +208,38 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   finally:
     preemption.restore()
     logger.close()
+    try:  # a save still in flight when an error stops the loop is complete and good: finish it
+      ckpt.wait()
+    except Exception:  # pylint: disable=broad-except  (its own failure; the older steps stand)
+      logging.warning('the checkpoint in flight did not complete')
   if preemption.requested == 'SIGINT':
     raise Interrupted(f'interrupted (Ctrl-C): checkpoint written at step {step} in '
                       f'{ckpt.directory}; rerun the same command to resume')
   return record
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+  """The OSError behind `e` (itself, or its chain of causes), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def describe_os_error(e: OSError, workdir: str) -> str:
+  """One line for a failed write (ENOSPC, EROFS, ...): the path, the reason, and the newest
+  complete checkpoint, which Orbax's write-then-rename leaves intact."""
+  path = e.filename or getattr(e, 'filename2', None) or 'a file'
+  try:
+    latest = Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).latest_step()
+  except Exception:  # pylint: disable=broad-except  (the storage itself may be the problem)
+    latest = None
+  last = (f'last good checkpoint: step {latest} in {os.path.join(workdir, "checkpoints")}'
+          if latest is not None else 'no complete checkpoint yet')
+  return f'cannot write {path}: {e.strerror or e}; training stopped; {last}'
 
 
 def _restore_newest(ckpt: Checkpointer, fns, data_iter) -> tuple[int | None, dict | None]:
@@ -266,7 +294,12 @@ def main(argv, flag):
     sys.exit(130)  # 128 + SIGINT: a shell or scheduler sees the run was interrupted
   except (ConfigError, TrainingError, WorkdirLocked, corpus.DataError) as e:
     _fail(str(e))
+  except OSError as e:  # disk full, read-only or vanished storage: one line, checkpoints intact
+    _fail(describe_os_error(e, flag['workdir'].value))
   except Exception as e:  # pylint: disable=broad-except
+    cause = _os_error_in(e)  # e.g. a background checkpoint write that hit a full disk
+    if cause is not None:
+      _fail(describe_os_error(cause, flag['workdir'].value))
     # In a multi-process run a peer's failure surfaces here as a collective or barrier error:
     # name the process that failed first, with its own message.
     causes = distributed.peer_errors()
