@@ -215,3 +215,94 @@ def test_worker_processes_give_the_same_batches_and_resume():
   fresh.close()
   for x, y in zip(got, expected):
     np.testing.assert_array_equal(x['inputs'], y['inputs'])
+
+
+# --- prepare under bad input (one line, nothing written) ---
+
+def _prepare(pattern, out, **kw):
+  from data import prepare
+  return prepare.prepare_dataset(str(pattern), str(out), processes=1, **kw)
+
+
+def _fails(pattern, out, match, **kw):
+  with pytest.raises(corpus.DataError, match=match) as e:
+    _prepare(pattern, out, **kw)
+  assert '\n' not in str(e.value) and not os.path.exists(out)  # nothing left behind
+  return str(e.value)
+
+
+def test_prepare_repairs_lone_surrogates(tmp_path):
+  (tmp_path / 'a.jsonl').write_text('{"text": "ab\\udc92cd"}\n{"text": "ok \\ud83d\\ude80"}\n')
+  meta = _prepare(tmp_path / 'a.jsonl', tmp_path / 'out')
+  assert meta['repaired'] == {'lone_surrogate': 1} and sum(meta['skipped'].values()) == 0
+  docs = sum(meta['documents'].values())
+  assert docs == 2 and meta['text_bytes']['train'] + meta['text_bytes']['heldout'] == len(
+      'ab\ufffdcd'.encode()) + len('ok \U0001f680'.encode())
+
+
+def test_prepare_skips_unreadable_files(tmp_path, monkeypatch):
+  from data import prepare
+  (tmp_path / 'in').mkdir()
+  for name in ('a.txt', 'b.txt', 'c.txt'):
+    (tmp_path / 'in' / name).write_text(f'text of {name}')
+  (tmp_path / 'in' / 'd.txt').mkdir()  # a directory matched by the glob
+  real_open = open
+
+  def denying_open(path, *a, **kw):
+    if str(path).endswith('b.txt'):
+      raise PermissionError(13, 'Permission denied', str(path))
+    return real_open(path, *a, **kw)
+
+  monkeypatch.setattr(prepare, 'open', denying_open, raising=False)
+  meta = _prepare(tmp_path / 'in' / '*.txt', tmp_path / 'out')
+  assert meta['skipped_files'] == {'permission_denied': ['b.txt']}
+  assert sum(meta['documents'].values()) == 2 and meta['files'] == 3
+  monkeypatch.setattr(prepare, 'open', lambda p, *a, **kw: denying_open(
+      'b.txt' if str(p).endswith('.txt') else p, *a, **kw), raising=False)  # every input denied
+  _fails(tmp_path / 'in' / '*.txt', tmp_path / 'out2', 'none of the 3 files.*permission_denied')
+  _fails(tmp_path / 'in' / 'd.txt', tmp_path / 'out3', 'only directories')
+
+
+def test_prepare_absent_field_and_mostly_skipped(tmp_path):
+  (tmp_path / 'a.jsonl').write_text('{"body": "x"}\n{"body": "y"}\n')
+  assert "'text'" in _fails(tmp_path / 'a.jsonl', tmp_path / 'out', 'absent')
+  (tmp_path / 'b.jsonl').write_text('{"text": "good"}\n' + 'not json\n' * 9)
+  _fails(tmp_path / 'b.jsonl', tmp_path / 'out', r'9 of the 10 records.*bad_json 9.*more than 80%')
+  assert sum(_prepare(tmp_path / 'a.jsonl', tmp_path / 'ok', field='body')['documents'].values()) == 2
+
+
+def test_prepare_output_that_is_a_file(tmp_path):
+  (tmp_path / 'a.txt').write_text('text')
+  (tmp_path / 'out').write_text('not a directory')
+  with pytest.raises(corpus.DataError, match='existing file') as e:
+    _prepare(tmp_path / 'a.txt', tmp_path / 'out')
+  assert '\n' not in str(e.value) and (tmp_path / 'out').read_text() == 'not a directory'
+  (tmp_path / 'dir').mkdir()
+  (tmp_path / 'dir' / '.work').write_text('a file where the work directory goes')
+  with pytest.raises(corpus.DataError, match='cannot create'):
+    _prepare(tmp_path / 'a.txt', tmp_path / 'dir')
+
+
+def _split_docs(out):
+  tok = ByteTokenizer()
+  result = {}
+  for split in corpus.SPLITS:
+    s = sources.open_split(str(out), split)
+    arr = corpus.load_split(str(out), split)
+    result[split] = sorted(tok.decode(arr[a:b - 1]) for a, b in zip(s.offsets[:-1], s.offsets[1:]))
+  return result
+
+
+@pytest.mark.parametrize('n', [2, 30])
+def test_prepare_heldout_never_empty_and_path_independent(tmp_path, n):
+  splits = []
+  for where in ('one/place', 'another/deeper/place'):
+    d = tmp_path / where
+    d.mkdir(parents=True)
+    for i in range(n):
+      (d / f'doc{i:02d}.txt').write_text(f'document {i} ' * 50)
+    meta = _prepare(d / '*.txt', tmp_path / f'out-{where.replace("/", "-")}', heldout_fraction=0.001)
+    assert meta['documents']['heldout'] == 1 and meta['documents']['train'] == n - 1
+    assert meta['split']['forced'] and meta['text_bytes']['heldout'] == len(f'document 0 ' * 50)
+    splits.append(_split_docs(tmp_path / f'out-{where.replace("/", "-")}'))
+  assert splits[0] == splits[1] and len(splits[0]['heldout']) == 1
