@@ -28,6 +28,21 @@ def time_calls(fn, n: int, warmup: int = 2) -> list[float]:
   return times
 
 
+def time_alternating(calls: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+  """Wall times of `rounds` calls of each blocking `calls[name]()`, alternating between them
+  within each round (so all meet the same machine load), after `warmup` untimed calls each."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, fn in calls.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return times
+
+
 def bare_train_step(cfg):
   """A zero-argument function running `cfg`'s jitted train step once on one fixed training batch
   (state carried from call to call; returns the step's metrics without waiting for them, so

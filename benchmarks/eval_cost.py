@@ -11,7 +11,6 @@ Usage: python -m benchmarks.eval_cost [--rounds=3] [--positions_per_window=2]
 """
 
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -52,14 +51,7 @@ def main(argv):
     return evaluate.evaluate_model(fns, state, tokens, cfg, tokenizer, step, _PER_WINDOW.value)
 
   runs = {'teacher_forced': teacher_forced, 'exact_prefix': exact_prefix}
-  for fn in runs.values():
-    fn()  # compiles
-  times = {name: [] for name in runs}
-  for _ in range(_ROUNDS.value):
-    for name, fn in runs.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+  times = common.time_alternating(runs, _ROUNDS.value)  # the warm-up call compiles
   median = {name: statistics.median(t) for name, t in times.items()}
   ratio = median['exact_prefix'] / median['teacher_forced']
   per_window = _PER_WINDOW.value or cfg.eval.positions_per_window

@@ -11,7 +11,6 @@ Usage: python -m benchmarks.finite_guard [--config=demo] [--rounds=20]
 """
 
 import statistics
-import time
 
 import jax
 from absl import app, flags
@@ -34,15 +33,7 @@ def main(argv):
   step = common.bare_train_step(cfg)
   calls = {'train_step': lambda: jax.block_until_ready(step()),
            'all_finite': lambda: jax.block_until_ready(guard(state))}
-  for fn in calls.values():
-    fn()
-    fn()
-  times = {name: [] for name in calls}
-  for _ in range(_ROUNDS.value):
-    for name, fn in calls.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
+  times = common.time_alternating(calls, _ROUNDS.value, warmup=2)
   median = {name: statistics.median(t) for name, t in times.items()}
   ratio = median['all_finite'] / median['train_step']
   leaves = jax.tree.leaves(state)

@@ -158,7 +158,7 @@ ENTROPY_MODES = ('per_layer', 'global')
 
 @dataclasses.dataclass(frozen=True)
 class EntropyConfig:
-  """Entropy-triggered routing (METHODS.md §4(a)); `model.entropy_trigger` implements it."""
+  """Entropy-triggered routing (docs/moe.md); `model.entropy_trigger` implements it."""
   enabled: bool = False
   tau: float = 0.7
   plateau: float = 1e-3
@@ -191,7 +191,7 @@ UOE_PARADIGMS = ('data_selection', 'expert_selection')
 
 @dataclasses.dataclass(frozen=True)
 class UoEConfig:
-  """Union of Experts (METHODS.md §3): SMHA attention and UoME feed-forward layers."""
+  """Union of Experts (docs/uoe.md): SMHA attention and UoME feed-forward layers."""
   attention: str = 'dense'
   feed_forward: str = 'mlp'
   layers: tuple[int, ...] = ()

@@ -1,4 +1,4 @@
-"""Entropy-triggered routing (METHODS.md §4(a), after MAGNET): coverage first, then specialisation.
+"""Entropy-triggered routing (docs/moe.md, after MAGNET): coverage first, then specialisation.
 
 A router's full distribution over experts (before top-k) gives two normalised entropies:
 H_tok, the mean per-token entropy (routing confidence: 1 = uniform, 0 = one-hot), and H_use, the

@@ -1,4 +1,4 @@
-"""Expert-router coupling (ERC) loss, Lv et al. 2026 (arXiv 2512.23447), METHODS.md §2.
+"""Expert-router coupling (ERC) loss, Lv et al. 2026 (arXiv 2512.23447), docs/moe.md "ERC loss".
 
 Pure functions, computed in f32. The router rows R_i are the columns of `router_DE`; the experts'
 gate projections are `w_gate_EDF` (W_g^j = w_gate_EDF[j]). Cost n²·D·F, independent of tokens.

@@ -1,4 +1,4 @@
-"""Selective Multi-Head Attention (SMHA), the attention half of Union of Experts (METHODS.md §3).
+"""Selective Multi-Head Attention (SMHA), the attention half of Union of Experts (docs/uoe.md).
 
 Heads are experts. A per-token gate over the H heads lets each token choose `heads_per_token` heads
 (`uoe.gate`); each head then takes, per sequence, a static capacity of the tokens that chose it

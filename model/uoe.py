@@ -1,4 +1,4 @@
-"""Union of Experts (Yang, Lian, Li 2025; METHODS.md §3): pure functions.
+"""Union of Experts (Yang, Lian, Li 2025; docs/uoe.md): pure functions.
 
 The equivalent decomposition: a dense SwiGLU MLP is E experts, expert e owning hidden units
 [e·F/E, (e+1)·F/E) (column blocks of w_gate and w_up, row blocks of w_down), and multi-head attention

@@ -29,7 +29,14 @@ def _tiny(path_or_name: str):
   return _load_module(path).get_config('tiny')
 
 
-@pytest.mark.parametrize('path', _experiment_files(), ids=os.path.basename)
+# Every config is checked; those whose layer kinds another default-run case already covers
+# (moe_topk: token-choice MoE; tiny: dense) run in the slow set.
+_COVERED = {'base.py', 'moe_lossfree.py', 'moe_erc.py', 'moe_entropy.py'}
+
+
+@pytest.mark.parametrize('path', [
+    pytest.param(p, marks=pytest.mark.slow) if os.path.basename(p) in _COVERED else p
+    for p in _experiment_files()], ids=os.path.basename)
 def test_every_experiment_config_is_as_declared(path):
   record, problems = causality.check_config(_tiny(path), name=os.path.basename(path))
   assert not problems, problems
@@ -45,7 +52,8 @@ def test_every_experiment_config_is_as_declared(path):
     ('moe_topk.py', {'moe.execution': 'capacity', 'moe.capacity_factor': 4.0}, True, False),
     ('moe_topk.py', {'moe.jitter': 0.5}, True, True),  # jitter is off in evaluation mode
     ('uoe.py', {'uoe.paradigm': 'expert_selection', 'uoe.head_capacity': 2.0}, True, True),
-    ('routing_transformer.py', {'attention.non_routing': 'dense'}, False, False),
+    pytest.param('routing_transformer.py', {'attention.non_routing': 'dense'}, False, False,
+                 marks=pytest.mark.slow),
 ])
 def test_variants_are_as_declared(name, overrides, causal, bitwise):
   config = _tiny(name)

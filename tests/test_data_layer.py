@@ -17,6 +17,7 @@ from configs import schema, tiny
 from data import corpus, pipeline, prepare, sources
 from data.errors import DataError
 from data.tokenizer import get_tokenizer
+from tests.tokenizer_files import write_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs; café number {i}.'
@@ -27,19 +28,11 @@ DOCS = [f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs; café 
 def tokenizer_files(tmp_path_factory):
   """A tiny SentencePiece model and a tiny HF byte-level BPE, trained here on DOCS (no downloads)."""
   import sentencepiece as spm
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
   d = tmp_path_factory.mktemp('tok')
   spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 4), model_prefix=str(d / 'sp'),
                                  vocab_size=60, hard_vocab_limit=False, character_coverage=1.0,
                                  minloglevel=2)
-  hf = tokenizers.Tokenizer(models.BPE())
-  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  hf.decoder = decoders.ByteLevel()
-  hf.train_from_iterator(DOCS, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=['<|endoftext|>'], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  hf.save(str(d / 'tokenizer.json'))
+  write_bpe_tokenizer(DOCS, str(d / 'tokenizer.json'))
   return {'byte': 'byte', 'sentencepiece': f'sentencepiece:{d / "sp.model"}',
           'hf': f'hf:{d / "tokenizer.json"}'}
 

@@ -16,6 +16,7 @@ from data.tokenizer import get_tokenizer
 from eval import evaluate
 from eval import sample as sample_lib
 from model.config import ConfigError
+from tests.tokenizer_files import write_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs.' for i in range(24)]
@@ -24,16 +25,8 @@ DOCS = [f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs.' for i
 @pytest.fixture(scope='module')
 def datasets(tmp_path_factory):
   """{'byte': dir, 'hf': dir}: the same small text prepared with two tokenizers, and the HF spec."""
-  import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
   d = tmp_path_factory.mktemp('tok')
-  hf = tokenizers.Tokenizer(models.BPE())
-  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  hf.decoder = decoders.ByteLevel()
-  hf.train_from_iterator(DOCS, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=['<|endoftext|>'], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  hf.save(str(d / 'tokenizer.json'))
+  write_bpe_tokenizer(DOCS, str(d / 'tokenizer.json'))
   os.makedirs(d / 'in')
   for i, doc in enumerate(DOCS):
     (d / 'in' / f'doc{i:03d}.txt').write_text(doc)

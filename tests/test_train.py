@@ -153,7 +153,7 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   jax.tree.map(np.testing.assert_array_equal, state, before)
 
 
-@pytest.mark.parametrize('mode', ['stop', 'skip'])
+@pytest.mark.parametrize('mode', ['stop', pytest.param('skip', marks=pytest.mark.slow)])
 def test_overflowing_update_is_never_applied_nor_saved(tmp_path, cache_dir, mode):
   """learning_rate 3.4e38: the loss and gradient of step 1 are finite, the update is not. The
   guard on the new state refuses it; 'skip' goes on until nonfinite_patience steps in a row."""
