@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.prefetch = 2              # grain prefetch buffer per worker
   d.read_threads = 0          # threads reading batches ahead in each process (0 = read when consumed)
   d.packing = False           # True: rows of whole-document pieces with segment_ids/positions; False: windows across documents
+  d.verify = 'auto'           # checks of the prepared files before training: full (sha256) | sizes | off; auto: full up to 2 GiB
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-4      # peak learning rate after warmup
@@ -131,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.stop_after = 0            # stop (with a checkpoint) after this many steps in this process; 0 = run to train.steps
   t.on_nonfinite = 'stop'     # a step whose loss, gradient or new state is not finite is never applied; then: stop | skip (drop that batch and go on)
   t.nonfinite_patience = 10   # with on_nonfinite='skip': stop after this many non-finite steps in a row
+  t.check_memory = True       # refuse (before compiling) a run whose estimated memory exceeds the device's; False: try anyway
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 1000        # steps between checkpoints (a final one is always written)

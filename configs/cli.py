@@ -1,15 +1,42 @@
-"""Command-line parsing that turns every flag or config-override mistake into one clear line."""
+"""Command-line parsing that turns every flag or config-override mistake into one clear line, and
+keeps the console to the run's own lines (library INFO logging only with an explicit --verbosity)."""
 
+import logging
+import os
 import re
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Passes warnings and errors from anywhere, and lower levels only from this project's code."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    path = os.path.abspath(record.pathname)
+    return (record.levelno >= logging.WARNING or
+            (path.startswith(_PROJECT) and 'site-packages' not in path))
+
+
+def quiet_libraries() -> None:
+  """Hides other libraries' INFO lines (Orbax writes ~10 per checkpoint) unless --verbosity was
+  given; this project's own INFO lines (progress, resumes) stay."""
+  if flags.FLAGS.is_parsed() and flags.FLAGS['verbosity'].present:
+    return
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(..., flags_parser=parse_flags)`; exits 2 with one line on error."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    quiet_libraries()
+    return remaining
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     message = lines[0]

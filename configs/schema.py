@@ -22,6 +22,7 @@ MODEL_GROUPS = tuple(f.name for f in dataclasses.fields(ModelConfig)
 
 DECAYS = ('cosine', 'linear', 'constant')
 TOKENIZERS = ('byte', 'sentencepiece:PATH', 'hf:PATH')
+VERIFY_MODES = ('auto', 'full', 'sizes', 'off')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class DataConfig:
   prefetch: int = 2
   read_threads: int = 0
   packing: bool = False
+  verify: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class TrainConfig:
   stop_after: int = 0
   on_nonfinite: str = 'stop'
   nonfinite_patience: int = 10
+  check_memory: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +242,8 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError('data.worker_count must be >= 0 and data.prefetch >= 1')
   if d.read_threads < 0:
     raise ConfigError(f'data.read_threads={d.read_threads}: expected a value >= 0')
+  if d.verify not in VERIFY_MODES:
+    raise ConfigError(f'data.verify={d.verify!r}: expected one of {VERIFY_MODES}')
   _validate_routing(cfg)
   _validate_uoe(cfg)
   _validate_packing(cfg)

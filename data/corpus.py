@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 
-from data import prepare, sources
+from data import prepare, sources, verify
 from data.errors import DataError
 from data.tokenizer import get_tokenizer
 
@@ -58,7 +58,7 @@ def prepare_default_corpus(data_cfg) -> str:
   list_hash = hashlib.sha256(listing.encode()).hexdigest()
   version = '.'.join(map(str, sys.version_info[:3]))
   name = (f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-'
-          f'{list_hash[:12]}-v2')
+          f'{list_hash[:12]}-v3')
   final = os.path.join(_cache_root(data_cfg), name)
   if _is_complete(final):
     return final
@@ -113,15 +113,26 @@ def load_metadata(directory: str) -> dict:
 
 
 def resolve_dataset(data_cfg) -> str:
-  """The dataset directory to train on: `data.path` if set (checked), else the default corpus."""
+  """The dataset directory to train on: `data.path` if set, else the default corpus; its files
+  checked per `data.verify` (once per process and mode; `data.verify` explains the checks)."""
   if not data_cfg.path:
-    return prepare_default_corpus(data_cfg)
-  needed = ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
-  missing = [n for n in needed if not os.path.exists(os.path.join(data_cfg.path, n))]
-  if missing:
-    raise DataError(f'data.path={data_cfg.path!r} is not a prepared dataset: missing '
-                    f'{", ".join(missing)} (run python -m data.prepare --output=...)')
-  return data_cfg.path
+    directory = prepare_default_corpus(data_cfg)
+  else:
+    directory = data_cfg.path
+    needed = ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
+    missing = [n for n in needed if not os.path.exists(os.path.join(directory, n))]
+    if missing:
+      raise DataError(f'data.path={directory!r} is not a prepared dataset: missing '
+                      f'{", ".join(missing)} (run python -m data.prepare --output=...)')
+  mode = data_cfg.verify
+  key = (os.path.abspath(directory), mode,
+         os.stat(os.path.join(directory, 'metadata.json')).st_mtime_ns)
+  if key not in _VERIFIED:
+    _VERIFIED[key] = verify.check(directory, load_metadata(directory), mode)
+  return directory
+
+
+_VERIFIED = {}  # (directory, data.verify, metadata.json mtime) -> the mode the check ran in
 
 
 def dataset_tokenizer(directory: str):

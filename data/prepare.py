@@ -5,7 +5,8 @@ Tokenizes a corpus into the layout `data.sources` reads and `--config.data.path=
   DIR/train/tokens, DIR/heldout/tokens   zarr3 TensorStore arrays (smallest sufficient uint type);
                                          every document is followed by EOS
   DIR/train/offsets.npy, .../heldout/... int64 [documents + 1] document offsets
-  DIR/metadata.json                      written last: a directory without it is never used
+  DIR/metadata.json                      written last: a directory without it is never used;
+                                         it records every file's size and sha256 (data.verify)
 
 Inputs: text files (one document per file), JSONL (one document per line, `--field`), Parquet
 (column `--field`) or ArrayRecord (one UTF-8 document per record). A document goes to held-out when
@@ -38,7 +39,7 @@ import time
 
 import numpy as np
 
-from data import sources
+from data import sources, verify
 from data.errors import DataError
 from data.tokenizer import get_tokenizer
 
@@ -402,7 +403,7 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
     moved_bytes = counts[move[0]]['min_train'][2]
     text_bytes = {'train': text_bytes['train'] - moved_bytes, 'heldout': text_bytes['heldout'] + moved_bytes}
   meta = {
-      'format_version': 1, 'source': source, 'root': plan['root'], 'format': plan['format'],
+      'format_version': 2, 'source': source, 'root': plan['root'], 'format': plan['format'],
       'field': plan['field'], 'files': sum(len(t['files']) for t in tasks),
       'tokenizer': {'spec': tok.spec, 'fingerprint': tok.fingerprint, 'vocab_size': tok.vocab_size,
                     'eos_id': tok.eos_id, 'byte_level': tok.byte_level},
@@ -419,6 +420,7 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
   }
   meta['fingerprint'] = hashlib.sha256(json.dumps(
       [plan, meta['tokens'], meta['documents']], sort_keys=True).encode()).hexdigest()[:16]
+  meta['checksums'] = verify.record(output, SPLITS)  # size and sha256 of every stored file
   _write_json(os.path.join(output, 'metadata.json'), meta)
   return meta
 

@@ -4,7 +4,10 @@ A prepared split `DIR/SPLIT/` holds `tokens` (a zarr3 TensorStore: one flat arra
 smallest sufficient unsigned type, every document followed by EOS) and `offsets.npy` (int64
 [documents + 1]: document d is tokens[offsets[d]:offsets[d+1]]). The array is sharded (zarr3
 `sharding_indexed`) into 4 Mi-token shards of 4 Ki-token inner chunks, so a random window reads
-only the few KiB it needs.
+only the few KiB it needs. Every inner chunk is stored (also one equal to the fill value) with a
+crc32c that TensorStore checks on each read, and reads of a missing chunk fail instead of
+returning zeros: damage found while reading is a one-line DataError naming the file
+(`data.verify` checks whole files before training).
 
 Reads are fast only when many are in flight (DESIGN §6: ~50 us each when issued together, ~200 us
 one by one), so every source reads a whole batch at once (`read_batch(indices)`): all reads are
@@ -31,13 +34,22 @@ def token_spec(path: str) -> dict:
   return {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(path)}}
 
 
+def _damaged(path: str, error: Exception) -> DataError:
+  detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return DataError(f'{path}: cannot read tokens ({detail[:300]}); the prepared dataset is damaged: '
+                   're-run python -m data.prepare')
+
+
 def create_token_array(path: str, size: int, dtype) -> ts.TensorStore:
   """A new (overwritten) zarr3 array of `size` tokens, sharded for random reads."""
   spec = token_spec(path)
   spec['metadata'] = {
       'shape': [size], 'data_type': np.dtype(dtype).name,
       'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [SHARD_TOKENS]}},
-      'codecs': [{'name': 'sharding_indexed', 'configuration': {'chunk_shape': [CHUNK_TOKENS]}}]}
+      'codecs': [{'name': 'sharding_indexed', 'configuration': {
+          'chunk_shape': [CHUNK_TOKENS],
+          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}]}}]}
+  spec['store_data_equal_to_fill_value'] = True  # every chunk on disk: a missing one is damage
   return ts.open(spec, create=True, delete_existing=True).result()
 
 
@@ -53,7 +65,8 @@ class TokenArray:
   @property
   def store(self) -> ts.TensorStore:
     if self._store is None:
-      spec = {**token_spec(self.path), 'context': {'cache_pool': {'total_bytes_limit': _CACHE_BYTES}}}
+      spec = {**token_spec(self.path), 'fill_missing_data_reads': False,
+              'context': {'cache_pool': {'total_bytes_limit': _CACHE_BYTES}}}
       try:
         self._store = ts.open(spec, read=True).result()
       except ValueError as e:
@@ -68,13 +81,19 @@ class TokenArray:
     return self.store.dtype.numpy_dtype
 
   def __getitem__(self, index):
-    return self.store[index].read().result()
+    try:
+      return self.store[index].read().result()
+    except ValueError as e:  # DATA_LOSS (crc32c mismatch) or NOT_FOUND (missing chunk)
+      raise _damaged(self.path, e) from None
 
   def read_many(self, starts, stops) -> list[np.ndarray]:
     """tokens[start:stop] for every pair; all reads are issued before any result is awaited."""
     store = self.store
     futures = [store[int(a):int(b)].read() for a, b in zip(starts, stops)]
-    return [f.result() for f in futures]
+    try:
+      return [f.result() for f in futures]
+    except ValueError as e:
+      raise _damaged(self.path, e) from None
 
   def __getstate__(self):
     return {'path': self.path}

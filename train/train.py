@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import jax
 from absl import app, flags, logging
@@ -40,7 +41,7 @@ class TrainingError(RuntimeError):
 # Groups that must not change under an existing workdir (they define what the checkpoint is).
 _FROZEN_GROUPS = ('model', *schema.MODEL_GROUPS, 'data')
 # Data fields that only change how fast batches arrive, not which: free to change on resume.
-_FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads')}
+_FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads', 'verify')}
 
 
 def check_dataset(workdir: str, dataset_dir: str) -> dict:
@@ -144,8 +145,12 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   if start is None:
     start, state = 0, fns.init()
     if primary:
-      logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-          nnx.to_pure_dict(state['model']), include_stats=False))
+      table = parameter_overview.get_parameter_overview(nnx.to_pure_dict(state['model']),
+                                                        include_stats=False)
+      with open(os.path.join(workdir, 'parameters.txt'), 'w') as f:
+        f.write(table + '\n')
+      logging.info('parameters: %s; per array in %s', table.splitlines()[-1].removeprefix('Total: '),
+                   os.path.join(workdir, 'parameters.txt'))
 
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
   logger = MetricsLogger(
@@ -186,7 +191,13 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   try:
     while step < end and not preemption.requested:
       batch = pipeline.make_global_batch(next(data_iter), fns.batch_sharding)
-      state, metrics = fns.train_step(state, batch)
+      if step == start:
+        logging.info('compiling the train step (%s devices, mesh %s) ...', jax.device_count(),
+                     dict(mesh.shape))
+        compile_start = time.perf_counter()
+      state, metrics = fns.train_step(state, batch)  # the first call traces and compiles
+      if step == start:
+        logging.info('compiled in %.1f s', time.perf_counter() - compile_start)
       step += 1
       if pending is not None:
         consume(*pending)
