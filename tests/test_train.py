@@ -228,6 +228,9 @@ def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
                           capture_output=True, text=True, timeout=300)
   assert resume.returncode == 0, resume.stderr[-2000:]
   assert 'Resuming from checkpoint step' in resume.stderr
+  # Quiet by default: the run's own lines only (no library INFO), the compile announced and timed.
+  assert 'compiling the train step' in resume.stderr and 'compiled in' in resume.stderr
+  assert 'checkpoint_manager.py' not in resume.stderr + err and len(resume.stderr.splitlines()) < 12
   assert Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).latest_step() == steps[0] + 2
   logged = [r['step'] for r in _metrics(workdir) if 'loss' in r]
   assert logged[:steps[0]] == list(range(1, steps[0] + 1)) and logged[-1] == steps[0] + 2
