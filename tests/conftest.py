@@ -7,3 +7,23 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+  """One default-corpus cache for the training tests of a test process."""
+  return tmp_path_factory.mktemp('corpus')
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(tmp_path_factory, cache_dir):  # pylint: disable=redefined-outer-name
+  """(workdir, cfg) of configs/tiny.py trained 16 steps without a stop: the reference that
+  resumed, interrupted and damaged runs must reproduce exactly."""
+  from tests.tiny_runs import tiny_train_config  # pylint: disable=g-import-not-at-top
+  from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('straight')
+  cfg = tiny_train_config(cache_dir, steps=16, log_every=1)
+  train_and_evaluate(cfg, str(workdir))
+  return workdir, cfg

@@ -1,6 +1,9 @@
 """Tiny models of an experiment config, shared by the model tests: a short training run, or
 random weights without training."""
 
+import json
+import os
+
 import jax
 
 from configs import schema
@@ -26,3 +29,30 @@ def random_model(config, scale: float = 0.3, seed: int = 0) -> Transformer:
   """The Transformer of a ConfigDict with N(0, scale²) weights and routing state."""
   return causality.random_model(schema.load(config, jax.device_count()).model, scale=scale,
                                 seed=seed)
+
+
+def tiny_train_config(cache_dir, **train) -> schema.Config:
+  """configs/tiny.py with the default corpus prepared under `cache_dir` and `train` overrides."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.data.cache_dir = str(cache_dir)
+  c.train.update(**train)
+  return schema.load(c, jax.device_count())
+
+
+def metrics_rows(workdir) -> list[dict]:
+  """Every row of DIR/metrics.jsonl as written (no de-duplication: tests check there is none)."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def checkpoint_state(workdir, cfg: schema.Config, step: int | None = None) -> tuple[int, dict]:
+  """(step, host copy of the state) of the checkpoint at `step` (default: the newest)."""
+  from configs import sharding  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpointer(str(workdir), cfg.checkpoint, read_only=True)
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
+  step = ckpt.latest_step() if step is None else step
+  return step, jax.device_get(ckpt.restore(step, fns.abstract_state()))

@@ -30,16 +30,25 @@ def _fmt(num_bytes: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-  """Bytes a training step needs in all (every device together), by what holds them."""
+  """Bytes a training step needs, every device together, by what holds them.
+
+  `total` counts only what must be live at one instant: the state throughout, the activations at
+  the end of the forward pass, all gradients at the update. Gradients and activations add up only
+  when `overlap` (train.grad_accum > 1: the accumulated gradient is live during every micro-batch);
+  otherwise the backward pass may free activations as it creates gradients, so the larger counts.
+  """
   params: int  # the model state (parameters and non-gradient variables)
   optimizer: int  # the nnx.Optimizer state (step count, AdamW moments)
   gradients: int  # one gradient per trainable parameter
-  activations: int  # what the backward pass keeps live (`activation_bytes`)
+  activations: int  # the peak the backward pass keeps live (`activation_bytes`)
   num_devices: int
+  overlap: bool = False
 
   @property
   def total(self) -> int:
-    return self.params + self.optimizer + self.gradients + self.activations
+    step_bytes = (self.gradients + self.activations if self.overlap
+                  else max(self.gradients, self.activations))
+    return self.params + self.optimizer + step_bytes
 
   @property
   def per_device(self) -> int:
@@ -47,8 +56,9 @@ class MemoryEstimate:
     return -(-self.total // self.num_devices)
 
   def describe(self) -> str:
-    return ' + '.join(f'{name} {_fmt(getattr(self, name))}'
-                      for name in ('params', 'optimizer', 'gradients', 'activations'))
+    grads, acts = f'gradients {_fmt(self.gradients)}', f'activations {_fmt(self.activations)}'
+    step = f'{grads} + {acts}' if self.overlap else f'max({grads}, {acts})'
+    return f'params {_fmt(self.params)} + optimizer {_fmt(self.optimizer)} + {step}'
 
 
 def _tree_bytes(tree) -> int:
