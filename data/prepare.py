@@ -485,12 +485,35 @@ def _write_stream(store, arrays) -> None:
       pending.append(store[at:at + n].write(flat[:n]))
       at, buf, buffered = at + n, [flat[n:]], flat.size - n
       if len(pending) > 4:
-        pending.pop(0).result()
+        _written(pending.pop(0))
   if buffered:
     flat = np.concatenate(buf)
     pending.append(store[at:at + flat.size].write(flat))
   for p in pending:
-    p.result()
+    _written(p)
+
+
+def _written(future) -> None:
+  """Waits for a TensorStore write; its failure (e.g. no space left) becomes an OSError."""
+  try:
+    future.result()
+  except ValueError as e:
+    raise OSError(str(e).splitlines()[0][:300]) from None
+
+
+def prepare_or_exit(input_pattern: str, output: str, **kwargs) -> dict:
+  """`prepare_dataset` for the command line: bad input or a failed write (disk full, read-only
+  storage) ends in one line and exit status 1. A failed write keeps the finished pieces, so
+  rerunning the same command resumes."""
+  try:
+    return prepare_dataset(input_pattern, output, **kwargs)
+  except DataError as e:
+    message = str(e)
+  except OSError as e:
+    message = (f'cannot write {e.filename or output}: {e.strerror or e}; finished pieces are kept '
+               f'in {os.path.join(output, ".work")}: rerun the same command to resume')
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
 
 
 def main(argv):
@@ -498,13 +521,9 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f'error: unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  try:
-    meta = prepare_dataset(f.input, f.output, fmt=f.format or '', field=f.field,
-                           tokenizer=f.tokenizer, heldout_fraction=f.heldout_fraction,
-                           processes=f.processes, progress=True)
-  except DataError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  meta = prepare_or_exit(f.input, f.output, fmt=f.format or '', field=f.field,
+                         tokenizer=f.tokenizer, heldout_fraction=f.heldout_fraction,
+                         processes=f.processes, progress=True)
   print(json.dumps({k: meta[k] for k in ('documents', 'tokens', 'skipped', 'repaired', 'skipped_files',
                                           'dtype', 'vocab_size')}))
 

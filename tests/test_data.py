@@ -306,3 +306,28 @@ def test_prepare_heldout_never_empty_and_path_independent(tmp_path, n):
     assert meta['split']['forced'] and meta['text_bytes']['heldout'] == len(f'document 0 ' * 50)
     splits.append(_split_docs(tmp_path / f'out-{where.replace("/", "-")}'))
   assert splits[0] == splits[1] and len(splits[0]['heldout']) == 1
+
+
+def test_prepare_cli_failed_write_is_one_line_and_resumable(tmp_path, monkeypatch, capsys):
+  """ENOSPC while writing the split arrays: one line, exit 1, finished pieces kept; a rerun
+  after space is freed resumes and completes."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from data import prepare  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'in').mkdir()
+  for i in range(4):
+    (tmp_path / 'in' / f'{i}.txt').write_text(f'document number {i} ' * 20)
+  out, save = tmp_path / 'out', np.save
+
+  def full_disk(path, *a, **kw):
+    raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+
+  monkeypatch.setattr(np, 'save', full_disk)
+  with pytest.raises(SystemExit) as exited:
+    prepare.prepare_or_exit(str(tmp_path / 'in' / '*.txt'), str(out))
+  err = capsys.readouterr().err
+  assert exited.value.code == 1 and err.count('\n') == 1
+  assert err.startswith(f'error: cannot write {out}') and 'No space left on device' in err
+  assert 'rerun the same command to resume' in err and list((out / '.work').glob('piece-*.npz'))
+  monkeypatch.setattr(np, 'save', save)
+  meta = prepare.prepare_or_exit(str(tmp_path / 'in' / '*.txt'), str(out))
+  assert sum(meta['documents'].values()) == 4 and not (out / '.work').exists()

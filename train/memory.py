@@ -74,71 +74,74 @@ def state_bytes(cfg: Config) -> tuple[int, int, int]:
 
 
 def _layer_terms(cfg: Config, spec: LayerSpec, batch: int) -> dict[str, int]:
-  """Elements one layer's backward needs from its forward pass, by tensor, for `batch` rows.
+  """Elements (of model.dtype) one layer's backward needs from its forward pass, by tensor.
 
   `resid` (block input) and `mid` (residual after attention) are the inputs of the two norms: one
-  of input or output must be kept. A dense attention adds q/k/v (post-RoPE), the attention
-  probabilities B·H·L·L (XLA attention; cuDNN flash keeps only B·H·L f32 softmax statistics, as
-  `stats`) and its output (input of wo); the SwiGLU MLP adds gate and up (2·B·L·F). Other layer
-  kinds (routing, local, SMHA, MoE, UoME) count only their input, so the bound stays a bound.
+  of input or output must be kept. A dense attention adds q/k/v and, with XLA attention, the
+  probabilities B·H·L·L and the output (input of wo); cuDNN flash attention keeps its output and
+  B·H·L f32 softmax statistics instead (`flash`). The SwiGLU MLP adds gate and up (2·B·L·F).
+  Other layer kinds (routing, local, SMHA, MoE, UoME) count only their input: a bound stays one.
   """
   m, seq_len = cfg.model, cfg.train.seq_len
   tokens, h, k = batch * seq_len, m.num_heads, m.head_dim
   terms = {'resid': tokens * m.d_model, 'mid': tokens * m.d_model}
   if spec.attention == 'dense':
     terms['qkv'] = tokens * (h + 2 * m.num_kv_heads) * k
-    terms['attn_out'] = tokens * h * k
     if attention_impl(cfg.attention.impl, m.dtype) == 'cudnn':
-      terms['stats'] = batch * h * seq_len * 4 // jnp.dtype(m.dtype).itemsize  # f32 per (row, head)
+      terms['flash'] = tokens * h * k + tokens * h * 4 // jnp.dtype(m.dtype).itemsize
     else:
-      terms['probs'] = batch * h * seq_len * seq_len
+      terms['probs'], terms['attn_out'] = batch * h * seq_len * seq_len, tokens * h * k
   if spec.feed_forward == 'mlp':
     terms['hidden'] = 2 * tokens * m.mlp_dim
   return terms
 
 
 # Terms each remat policy keeps for every layer; the others are live for one layer at a time
-# (recomputed in the backward pass). 'save_dots' keeps matmul outputs: the attention logits in
-# place of the probabilities and wo's output in place of `mid`, so the 'none' count bounds it.
+# (recomputed in its backward pass). The dots policies keep matmul outputs: the projections (q/k/v
+# before RoPE, wo's output in place of `mid`, gate and up) and, for 'save_dots', the XLA attention
+# logits (f32, in place of the probabilities) and output; cuDNN attention is a custom call.
 _SAVED = {
-    'none': ('resid', 'mid', 'qkv', 'probs', 'stats', 'attn_out', 'hidden'),
-    'save_dots': ('resid', 'mid', 'qkv', 'probs', 'stats', 'attn_out', 'hidden'),
+    'none': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'flash', 'hidden'),
+    'save_dots': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'hidden'),
     'save_dots_no_batch': ('resid', 'mid', 'qkv', 'hidden'),  # attention einsums have batch dims
     'full': ('resid',),  # jax.checkpoint without a policy: only the block's input
 }
 
 
 def activation_bytes(cfg: Config) -> int:
-  """A lower bound on the activation bytes the backward pass keeps live, over all devices.
+  """A lower bound on the activation bytes live at one instant of a step, over all devices.
 
-  Per micro-batch of B = train.batch_size // train.grad_accum rows: for every layer the terms its
-  remat policy saves (`_SAVED`, sizes from `_layer_terms`, in model.dtype), plus the largest
-  layer's recomputed terms (live while that layer's backward runs), plus the logits B·L·V in f32
-  (the loss runs in f32). Norm outputs, RoPE temporaries, softmax copies, the embedding gradient
-  and XLA's fusion buffers are left out: they only raise the real figure.
+  Per micro-batch of B = train.batch_size // train.grad_accum rows, in model.dtype: for every
+  layer the terms its remat policy saves (`_SAVED`, sizes from `_layer_terms`), live together at
+  the end of the forward pass and still when the last layer's backward starts. Added to them: the
+  larger of the logits B·L·V in f32 (the loss runs in f32; live at the end of the forward pass) and
+  the last layer's recomputed terms (live in its backward, when the logits may be gone). Norm
+  outputs, RoPE temporaries, softmax copies, cotangents and XLA's fusion buffers are left out.
   """
   batch = cfg.train.batch_size // cfg.train.grad_accum
   saved = _SAVED[cfg.model.remat]
   kept = recomputed = 0
-  for spec in layer_specs(cfg.model):
+  for spec in layer_specs(cfg.model):  # the last layer's recomputed terms remain in `recomputed`
     terms = _layer_terms(cfg, spec, batch)
     kept += sum(v for name, v in terms.items() if name in saved)
-    recomputed = max(recomputed, sum(v for name, v in terms.items() if name not in saved))
+    recomputed = sum(v for name, v in terms.items() if name not in saved)
   itemsize = jnp.dtype(cfg.model.dtype).itemsize
   logits_bytes = batch * cfg.train.seq_len * cfg.model.vocab_size * 4
-  return (kept + recomputed) * itemsize + logits_bytes
+  return kept * itemsize + max(recomputed * itemsize, logits_bytes)
 
 
 def estimate(cfg: Config, num_devices: int) -> MemoryEstimate:
   """A lower bound on a training step's memory, before any mesh, allocation or compilation.
 
   params and optimizer are exact (`state_bytes`); gradients are the trainable parameters' bytes
-  (in param_dtype); activations are `activation_bytes`. `per_device` assumes every byte is sharded
-  perfectly over `num_devices` devices (replication only adds), so it too is a lower bound.
+  (in param_dtype); activations are `activation_bytes`; `total` adds what coexists. `per_device`
+  assumes every byte is sharded perfectly over `num_devices` devices (replication only adds), so
+  it too is a lower bound. XLA's own rematerialisation under memory pressure is not foreseen.
   """
   model_bytes, param_bytes, opt_bytes = state_bytes(cfg)
   return MemoryEstimate(params=model_bytes, optimizer=opt_bytes, gradients=param_bytes,
-                        activations=activation_bytes(cfg), num_devices=num_devices)
+                        activations=activation_bytes(cfg), num_devices=num_devices,
+                        overlap=cfg.train.grad_accum > 1)
 
 
 def device_memory() -> tuple[int, str]:
