@@ -285,3 +285,13 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tm
   lock.write_text(json.dumps({**holder, 'pid': int(dead.stdout)}))  # kill -9 leaves this behind
   assert train_and_evaluate(cfg, str(tmp_path))['step'] == 3
   assert not lock.exists()  # given back at the end
+
+
+def test_a_model_beyond_the_machines_memory_is_refused_before_anything_is_written(tmp_path):
+  c = tiny.get_config()
+  c.model.update(d_model=1 << 16, num_layers=16)
+  cfg = schema.load(c, jax.device_count())
+  with pytest.raises(schema.ConfigError, match=r'training needs at least .* GiB per device .* '
+                     r'set --config.train.check_memory=False to try anyway') as e:
+    train_and_evaluate(cfg, str(tmp_path / 'run'))
+  assert '\n' not in str(e.value) and not (tmp_path / 'run').exists()

@@ -219,3 +219,18 @@ def test_a_failing_process_stops_the_other_with_its_message(tmp_path, cache_dir)
   assert 'error: optimizer.learning_rate=-1.0: expected a positive value' in errs[1]
   assert ('error: stopped because process 1: optimizer.learning_rate=-1.0: expected a positive '
           'value') in errs[0]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_damaged_in_one_process_is_passed_over_by_all(tmp_path, cache_dir, reference):
+  """Step 10's data-iterator state of process 1 only is damaged: process 0 alone could restore
+  step 10, but both agree to move it aside and resume from step 5, then match the reference."""
+  workdir = tmp_path / 'damaged'
+  every = '--config.checkpoint.every_steps=5'
+  assert _launch(_train_args(workdir, cache_dir, every, '--config.train.stop_after=10')) == 0
+  (workdir / 'checkpoints' / '10' / 'data' / 'process_1-of-2.json').write_text('{"next_in')
+  assert _launch(_train_args(workdir, cache_dir, every)) == 0
+  assert [p.name.split('-')[0] for p in (workdir / 'checkpoints_damaged').iterdir()] == ['10']
+  resumed = _losses(workdir)
+  for step in range(6, 21):
+    np.testing.assert_allclose(resumed[step], reference[step], rtol=2e-5, err_msg=f'step {step}')

@@ -7,6 +7,7 @@ and restores onto whatever mesh and process count the abstract state's shardings
 when complete, so a half-written step is never listed and never chosen for restore.
 """
 
+import json
 import os
 import re
 import time
@@ -16,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs.schema import CheckpointConfig
+from train import distributed
 
 
 class Checkpointer:
@@ -43,6 +45,26 @@ class Checkpointer:
               if m}
     return counts.pop() if len(counts) == 1 else None
 
+  def damage(self, step: int) -> str | None:
+    """What is visibly wrong with `step` (items missing, unreadable metadata or iterator states),
+    or None. It reads the same files in every process (no collectives), so all processes agree
+    before a restore starts; damage inside the array data shows during the restore itself."""
+    root = os.path.join(self.directory, str(step))
+    for item in ('model', 'opt'):
+      if not os.path.isfile(os.path.join(root, item, '_METADATA')):
+        return f'{item}/_METADATA is missing'
+    count = self.data_process_count(step)
+    if count is None:
+      return 'data/ holds no consistent set of iterator states'
+    for name in [f'{item}/_METADATA' for item in ('model', 'opt')] + [
+        f'data/process_{i}-of-{count}.json' for i in range(count)]:
+      try:
+        with open(os.path.join(root, name)) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        return f'{name} does not read ({type(e).__name__})'
+    return None
+
   def move_aside(self, step: int) -> str:
     """Moves a damaged step out of the checkpoint directory (kept for inspection under
     `checkpoints_damaged/`) so that it is never chosen again; returns where it went."""
@@ -50,6 +72,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       os.makedirs(self.quarantine, exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)), target)
+    distributed.barrier(f'checkpoint_moved_aside_{step}')  # every process then sees it gone
     self.manager.reload()
     return target
 

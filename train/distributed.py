@@ -103,3 +103,19 @@ def peer_errors() -> list[str]:
   me = str(jax.process_index())
   return [f'process {key.rsplit("/", 1)[-1]}: {value}' for key, value in sorted(entries)
           if key.rsplit('/', 1)[-1] != me]
+
+
+def all_processes(ok: bool) -> bool:
+  """True when `ok` holds in every process (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reached the barrier `name` (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

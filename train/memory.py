@@ -20,7 +20,7 @@ from train.step import _build
 _GiB = 1 << 30
 
 
-def _fmt(num_bytes: int) -> str:
+def fmt_bytes(num_bytes: int) -> str:
   """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
   for unit, size in (('GiB', _GiB), ('MiB', 1 << 20), ('KiB', 1 << 10)):
     if num_bytes >= size:
@@ -56,9 +56,9 @@ class MemoryEstimate:
     return -(-self.total // self.num_devices)
 
   def describe(self) -> str:
-    grads, acts = f'gradients {_fmt(self.gradients)}', f'activations {_fmt(self.activations)}'
+    grads, acts = f'gradients {fmt_bytes(self.gradients)}', f'activations {fmt_bytes(self.activations)}'
     step = f'{grads} + {acts}' if self.overlap else f'max({grads}, {acts})'
-    return f'params {_fmt(self.params)} + optimizer {_fmt(self.optimizer)} + {step}'
+    return f'params {fmt_bytes(self.params)} + optimizer {fmt_bytes(self.optimizer)} + {step}'
 
 
 def _tree_bytes(tree) -> int:
@@ -168,19 +168,20 @@ def check(cfg: Config, num_devices: int) -> MemoryEstimate | None:
     return None
   est = estimate(cfg, num_devices)
   limit_bytes, source = device_memory()
-  shared = source == 'host RAM'
-  local_devices = jax.local_device_count() if shared else 1
+  local_devices = jax.local_device_count() if source == 'host RAM' else 1
   if est.per_device * local_devices <= limit_bytes:
     return est
   m, t = cfg.model, cfg.train
   model_fields = f'model.d_model={m.d_model}, model.num_layers={m.num_layers}'
   batch_fields = f'train.batch_size={t.batch_size}, train.seq_len={t.seq_len}'
-  lead, rest = ((batch_fields, model_fields) if est.activations > est.total - est.activations
+  state_total = est.params + est.optimizer + est.gradients
+  lead, rest = ((batch_fields, model_fields) if est.activations > state_total
                 else (model_fields, batch_fields))
-  has = (f'the {local_devices} local devices share {_fmt(limit_bytes)}' if local_devices > 1
-         else f'a device has {_fmt(limit_bytes)}')
+  has = f'a device has {fmt_bytes(limit_bytes // local_devices)} ({source}'
+  if local_devices > 1:
+    has += f' {fmt_bytes(limit_bytes)} shared by {local_devices} local devices'
   raise ConfigError(
-      f'{lead} ({rest}): training needs at least {_fmt(est.per_device)} per device '
-      f'({est.describe()}; a lower bound, perfect sharding over {num_devices} devices) but {has} '
-      f'({source}); shrink the model or the batch (or raise train.grad_accum, use '
+      f'{lead} ({rest}): training needs at least {fmt_bytes(est.per_device)} per device '
+      f'({est.describe()}; a lower bound, perfect sharding over {num_devices} devices) but {has}); '
+      'shrink the model or the batch (or raise train.grad_accum, use '
       "model.remat='full'), or set --config.train.check_memory=False to try anyway")

@@ -26,6 +26,7 @@ from eval import evaluate as eval_lib
 from model.config import ConfigError
 from model.transformer import flops_per_token
 from train import distributed
+from train import memory
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.lock import WorkdirLock, WorkdirLocked
@@ -114,6 +115,10 @@ class _Preemption:
 def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics record. Holds the workdir's
   lock throughout (`train.lock`: a second trainer on the same workdir is refused)."""
+  estimate = memory.check(cfg, jax.device_count())  # before anything is written or compiled
+  if estimate is not None:
+    logging.info('memory: at least %s (%s), over %d devices', memory.fmt_bytes(estimate.total),
+                 estimate.describe(), jax.device_count())
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(cfg, workdir)
 
@@ -255,34 +260,44 @@ def describe_os_error(e: OSError, workdir: str) -> str:
 
 def _restore_newest(ckpt: Checkpointer, fns, data_iter) -> tuple[int | None, dict | None]:
   """(step, state) of the newest checkpoint that restores (the data iterator with it), or
-  (None, None) without checkpoints. A step that fails to restore is moved aside with a warning and
-  the next older one is tried; when none restores, the run stops with one line."""
+  (None, None) without checkpoints. A step that fails to restore in any process is moved aside
+  with a warning and every process tries the next older one; when none restores, the run stops
+  with one line."""
   steps = ckpt.all_steps()
   for step in reversed(steps):
-    try:
-      if ckpt.data_process_count(step) == jax.process_count():
-        logging.info('Resuming from checkpoint step %d in %s', step, ckpt.directory)
-        return step, ckpt.restore(step, fns.abstract_state(), data_iter)
-      # written by another number of processes: same global stream, repositioned by step
-      logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
-                   step, ckpt.directory, ckpt.data_process_count(step), jax.process_count())
-      pipeline.seek(data_iter, step)
-      return step, ckpt.restore(step, fns.abstract_state())
-    except Exception as e:  # pylint: disable=broad-except  (any damage: missing, truncated, ...)
-      aside = ckpt.move_aside(step)
-      logging.warning('checkpoint step %d does not restore (%s: %s); moved to %s, trying the '
-                      'next older one', step, type(e).__name__, str(e).splitlines()[0][:200],
-                      aside)
+    state, error = None, ckpt.damage(step)  # the same answer in every process
+    if error is None:
+      try:
+        state = _restore(ckpt, step, fns, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: missing, truncated, ...)
+        error = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
+    if distributed.all_processes(error is None):
+      return step, state
+    aside = ckpt.move_aside(step)
+    logging.warning('checkpoint step %d does not restore (%s); moved to %s, trying the next older '
+                    'one', step, error or 'in another process', aside)
   if steps:
     raise TrainingError(f'none of the checkpoints {steps} in {ckpt.directory} restores (moved '
                         f'aside to {ckpt.quarantine}); remove them to start afresh')
   return None, None
 
 
+def _restore(ckpt: Checkpointer, step: int, fns, data_iter) -> dict:
+  if ckpt.data_process_count(step) == jax.process_count():
+    logging.info('Resuming from checkpoint step %d in %s', step, ckpt.directory)
+    return ckpt.restore(step, fns.abstract_state(), data_iter)
+  # written by another number of processes: same global stream, repositioned by step
+  logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
+               step, ckpt.directory, ckpt.data_process_count(step), jax.process_count())
+  pipeline.seek(data_iter, step)
+  return ckpt.restore(step, fns.abstract_state())
+
+
 def _fail(message: str) -> None:
   """One-line error on stderr and exit 1; other processes of the run can read it."""
   distributed.report_error(message)
-  logging.error('%s', message)
+  if jax.process_count() > 1:  # each process's log names its own error
+    logging.error('%s', message)
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)
 
