@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.erc_grad_to_router = False  # ERC gradient also into the router (False: perturbed router rows are stop-gradient)
 
   c.entropy = n = ml_collections.ConfigDict()
-  n.enabled = False           # entropy-triggered routing (METHODS.md §4(a)) on every routed layer; needs MoE layers
+  n.enabled = False           # entropy-triggered routing (docs/methods.md §4) on every routed layer; needs a routed layer (MoE or UoE)
   n.tau = 0.7                 # trigger threshold on the EMA of the normalised token entropy H_tok, in (0, 1)
   n.plateau = 1e-3            # trigger also when |EMA(H_tok) now - EMA(H_tok) plateau_window steps ago| < plateau; 0 = threshold only
   n.plateau_window = 1000     # steps over which the plateau test measures the change of the EMA

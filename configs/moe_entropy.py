@@ -1,14 +1,14 @@
-"""configs/moe_topk.py plus entropy-triggered routing (METHODS.md §4(a)) on every MoE layer.
+"""configs/moe_topk.py plus entropy-triggered routing (docs/methods.md §4) on every MoE layer.
 
 The Switch balance loss (1e-2) stays on and already spreads expert usage, so `entropy.beta_use = 0`
-(METHODS §4 "interaction with balancing": H_use is redundant with it); only the token entropy is
+(docs/methods.md §4.4: H_use is redundant with it); only the token entropy is
 steered: kept high (coverage) until the EMA of H_tok drops below tau = 0.7 or stops moving, then
 lowered (specialisation) after a 300-step ramp. With loss-free balancing (sigmoid + bias) instead
 of the Switch loss, keep `entropy.beta_use = 1e-2`.
 
 Usage: python -m train.train --config=configs/moe_entropy.py --workdir=runs/moe_entropy
   (`:tiny` for a smoke run; `--config.entropy.mode=global` to switch all layers together;
-  `--config.entropy.tau=0.85` / `0.5` for the METHODS sweep); then
+  `--config.entropy.tau=0.85` / `0.5` for the sweep of docs/methods.md §4.5); then
   python -m eval.routing_report --workdir=runs/moe_entropy  (entropy plots, trigger timeline)
 Hardware: as configs/moe_topk.py (a GPU); the monitor costs a softmax and two means per MoE
   layer. `:tiny` runs on 2 CPU cores in about a minute.

@@ -1,4 +1,4 @@
-"""configs/moe_topk.py plus the expert-router coupling (ERC) loss (METHODS.md §2), weight 1, alpha 1.
+"""configs/moe_topk.py plus the expert-router coupling (ERC) loss (docs/methods.md §2.4), weight 1, alpha 1.
 
 Usage: python -m train.train --config=configs/moe_erc.py --workdir=runs/moe_erc
   (`:tiny` for a smoke run; `--config.moe.erc_alpha=0.5` for stricter specialisation,

@@ -1,4 +1,4 @@
-"""Union of Experts LM (METHODS.md §3): SMHA in every layer plus UoME with data selection.
+"""Union of Experts LM (docs/methods.md §3): SMHA in every layer plus UoME with data selection.
 
 Every layer's attention is Selective Multi-Head Attention (each token picks half of the 12 heads by
 its gate; each head takes ceil(L·6/12) = L/2 tokens per sequence) and every MLP is UoME-DS (the

@@ -9,7 +9,7 @@ crc32c that TensorStore checks on each read, and reads of a missing chunk fail i
 returning zeros: damage found while reading is a one-line DataError naming the file
 (`data.verify` checks whole files before training).
 
-Reads are fast only when many are in flight (DESIGN §6: ~50 us each when issued together, ~200 us
+Reads are fast only when many are in flight (docs/design.md §8: ~50 us each when issued together, ~200 us
 one by one), so every source reads a whole batch at once (`read_batch(indices)`): all reads are
 issued before the first `.result()`.
 

@@ -203,7 +203,7 @@ def test_make_global_batch():
 def test_worker_processes_give_the_same_batches_and_resume():
   from absl import flags
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (DESIGN.md §6)
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (docs/design.md §8)
   expected = take(iter(make()), 6)
   it = iter(make(worker_count=2, prefetch=2))
   got = take(it, 3)

@@ -1,4 +1,4 @@
-"""Entropy-triggered routing (METHODS.md §4(a)): entropies, the latched trigger, the ramp, the
+"""Entropy-triggered routing (docs/methods.md §4): entropies, the latched trigger, the ramp, the
 loss's gradient directions, config errors, and in training: exact resume, 1 vs 8 devices."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""ERC loss (METHODS.md §2): Eq. 3 against NumPy, the Eq. 4 noise guarantee, gradients, alpha*."""
+"""ERC loss (docs/methods.md §2.4): Eq. 3 against NumPy, the Eq. 4 noise guarantee, gradients, alpha*."""
 
 import math
 import re

@@ -1,4 +1,4 @@
-"""Device mesh over the axes (data, fsdp, tensor, expert) with Auto axis types (DESIGN §6).
+"""Device mesh over the axes (data, fsdp, tensor, expert) with Auto axis types (docs/design.md §8).
 
 With several processes the mesh is hybrid: `mesh.dcn_shape` says how many processes (hosts, or
 slices) each axis spans, the rest of each axis runs inside a process over its fast interconnect
