@@ -10,7 +10,7 @@ of 8- and 32-token segments whose experts fit a cache of 2·top_k experts (eval/
   uniform (1 = balanced; from `layer_i/moe/expert_load`);
 - `dead_experts.png`: dead experts and load CV per MoE layer over steps;
 - `entropy.png`: H_tok, H_use, the trigger's EMA of H_tok and the ramp weight per MoE layer, trigger
-  steps marked (METHODS.md §4(a)); `trigger_timeline.png`: each monitored layer's coverage regime,
+  steps marked (docs/methods.md §4); `trigger_timeline.png`: each monitored layer's coverage regime,
   ramp and specialisation regime over steps (runs with `entropy.enabled`);
 - `cluster_occupancy.png`: per routing-attention layer, the k-means cluster shares over steps (mean
   over heads, from `layer_i/routing/cluster_load`) and occupancy min/max and unpicked fraction;
@@ -34,6 +34,7 @@ from absl import app, flags
 
 from configs import cli
 from eval import report_markdown
+from train.metrics import read_eval_metrics, read_metrics  # public here too, as before
 
 _LAYER = re.compile(r'^layer_(\d+)/(\w+)/(.+)$')
 ROUTING_CURVES = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
@@ -41,40 +42,6 @@ MOE_HEALTH = ('load_cv', 'load_max_mean', 'dead_experts')
 UOE_GATES = ('attn', 'mlp')  # SMHA head gate, UoME expert gate: metrics layer_i/uoe/<gate>_<name>
 UOE_HEALTH = ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy')
 markdown_table = report_markdown.markdown_table  # the entropy table; a public name since the first report
-
-
-def _jsonl(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
-  records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ValueError(f'{path} line {number}: not JSON ({e})') from None
-        if not isinstance(record, dict) or 'step' not in record:
-          raise ValueError(f'{path} line {number}: not a metrics record with a step')
-        records.append(record)
-  return records
-
-
-def _one_per_step(records: list[dict]) -> list[dict]:
-  by_step = {r['step']: r for r in records}  # a resumed run's repeat of a step wins
-  return [by_step[s] for s in sorted(by_step)]
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """Training records of DIR/metrics.jsonl (those with a `loss`; held-out evaluation records
-  have `eval_*` keys only), one per step (a resumed run's repeat wins), sorted."""
-  return _one_per_step([r for r in _jsonl(workdir) if 'loss' in r])
-
-
-def read_eval_metrics(workdir: str) -> list[dict]:
-  """Held-out evaluation records of DIR/metrics.jsonl (`eval_loss`, no `loss`), one per step."""
-  return _one_per_step([r for r in _jsonl(workdir) if 'eval_loss' in r and 'loss' not in r])
 
 
 def read_config(workdir: str) -> dict:

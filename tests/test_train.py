@@ -84,7 +84,7 @@ def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
 
 def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(tmp_path, cache_dir,
                                                                          monkeypatch):
-  from eval import evaluate as eval_lib
+  from train import evaluation as eval_lib  # what train.train calls
   steps = []
   real = eval_lib.make_eval_step
 

@@ -54,10 +54,13 @@ class Checkpointer:
       if not os.path.isfile(os.path.join(root, item, '_METADATA')):
         return f'{item}/_METADATA is missing'
     count = self.data_process_count(step)
-    if count is None:
+    data_dir = os.path.join(root, 'data')
+    if count is None and os.path.isdir(data_dir) and any(
+        n.endswith('.json') for n in os.listdir(data_dir)):
       return 'data/ holds no consistent set of iterator states'
+    # No iterator state at all (a converted checkpoint): the stream is repositioned by step.
     for name in [f'{item}/_METADATA' for item in ('model', 'opt')] + [
-        f'data/process_{i}-of-{count}.json' for i in range(count)]:
+        f'data/process_{i}-of-{count}.json' for i in range(count or 0)]:
       try:
         with open(os.path.join(root, name)) as f:
           json.load(f)

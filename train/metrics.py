@@ -1,4 +1,5 @@
-"""Host-side metrics: window averages, metrics.jsonl, TensorBoard events, the progress line."""
+"""Host-side metrics: window averages, metrics.jsonl (written and read back), TensorBoard events,
+the progress line."""
 
 import json
 import math
@@ -56,6 +57,40 @@ def _step_of(line: str) -> float:
     return json.loads(line).get('step', -math.inf)
   except ValueError:  # a torn last line from a killed run: drop it
     return math.inf
+
+
+def _read_jsonl(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f'{path} line {number}: not JSON ({e})') from None
+        if not isinstance(record, dict) or 'step' not in record:
+          raise ValueError(f'{path} line {number}: not a metrics record with a step')
+        records.append(record)
+  return records
+
+
+def _one_per_step(records: list[dict]) -> list[dict]:
+  by_step = {r['step']: r for r in records}  # a resumed run's repeat of a step wins
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Training records of DIR/metrics.jsonl (those with a `loss`; held-out evaluation records
+  have `eval_*` keys only), one per step (a resumed run's repeat wins), sorted."""
+  return _one_per_step([r for r in _read_jsonl(workdir) if 'loss' in r])
+
+
+def read_eval_metrics(workdir: str) -> list[dict]:
+  """Held-out evaluation records of DIR/metrics.jsonl (`eval_loss`, no `loss`), one per step."""
+  return _one_per_step([r for r in _read_jsonl(workdir) if 'eval_loss' in r and 'loss' not in r])
 
 
 class MetricsLogger:

@@ -109,7 +109,7 @@ def finished(workdir: str, steps: int) -> bool:
 def run_sweep(config: str, name: str, root: str) -> list[dict]:
   """Trains (or resumes, or skips) every run, evaluates it, writes the results tables."""
   import jax  # pylint: disable=g-import-not-at-top
-  from eval import evaluate, routing_report  # pylint: disable=g-import-not-at-top
+  from train import evaluation, metrics  # pylint: disable=g-import-not-at-top
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   base, runs = load_sweep(config, name)
   rows = []
@@ -121,13 +121,13 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
       logging.info('sweep: %s finished already; skipped', workdir)
     else:
       train_and_evaluate(cfg, workdir)
-    result = evaluate.evaluate_checkpoint(workdir)
-    last = routing_report.read_metrics(workdir)[-1]
+    result = evaluation.evaluate_checkpoint(workdir)
+    last = metrics.read_metrics(workdir)[-1]
     rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
                  'heldout_loss': result['loss'],
                  'heldout_loss_stderr': result.get('loss_stderr', ''),
                  'bits_per_byte': result.get('bits_per_byte', ''),
-                 **best_heldout(routing_report.read_eval_metrics(workdir), result),
+                 **best_heldout(metrics.read_eval_metrics(workdir), result),
                  'evaluation': result['evaluation']})
   write_results(root, rows)
   plot_results(root, rows, sorted({k for r in runs for k in r}))

@@ -22,10 +22,10 @@ from ml_collections import config_flags
 
 from configs import cli, schema, sharding
 from data import corpus, pipeline, sources
-from eval import evaluate as eval_lib
 from model.config import ConfigError
 from model.transformer import flops_per_token
 from train import distributed
+from train import evaluation as eval_lib
 from train import memory
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer

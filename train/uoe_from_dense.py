@@ -28,10 +28,10 @@ from ml_collections import config_flags
 
 from configs import cli, schema, sharding
 from data import corpus, pipeline
-from eval import evaluate
 from model import uoe
 from model.config import ConfigError
 from train import mesh as mesh_lib
+from train import restore
 from train.checkpoint import Checkpointer
 from train.step import make_step_fns
 
@@ -65,13 +65,13 @@ def full_capacity(cfg) -> bool:
 def convert_run(dense_workdir: str, target: schema.Config, workdir: str,
                 step: int | None = None) -> dict:
   """Writes step 0 of `workdir` from `dense_workdir`'s checkpoint (module docstring)."""
-  dense_cfg = evaluate.read_run_config(dense_workdir)
+  dense_cfg = restore.read_run_config(dense_workdir)
   _check_architecture(dense_cfg, target)
   if os.path.exists(os.path.join(workdir, 'checkpoints')):
     raise ConfigError(f'--workdir={workdir} already has checkpoints; choose a new directory')
-  step = evaluate.checkpoint_step(Checkpointer(dense_workdir, dense_cfg.checkpoint,
-                                               read_only=True), step)
-  dense_cfg, _, dense_model = evaluate.restore_on_one_device(dense_workdir, step)
+  step = restore.checkpoint_step(Checkpointer(dense_workdir, dense_cfg.checkpoint,
+                                              read_only=True), step)
+  dense_cfg, _, dense_model = restore.restore_on_one_device(dense_workdir, step)
   converted = uoe.convert_dense_state(nnx.to_pure_dict(nnx.state(dense_model)), target.model)
   one = _one_device(target)
   fns = make_step_fns(one, mesh_lib.make_mesh(one.mesh, jax.devices()[:1]),

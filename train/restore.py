@@ -1,0 +1,90 @@
+"""A trained run read back from its workdir: its config, its tokenizer, its checkpoints.
+
+Shared by the evaluation (`train.evaluation`, `python -m eval.evaluate`), the per-model tools of
+eval/ and `python -m train.uoe_from_dense`.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+from flax import nnx
+
+from configs import schema, sharding
+from data import corpus
+from data.tokenizer import get_tokenizer
+from model.config import ConfigError
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.step import make_step_fns
+
+
+def read_run_config(workdir: str) -> schema.Config:
+  """The frozen config a run was trained with, from DIR/config.json."""
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
+  with open(config_path) as f:
+    return schema.from_dict(json.load(f))
+
+
+def run_tokenizer_identity(workdir: str, data_cfg: schema.DataConfig) -> tuple[str, str]:
+  """(fingerprint, spec) of the tokenizer a run was trained with: DIR/dataset.json (written by
+  train.train), else the metadata of the run's own dataset (`data_cfg`)."""
+  path = os.path.join(workdir, 'dataset.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      ident = json.load(f)
+    return ident['tokenizer'], ident['tokenizer_spec']
+  info = corpus.load_metadata(corpus.resolve_dataset(data_cfg))['tokenizer']
+  return info['fingerprint'], info['spec']
+
+
+def run_tokenizer(workdir: str, data_cfg: schema.DataConfig):
+  """The tokenizer of a run's dataset (one tokenizer per run: sampling and evaluation decode with
+  the one the model was trained on, never `data.tokenizer`, which a prepared dataset overrides)."""
+  fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
+  tokenizer = get_tokenizer(spec)
+  if tokenizer.fingerprint != fingerprint:
+    raise corpus.DataError(f'tokenizer {spec!r} changed since {workdir} was trained '
+                           f'(fingerprint {tokenizer.fingerprint} != {fingerprint})')
+  return tokenizer
+
+
+def check_same_tokenizer(workdir: str, data_cfg: schema.DataConfig, dataset_dir: str) -> None:
+  """Refuses (one line) a dataset tokenized otherwise than the run `workdir` trained on
+  `data_cfg`: its loss would be a meaningless number. Other text, same tokenizer, is fine."""
+  info = corpus.load_metadata(dataset_dir)['tokenizer']
+  fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
+  if info['fingerprint'] != fingerprint:
+    raise corpus.DataError(f'--data={dataset_dir} is tokenized with {info["spec"]} '
+                           f'({info["fingerprint"]}) but {workdir} was trained with {spec} '
+                           f'({fingerprint}); evaluate a dataset prepared with the run\'s tokenizer')
+
+
+def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
+  """`step` if a complete checkpoint exists there (default: the newest); a one-line error otherwise."""
+  steps = ckpt.all_steps()
+  if not steps:
+    raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+  return step
+
+
+def restore_on_one_device(workdir: str,
+                          step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
+  """(the run's config on a one-device mesh, the step, the model in evaluation mode) of a run's
+  checkpoint (default: the newest), for the per-model tools (sampling, routing report, segment
+  cache, eval.causality) and the UoE conversion."""
+  cfg = dataclasses.replace(read_run_config(workdir),
+                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+  step = checkpoint_step(ckpt, step)
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
+                      sharding.rules(cfg.mesh.rules))
+  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  model.eval()
+  return cfg, step, model
