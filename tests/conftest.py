@@ -6,7 +6,13 @@ import sys
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A persistent compilation cache: the tests compile the same tiny programs many times (every run
+# of a tiny config, in this process and in the subprocesses it starts). Set before jax is imported.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_ROOT, '.cache', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+sys.path.insert(0, _ROOT)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -160,7 +160,7 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(tmp_path
   import errno  # pylint: disable=g-import-not-at-top
   from train import train as train_lib  # pylint: disable=g-import-not-at-top
   from train.metrics import MetricsLogger  # pylint: disable=g-import-not-at-top
-  cfg = tiny_train_config(cache_dir, steps=8, log_every=1)
+  cfg = tiny_train_config(cache_dir, steps=16, log_every=1)
   cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=4))
   path = str(tmp_path / 'metrics.jsonl')
   record = MetricsLogger.record
@@ -182,7 +182,7 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(tmp_path
 
 def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / 'nan'
-  cfg = tiny_train_config(cache_dir, steps=12, stop_after=4)
+  cfg = tiny_train_config(cache_dir, steps=16, stop_after=4)
   train_and_evaluate(cfg, str(workdir))
   explode = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=0),
                                 optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e30),
@@ -252,7 +252,8 @@ def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
   assert proc.returncode == code, err[-2000:]
   steps = Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).all_steps()
   assert len(steps) == 1 and 0 < steps[0] < 100000
-  resume = subprocess.run(args[:-3] + [f'--config.train.steps={steps[0] + 2}'], cwd=ROOT, env=env,
+  # Same flags (so the same compiled step, from the persistent cache) and 2 more steps.
+  resume = subprocess.run(args + ['--config.train.stop_after=2'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
   assert resume.returncode == 0, resume.stderr[-2000:]
   assert 'Resuming from checkpoint step' in resume.stderr
@@ -270,7 +271,7 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tm
   the second trainer before anything is written; a dead holder's lock is taken over."""
   import socket  # pylint: disable=g-import-not-at-top
   from train.lock import LOCK_NAME, WorkdirLocked  # pylint: disable=g-import-not-at-top
-  cfg = tiny_train_config(cache_dir, steps=3)
+  cfg = tiny_train_config(cache_dir, steps=16, stop_after=3)  # the compiled step of `uninterrupted`
   lock = tmp_path / LOCK_NAME
   holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': 'earlier'}
   lock.write_text(json.dumps(holder))

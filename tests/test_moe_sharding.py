@@ -66,6 +66,7 @@ def dropless_reference():
   return _run(_cfg(moe_lossfree, *REFERENCE))
 
 
+@pytest.mark.slow  # the default run checks the layout: tests/test_sharding_golden.py
 @pytest.mark.parametrize('shape, rules', _EP_CASES)
 def test_dropless_expert_sharded_equals_unsharded(dropless_reference, shape, rules):
   run = _run(_cfg(moe_lossfree, shape, rules))

@@ -1,4 +1,4 @@
-"""Sharded runs equal the unsharded run; parameters are really sharded per preset."""
+"""Sharded runs equal the unsharded run (slow); parameters are really sharded per preset."""
 
 import dataclasses
 import math
@@ -57,13 +57,11 @@ def reference():
   return _run(*MESHES[0])
 
 
-# dp and fsdp_tp are slow (each ~15 s of compilation on 2 cores); fsdp and fsdp_ep stay in the
-# default run (tensor parallelism keeps its own default test below).
-_SLOW = ('dp', 'fsdp_tp')
-
-
-@pytest.mark.parametrize('shape, rules', [
-    pytest.param(s, r, id=r, marks=[pytest.mark.slow] if r in _SLOW else []) for s, r in MESHES[1:]])
+# Each sharded run costs ~15-30 s of compilation on 2 cores: all are slow. The default run checks
+# every preset's layout as text (tests/test_sharding_golden.py), and sharded numerics through the
+# 8-device routing-state and entropy-trigger tests.
+@pytest.mark.slow
+@pytest.mark.parametrize('shape, rules', [pytest.param(s, r, id=r) for s, r in MESHES[1:]])
 def test_sharded_equals_single_device(reference, shape, rules):
   loss, grads, params, metrics = _run(shape, rules)
   ref_loss, ref_grads, ref_params, ref_metrics = reference

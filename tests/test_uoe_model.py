@@ -142,6 +142,7 @@ def _loss_and_grads(cfg, pure_state, tokens, mesh=None):
   return jax.device_get(out), w_gate.sharding
 
 
+@pytest.mark.slow  # the default run checks the layout: tests/test_sharding_golden.py
 def test_sharded_equals_unsharded():
   """Expert- and FSDP-sharded (fsdp_ep over 4 x 2 devices) equals one device: loss, every
   gradient (gates included) and the routing metrics."""
