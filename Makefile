@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all env clean-demo
+.PHONY: demo test test-all lint format env clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: $(STAMP)
 # Everything, the slow proofs included (whole sharded trainings, multi-process runs, every model type).
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m '' $(PYTEST_ARGS)
+
+# Style: ruff (configured in pyproject.toml); `make format` rewrites, `make lint` only checks (CI).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -30,12 +30,21 @@ def main(argv):
   cfg = schema.load(demo.get_config('dense'), jax.device_count())
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
-  data = iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
-                                     global_batch_size=cfg.train.batch_size, seed=0,
-                                     process_index=0, process_count=1))
+  data = iter(
+    pipeline.train_dataset(
+      tokens,
+      seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.batch_size,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    )
+  )
   state = fns.init()
   for _ in range(2):
-    state, metrics = fns.train_step(state, pipeline.make_global_batch(next(data), fns.batch_sharding))
+    state, metrics = fns.train_step(
+      state, pipeline.make_global_batch(next(data), fns.batch_sharding)
+    )
   jax.block_until_ready(state)
   during, without = [], []
   with tempfile.TemporaryDirectory() as workdir:
@@ -54,13 +63,23 @@ def main(argv):
     ckpt.close()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   ratio = statistics.mean(during) / statistics.mean(without)
-  rows = [{'steps': 'with a save in flight', 'count': len(during), 'mean_s': statistics.mean(during)},
-          {'steps': 'without', 'count': len(without), 'mean_s': statistics.mean(without)}]
+  rows = [
+    {'steps': 'with a save in flight', 'count': len(during), 'mean_s': statistics.mean(during)},
+    {'steps': 'without', 'count': len(without), 'mean_s': statistics.mean(without)},
+  ]
   common.print_table(rows)
   print(f'during / without = {ratio:.3f} (target <= 1.2); state {state_bytes / 2**20:.1f} MiB')
-  path = common.write_result('checkpoint_async', {
-      'config': 'configs/demo.py:dense', 'rows': rows, 'ratio': ratio, 'target': 1.2,
-      'state_mib': state_bytes / 2**20, 'async_save': cfg.checkpoint.async_save})
+  path = common.write_result(
+    'checkpoint_async',
+    {
+      'config': 'configs/demo.py:dense',
+      'rows': rows,
+      'ratio': ratio,
+      'target': 1.2,
+      'state_mib': state_bytes / 2**20,
+      'async_save': cfg.checkpoint.async_save,
+    },
+  )
   print(f'wrote {path}')
 
 

@@ -51,11 +51,21 @@ def bare_train_step(cfg):
   from data import corpus, pipeline  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
-  local = next(iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
-                                           global_batch_size=cfg.train.batch_size, seed=0,
-                                           process_index=0, process_count=1)))
+  local = next(
+    iter(
+      pipeline.train_dataset(
+        tokens,
+        seq_len=cfg.train.seq_len,
+        global_batch_size=cfg.train.batch_size,
+        seed=0,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )
   batch = pipeline.make_global_batch(local, fns.batch_sharding)
   state = [fns.init()]
 
@@ -69,8 +79,13 @@ def bare_train_step(cfg):
 def write_result(name: str, result: dict) -> str:
   """Writes benchmarks/results/NAME.json with the device and date, and returns its path."""
   os.makedirs(RESULTS, exist_ok=True)
-  result = {'benchmark': name, 'device': device_description(), 'jax': jax.__version__,
-            'date': time.strftime('%Y-%m-%d'), **result}
+  result = {
+    'benchmark': name,
+    'device': device_description(),
+    'jax': jax.__version__,
+    'date': time.strftime('%Y-%m-%d'),
+    **result,
+  }
   path = os.path.join(RESULTS, f'{name}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
@@ -100,9 +115,14 @@ def write_docs_section(heading: str, body: str, path: str = DOCS_RESULTS) -> str
   Each evidence command owns one section; the others are kept as they are.
   """
   path = os.path.normpath(path)
-  text = open(path).read() if os.path.exists(path) else (
+  text = (
+    open(path).read()
+    if os.path.exists(path)
+    else (
       '# Results\n\nSections are written by the commands they name; rerunning one replaces '
-      'its section.\n')
+      'its section.\n'
+    )
+  )
   lines, out, skipping = text.splitlines(), [], False
   for line in lines:
     if line.startswith('## '):

@@ -23,8 +23,17 @@ from train.step import make_step_fns
 
 
 def pipeline_rate(split, *, packing: bool, batch: int, seq_len: int, seconds: float = 3.0) -> float:
-  it = iter(pipeline.train_dataset(split, seq_len=seq_len, global_batch_size=batch, seed=0,
-                                   process_index=0, process_count=1, packing=packing))
+  it = iter(
+    pipeline.train_dataset(
+      split,
+      seq_len=seq_len,
+      global_batch_size=batch,
+      seed=0,
+      process_index=0,
+      process_count=1,
+      packing=packing,
+    )
+  )
   for _ in range(5):
     next(it)
   n, t0 = 0, time.perf_counter()
@@ -38,31 +47,50 @@ def checksum_cost(split, rounds: int = 3) -> dict:
   """Window read rate of the store (crc32c per 4 Ki-token chunk, checked on read) against a copy of
   its first shard written without the crc32c codec, alternating, best of `rounds` each."""
   import tempfile  # pylint: disable=g-import-not-at-top
+
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  tokens = split.tokens[:sources.SHARD_TOKENS]
+
+  tokens = split.tokens[: sources.SHARD_TOKENS]
   with tempfile.TemporaryDirectory() as tmp:
     spec = sources.token_spec(os.path.join(tmp, 'plain'))
     spec['metadata'] = {
-        'shape': [tokens.size], 'data_type': tokens.dtype.name,
-        'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [sources.SHARD_TOKENS]}},
-        'codecs': [{'name': 'sharding_indexed', 'configuration': {'chunk_shape': [sources.CHUNK_TOKENS]}}]}
+      'shape': [tokens.size],
+      'data_type': tokens.dtype.name,
+      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [sources.SHARD_TOKENS]}},
+      'codecs': [
+        {'name': 'sharding_indexed', 'configuration': {'chunk_shape': [sources.CHUNK_TOKENS]}}
+      ],
+    }
     ts.open(spec, create=True).result().write(tokens).result()
     plain = sources.TokenArray(os.path.join(tmp, 'plain'))
     checked = sources.Split(split.tokens, split.offsets)
     rates = {'crc32c': [], 'plain': []}
     for _ in range(rounds):
       rates['plain'].append(pipeline_rate(plain, packing=False, batch=16, seq_len=256, seconds=2.0))
-      rates['crc32c'].append(pipeline_rate(checked, packing=False, batch=16, seq_len=256, seconds=2.0))
+      rates['crc32c'].append(
+        pipeline_rate(checked, packing=False, batch=16, seq_len=256, seconds=2.0)
+      )
   best = {k: max(v) for k, v in rates.items()}
-  return {**{f'{k}_tokens_per_s': v for k, v in best.items()}, 'crc32c_over_plain': best['crc32c'] / best['plain']}
+  return {
+    **{f'{k}_tokens_per_s': v for k, v in best.items()},
+    'crc32c_over_plain': best['crc32c'] / best['plain'],
+  }
 
 
 def trainer_rate(steps: int = 6) -> float:
   cfg = schema.load(demo.get_config('dense'), jax.device_count())
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   split = sources.open_split(corpus.resolve_dataset(cfg.data), 'train')
-  it = iter(pipeline.train_dataset(split, seq_len=cfg.train.seq_len, global_batch_size=cfg.train.batch_size,
-                                   seed=0, process_index=0, process_count=1))
+  it = iter(
+    pipeline.train_dataset(
+      split,
+      seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.batch_size,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    )
+  )
   batches = [pipeline.make_global_batch(next(it), fns.batch_sharding) for _ in range(steps + 1)]
   state = fns.init()
   state, m = fns.train_step(state, batches[0])  # compile
@@ -81,18 +109,35 @@ def main():
   for batch, seq_len in ((16, 256), (64, 1024)):
     for packing in (False, True):
       rate = pipeline_rate(split, packing=packing, batch=batch, seq_len=seq_len)
-      rows.append({'mode': 'packing' if packing else 'windows', 'batch': batch, 'seq_len': seq_len,
-                   'tokens_per_s': rate, 'x_demo_trainer': rate / trainer})
+      rows.append(
+        {
+          'mode': 'packing' if packing else 'windows',
+          'batch': batch,
+          'seq_len': seq_len,
+          'tokens_per_s': rate,
+          'x_demo_trainer': rate / trainer,
+        }
+      )
   print_table(rows)
   print(f'demo trainer (bare jitted step, 16 x 256): {trainer:,.0f} tokens/s')
   crc = checksum_cost(split)
-  print(f'windows 16 x 256 with crc32c checked on read: {crc["crc32c_over_plain"]:.2f}x the rate '
-        f'of the same tokens stored without it')
-  path = write_result('data_pipeline', {
-      'trainer_tokens_per_s': trainer, 'rows': rows, 'checksum': crc, 'read_threads': 0, 'load_average_1min': os.getloadavg()[0],
+  print(
+    f'windows 16 x 256 with crc32c checked on read: {crc["crc32c_over_plain"]:.2f}x the rate '
+    f'of the same tokens stored without it'
+  )
+  path = write_result(
+    'data_pipeline',
+    {
+      'trainer_tokens_per_s': trainer,
+      'rows': rows,
+      'checksum': crc,
+      'read_threads': 0,
+      'load_average_1min': os.getloadavg()[0],
       'min_x_trainer': min(r['x_demo_trainer'] for r in rows),
       'windows_demo_shape_tokens_per_s': rows[0]['tokens_per_s'],
-      'targets': {'x_trainer': 20, 'windows_tokens_per_s': 2e6}})
+      'targets': {'x_trainer': 20, 'windows_tokens_per_s': 2e6},
+    },
+  )
   print(f'wrote {path}')
 
 

@@ -44,9 +44,14 @@ def main(argv):
   step_s = (time.perf_counter() - t0) / _STEPS.value
   tokens_per_sec = cfg.train.batch_size * cfg.train.seq_len / step_s
   flops = tokens_per_sec * flops_per_token(cfg.model, cfg.train.seq_len)
-  row = {'params_M': count_params(cfg.model) / 1e6, 'batch': cfg.train.batch_size,
-         'seq_len': cfg.train.seq_len, 'dtype': cfg.model.dtype, 'step_s': step_s,
-         'tokens_per_sec': tokens_per_sec}
+  row = {
+    'params_M': count_params(cfg.model) / 1e6,
+    'batch': cfg.train.batch_size,
+    'seq_len': cfg.train.seq_len,
+    'dtype': cfg.model.dtype,
+    'step_s': step_s,
+    'tokens_per_sec': tokens_per_sec,
+  }
   row.update({f'mfu_{name}': flops / (peak * jax.device_count()) for name, peak in PEAKS.items()})
   common.print_table([row])
   print(f'wrote {common.write_result("dense_mfu", {"rows": [row], "target_mfu": 0.40})}')

@@ -30,11 +30,13 @@ RUNS = {'moe_topk': moe_topk, 'moe_erc': moe_erc}
 
 def config(module) -> schema.Config:
   c = module.get_config()
-  c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
-                 dtype='float32')
+  c.model.update(
+    num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384, dtype='float32'
+  )
   c.moe.update(num_experts=8, top_k=2, expert_dim=192, block_size=128)
-  c.train.update(steps=_STEPS.value, batch_size=16, seq_len=256, log_every=25, peak_tflops=0.0,
-                 seed=_SEED.value)
+  c.train.update(
+    steps=_STEPS.value, batch_size=16, seq_len=256, log_every=25, peak_tflops=0.0, seed=_SEED.value
+  )
   c.optimizer.update(learning_rate=3e-3, warmup_steps=30)
   c.checkpoint.update(every_steps=100)
   c.eval.update(batch_size=16, max_batches=20)
@@ -56,16 +58,26 @@ def main(argv):
     result = evaluate.evaluate_checkpoint(workdir)
     init, last = initial_coupling(cfg), routing_report.read_metrics(workdir)[-1]
     layers = sorted(int(k.split('/')[0][6:]) for k in result if k.endswith('coupling_level'))
-    rows.append({
-        'run': name, 'steps': result['step'], 'heldout_loss': result['loss'],
+    rows.append(
+      {
+        'run': name,
+        'steps': result['step'],
+        'heldout_loss': result['loss'],
         'bits_per_byte': result.get('bits_per_byte', float('nan')),
         'dead_experts': sum(v for k, v in last.items() if k.endswith('dead_experts')),
-        **{f'alpha*_L{i}': f"{init[f'layer_{i}/moe/coupling_level']:.2f} -> "
-                          f"{result[f'layer_{i}/moe/coupling_level']:.2f}" for i in layers}})
+        **{
+          f'alpha*_L{i}': f'{init[f"layer_{i}/moe/coupling_level"]:.2f} -> '
+          f'{result[f"layer_{i}/moe/coupling_level"]:.2f}'
+          for i in layers
+        },
+      }
+    )
   common.print_table(rows)
   keys = list(rows[0])
-  table = '\n'.join(['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)] +
-                    ['| ' + ' | '.join(common._fmt(r[k]) for k in keys) + ' |' for r in rows])
+  table = '\n'.join(
+    ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+    + ['| ' + ' | '.join(common._fmt(r[k]) for k in keys) + ' |' for r in rows]
+  )
   body = f"""Command: `python -m benchmarks.erc_evidence --steps={_STEPS.value} --seed={_SEED.value}`
 ({common.device_description()}). `configs/moe_topk.py` and `configs/moe_erc.py` at the demo's
 size (4 layers, width 128, 8 experts of width 192, top-2; batch 16 × 256 tokens), same seed and

@@ -29,29 +29,42 @@ from absl import app, flags
 from benchmarks import common
 from configs import moe_erc, schema, sharding
 from model import erc
-from train import mesh as mesh_lib
 from model.transformer import flops_per_token
+from train import mesh as mesh_lib
 from train.step import make_step_fns
 
 _EXPERTS = flags.DEFINE_list('experts', ['64', '256'], 'Experts per MoE layer.')
-_BATCH = flags.DEFINE_list('batch', ['16', '64'], 'Global batch sizes (sequences) for 64 experts; '
-                           'E experts get them times max(1, (E/64)²/2).')
+_BATCH = flags.DEFINE_list(
+  'batch',
+  ['16', '64'],
+  'Global batch sizes (sequences) for 64 experts; E experts get them times max(1, (E/64)²/2).',
+)
 _TOPK = flags.DEFINE_integer('top_k', 8, 'Experts per token.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Tokens per sequence.')
 _DIM = flags.DEFINE_integer('d_model', 128, 'Model width D.')
 _EXPERT_DIM = flags.DEFINE_integer('expert_dim', 64, 'Expert hidden width F.')
 _LAYERS = flags.DEFINE_integer('layers', 2, 'Layers (every one is an MoE layer).')
 _REPS = flags.DEFINE_integer('reps', 8, 'Timed steps of each model (alternating).')
-_FLOPS_ONLY = flags.DEFINE_bool('flops_only', False, 'Only the analytic FLOP overhead, no timing '
-                                '(writes erc_overhead_flops.json).')
+_FLOPS_ONLY = flags.DEFINE_bool(
+  'flops_only',
+  False,
+  'Only the analytic FLOP overhead, no timing (writes erc_overhead_flops.json).',
+)
 
 
 def _config(experts: int, batch: int, erc_weight: float) -> schema.Config:
   c = moe_erc.get_config()
-  c.model.update(num_layers=_LAYERS.value, d_model=_DIM.value, num_heads=4, num_kv_heads=4,
-                 mlp_dim=4 * _DIM.value, dtype='float32')
-  c.moe.update(num_experts=experts, top_k=_TOPK.value, expert_dim=_EXPERT_DIM.value,
-               erc_weight=erc_weight)
+  c.model.update(
+    num_layers=_LAYERS.value,
+    d_model=_DIM.value,
+    num_heads=4,
+    num_kv_heads=4,
+    mlp_dim=4 * _DIM.value,
+    dtype='float32',
+  )
+  c.moe.update(
+    num_experts=experts, top_k=_TOPK.value, expert_dim=_EXPERT_DIM.value, erc_weight=erc_weight
+  )
   c.train.update(batch_size=batch, seq_len=_SEQ.value, steps=1000, peak_tflops=0.0)
   c.mesh.update(shape=(1, 1, 1, 1), rules='dp')
   return schema.load(c, 1)
@@ -62,7 +75,8 @@ def _stepper(cfg: schema.Config):
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
   tokens = np.random.default_rng(0).integers(
-      0, 257, (cfg.train.batch_size, cfg.train.seq_len + 1), dtype=np.int32)
+    0, 257, (cfg.train.batch_size, cfg.train.seq_len + 1), dtype=np.int32
+  )
   batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, fns.batch_sharding)
   holder = {'state': fns.init()}
 
@@ -83,8 +97,7 @@ def _isolated_erc_seconds(experts: int, reps: int) -> float:
   @jax.jit
   def work(r, w, key):
     delta = erc.erc_noise(key, r)
-    loss, grad = jax.value_and_grad(
-        lambda w: erc.erc_loss(r, w, delta_ED=delta))(w)
+    loss, grad = jax.value_and_grad(lambda w: erc.erc_loss(r, w, delta_ED=delta))(w)
     return loss, grad, erc.coupling_level(r, w), erc.mean_epsilon(r)
 
   times = common.time_calls(lambda: jax.block_until_ready(work(router_DE, w_gate_EDF, k3)), reps)
@@ -99,14 +112,20 @@ def analytic_flops(cfg: schema.Config) -> tuple[float, float]:
   tokens = cfg.train.batch_size * cfg.train.seq_len
   layers = sum(map(m.is_moe_layer, range(model.num_layers)))
   step = flops_per_token(model, cfg.train.seq_len) * tokens
-  return step, 3 * 2.0 * m.num_experts ** 2 * model.d_model * m.hidden(model.mlp_dim) * layers
+  return step, 3 * 2.0 * m.num_experts**2 * model.d_model * m.hidden(model.mlp_dim) * layers
 
 
 def measure(experts: int, batch: int) -> dict:
   step_flops, erc_flops = analytic_flops(_config(experts, batch, 1.0))
-  row = {'experts': experts, 'top_k': _TOPK.value, 'batch': batch, 'tokens': batch * _SEQ.value,
-         'gflop_step': step_flops / 1e9, 'gflop_erc': erc_flops / 1e9,
-         'flop_overhead_pct': 100 * erc_flops / step_flops}
+  row = {
+    'experts': experts,
+    'top_k': _TOPK.value,
+    'batch': batch,
+    'tokens': batch * _SEQ.value,
+    'gflop_step': step_flops / 1e9,
+    'gflop_erc': erc_flops / 1e9,
+    'flop_overhead_pct': 100 * erc_flops / step_flops,
+  }
   if _FLOPS_ONLY.value:
     return row
   steps = {name: _stepper(_config(experts, batch, w)) for name, w in (('base', 0.0), ('erc', 1.0))}
@@ -122,11 +141,17 @@ def measure(experts: int, batch: int) -> dict:
   base, with_erc = (statistics.median(times[n]) for n in ('base', 'erc'))
   isolated = _isolated_erc_seconds(experts, max(_REPS.value, 5))
   tokens = batch * _SEQ.value
-  return {**row, 'step_ms': base * 1e3, 'step_erc_ms': with_erc * 1e3,
-          'overhead_ms': (with_erc - base) * 1e3, 'overhead_pct': 100 * (with_erc - base) / base,
-          'isolated_erc_ms': isolated * 1e3, 'isolated_pct': 100 * isolated / base,
-          'predicted_pct_of_moe': 100 * experts ** 2 / (3 * _TOPK.value * tokens),
-          'step_s_each': times}
+  return {
+    **row,
+    'step_ms': base * 1e3,
+    'step_erc_ms': with_erc * 1e3,
+    'overhead_ms': (with_erc - base) * 1e3,
+    'overhead_pct': 100 * (with_erc - base) / base,
+    'isolated_erc_ms': isolated * 1e3,
+    'isolated_pct': 100 * isolated / base,
+    'predicted_pct_of_moe': 100 * experts**2 / (3 * _TOPK.value * tokens),
+    'step_s_each': times,
+  }
 
 
 def main(argv):
@@ -139,8 +164,14 @@ def main(argv):
       common.print_table([{k: v for k, v in rows[-1].items() if k != 'step_s_each'}])
   print()
   common.print_table([{k: v for k, v in r.items() if k != 'step_s_each'} for r in rows])
-  config = {'seq_len': _SEQ.value, 'd_model': _DIM.value, 'expert_dim': _EXPERT_DIM.value,
-            'layers': _LAYERS.value, 'reps': _REPS.value, 'dtype': 'float32'}
+  config = {
+    'seq_len': _SEQ.value,
+    'd_model': _DIM.value,
+    'expert_dim': _EXPERT_DIM.value,
+    'layers': _LAYERS.value,
+    'reps': _REPS.value,
+    'dtype': 'float32',
+  }
   name = 'erc_overhead_flops' if _FLOPS_ONLY.value else 'erc_overhead'
   print(common.write_result(name, {'config': config, 'rows': rows}))
 

@@ -25,8 +25,9 @@ from train import mesh as mesh_lib
 from train.step import make_step_fns
 
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating timed calls of each.')
-_PER_WINDOW = flags.DEFINE_integer('positions_per_window', None,
-                                   "Exact-prefix positions per window; default: the demo's.")
+_PER_WINDOW = flags.DEFINE_integer(
+  'positions_per_window', None, "Exact-prefix positions per window; default: the demo's."
+)
 
 
 def main(argv):
@@ -38,11 +39,17 @@ def main(argv):
   tokens = corpus.load_split(dataset, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset)
   step = evaluate.make_eval_step(fns, tokenizer)
-  batches = [pipeline.make_global_batch(
-      {**b, 'cuts': np.zeros((b['inputs'].shape[0], 1), np.int32)}, fns.batch_sharding)
-      for b in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
-                                     batch_size=cfg.eval.batch_size,
-                                     max_batches=cfg.eval.max_batches)]
+  batches = [
+    pipeline.make_global_batch(
+      {**b, 'cuts': np.zeros((b['inputs'].shape[0], 1), np.int32)}, fns.batch_sharding
+    )
+    for b in pipeline.eval_batches(
+      tokens,
+      seq_len=cfg.train.seq_len,
+      batch_size=cfg.eval.batch_size,
+      max_batches=cfg.eval.max_batches,
+    )
+  ]
 
   def teacher_forced():
     return sum(float(step(state['model'], b)['ce']) for b in batches)
@@ -56,13 +63,26 @@ def main(argv):
   ratio = median['exact_prefix'] / median['teacher_forced']
   per_window = _PER_WINDOW.value or cfg.eval.positions_per_window
   common.print_table([{'evaluation': name, 'median_s': median[name]} for name in runs])
-  print(f'exact-prefix ({per_window} per window, teacher-forced pass included) / teacher-forced '
-        f'only: {ratio:.2f}x (target about <= 2x)')
-  print('wrote', common.write_result('eval_cost', {
-      'config': 'configs/demo.py (random weights)', 'batches': len(batches),
-      'batch_size': cfg.eval.batch_size, 'positions_per_window': per_window,
-      'median_s': median, 'times_s': times, 'ratio': ratio,
-      'command': 'python -m benchmarks.eval_cost'}))
+  print(
+    f'exact-prefix ({per_window} per window, teacher-forced pass included) / teacher-forced '
+    f'only: {ratio:.2f}x (target about <= 2x)'
+  )
+  print(
+    'wrote',
+    common.write_result(
+      'eval_cost',
+      {
+        'config': 'configs/demo.py (random weights)',
+        'batches': len(batches),
+        'batch_size': cfg.eval.batch_size,
+        'positions_per_window': per_window,
+        'median_s': median,
+        'times_s': times,
+        'ratio': ratio,
+        'command': 'python -m benchmarks.eval_cost',
+      },
+    ),
+  )
 
 
 if __name__ == '__main__':

@@ -21,7 +21,9 @@ from train import mesh as mesh_lib
 from train.step import all_finite, make_step_fns
 
 _ROUNDS = flags.DEFINE_integer('rounds', 20, 'Alternating timed calls of each.')
-_VARIANT = flags.DEFINE_string('variant', None, "configs/demo.py variant (None: the routed demo; 'dense').")
+_VARIANT = flags.DEFINE_string(
+  'variant', None, "configs/demo.py variant (None: the routed demo; 'dense')."
+)
 
 
 def main(argv):
@@ -31,19 +33,32 @@ def main(argv):
   state = fns.init()
   guard = jax.jit(all_finite)
   step = common.bare_train_step(cfg)
-  calls = {'train_step': lambda: jax.block_until_ready(step()),
-           'all_finite': lambda: jax.block_until_ready(guard(state))}
+  calls = {
+    'train_step': lambda: jax.block_until_ready(step()),
+    'all_finite': lambda: jax.block_until_ready(guard(state)),
+  }
   times = common.time_alternating(calls, _ROUNDS.value, warmup=2)
   median = {name: statistics.median(t) for name, t in times.items()}
   ratio = median['all_finite'] / median['train_step']
   leaves = jax.tree.leaves(state)
   common.print_table([{'call': name, 'median_s': median[name]} for name in calls])
-  print(f'all_finite over {sum(x.size for x in leaves):,} state values / train step: '
-        f'{100 * ratio:.2f}% (an upper bound of its cost inside the step)')
-  print('wrote', common.write_result('finite_guard', {
-      'config': f"configs/demo.py{':' + _VARIANT.value if _VARIANT.value else ''}",
-      'state_values': int(sum(x.size for x in leaves)), 'median_s': median, 'ratio': ratio,
-      'command': 'python -m benchmarks.finite_guard'}))
+  print(
+    f'all_finite over {sum(x.size for x in leaves):,} state values / train step: '
+    f'{100 * ratio:.2f}% (an upper bound of its cost inside the step)'
+  )
+  print(
+    'wrote',
+    common.write_result(
+      'finite_guard',
+      {
+        'config': f'configs/demo.py{":" + _VARIANT.value if _VARIANT.value else ""}',
+        'state_values': int(sum(x.size for x in leaves)),
+        'median_s': median,
+        'ratio': ratio,
+        'command': 'python -m benchmarks.finite_guard',
+      },
+    ),
+  )
 
 
 if __name__ == '__main__':

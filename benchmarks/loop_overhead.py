@@ -42,8 +42,12 @@ def bare_tokens_per_sec(cfg, steps: int) -> float:
 def loop_tokens_per_sec(cfg, steps: int) -> float:
   with tempfile.TemporaryDirectory() as workdir:
     window = max(steps // 4, 1)
-    run_cfg = schema.from_dict({**cfg.to_dict(), 'train': {
-        **cfg.to_dict()['train'], 'steps': steps + 1, 'log_every': window}})
+    run_cfg = schema.from_dict(
+      {
+        **cfg.to_dict(),
+        'train': {**cfg.to_dict()['train'], 'steps': steps + 1, 'log_every': window},
+      }
+    )
     train_and_evaluate(run_cfg, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       records = [json.loads(line) for line in f]
@@ -56,9 +60,16 @@ def host_seconds_per_step(cfg, steps: int = 200) -> float:
   """The loop's own work per step with no compute: next batch, global batch assembly."""
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'train')
-  data = iter(pipeline.train_dataset(tokens, seq_len=cfg.train.seq_len,
-                                     global_batch_size=cfg.train.batch_size, seed=0,
-                                     process_index=0, process_count=1))
+  data = iter(
+    pipeline.train_dataset(
+      tokens,
+      seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.batch_size,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    )
+  )
   jax.block_until_ready(pipeline.make_global_batch(next(data), fns.batch_sharding))
   t0 = time.perf_counter()
   for _ in range(steps):
@@ -79,17 +90,37 @@ def main(argv):
     bares.append(bare_tokens_per_sec(cfg, steps))
   ratios = [loop / ((bares[i] + bares[i + 1]) / 2) for i, loop in enumerate(loops)]
   ratio = statistics.median(ratios)
-  rows = [{'round': i, 'bare_before': bares[i], 'loop': loops[i], 'bare_after': bares[i + 1],
-           'ratio': ratios[i]} for i in range(len(loops))]
+  rows = [
+    {
+      'round': i,
+      'bare_before': bares[i],
+      'loop': loops[i],
+      'bare_after': bares[i + 1],
+      'ratio': ratios[i],
+    }
+    for i in range(len(loops))
+  ]
   common.print_table(rows)
   host = host_seconds_per_step(cfg)
   step_seconds = cfg.train.batch_size * cfg.train.seq_len / statistics.mean(bares)
-  print(f'host work per step (data + batch assembly): {1e3 * host:.2f} ms = '
-        f'{100 * host / step_seconds:.2f}% of a {step_seconds:.3f} s step')
+  print(
+    f'host work per step (data + batch assembly): {1e3 * host:.2f} ms = '
+    f'{100 * host / step_seconds:.2f}% of a {step_seconds:.3f} s step'
+  )
   print(f'median loop / bare = {ratio:.3f} (target >= 0.95)')
-  path = common.write_result('loop_overhead', {
-      'config': 'configs/demo.py:dense', 'steps': steps, 'rounds': _ROUNDS.value, 'rows': rows, 'ratio': ratio, 'target': 0.95,
-      'host_seconds_per_step': host, 'step_seconds': step_seconds})
+  path = common.write_result(
+    'loop_overhead',
+    {
+      'config': 'configs/demo.py:dense',
+      'steps': steps,
+      'rounds': _ROUNDS.value,
+      'rows': rows,
+      'ratio': ratio,
+      'target': 0.95,
+      'host_seconds_per_step': host,
+      'step_seconds': step_seconds,
+    },
+  )
   print(f'wrote {path}')
 
 

@@ -23,29 +23,38 @@ from model import axes
 from model.moe_layer import MoE
 from train import mesh as mesh_lib
 
-_COLLECTIVE = re.compile(r' (all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute|'
-                         r'ragged-all-to-all)(?:-start)?\(')
+_COLLECTIVE = re.compile(
+  r' (all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute|'
+  r'ragged-all-to-all)(?:-start)?\('
+)
 VARIANTS = (('dropless', 'topk'), ('capacity', 'topk'), ('dropless', 'expert_choice'))
 
 
 def compiled_hlo(execution: str, router: str) -> str:
   cfg = schema.load(moe_topk.get_config('tiny'), 8)
-  model_cfg = dataclasses.replace(cfg.model, moe=dataclasses.replace(
-      cfg.model.moe, execution=execution, router=router))
+  model_cfg = dataclasses.replace(
+    cfg.model, moe=dataclasses.replace(cfg.model.moe, execution=execution, router=router)
+  )
   mesh = mesh_lib.make_mesh(schema.MeshConfig(shape=(1, 2, 1, 4), rules='fsdp_ep'))
   rules = sharding.rules('fsdp_ep')
   graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(model_cfg, rngs=nnx.Rngs(0))))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                       axes.state_shardings(state, mesh, rules))
+  state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    state,
+    axes.state_shardings(state, mesh, rules),
+  )
   spec = axes.logical_to_spec(('batch', 'length', 'act_embed'), rules, mesh)
-  x = jax.ShapeDtypeStruct((8, 64, model_cfg.d_model), jnp.float32,
-                           sharding=jax.sharding.NamedSharding(mesh, spec))
+  x = jax.ShapeDtypeStruct(
+    (8, 64, model_cfg.d_model), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, spec)
+  )
 
   def loss_and_grad(state, x_BLD):
     with axes.axis_rules(mesh, rules):
+
       def loss(state):
         y_BLD, aux = nnx.merge(graphdef, state)(x_BLD)
-        return jnp.sum(y_BLD ** 2) + aux['loss']
+        return jnp.sum(y_BLD**2) + aux['loss']
+
       return jax.value_and_grad(loss)(state)
 
   return jax.jit(loss_and_grad).lower(state, x).compile().as_text()

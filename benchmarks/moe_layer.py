@@ -25,7 +25,7 @@ _GROUP = flags.DEFINE_integer('group', 1024, 'Tokens per capacity group.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Timed calls of each variant (min is reported).')
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'Numbers of experts.')
 _TOPK = flags.DEFINE_list('topk', ['1', '2', '8'], 'Experts per token.')
-_MAX_DISPATCH = 2 ** 27  # elements of a [G, K, S, E, C] dispatch tensor we are willing to build
+_MAX_DISPATCH = 2**27  # elements of a [G, K, S, E, C] dispatch tensor we are willing to build
 
 
 def _grad_fn(loss):
@@ -40,8 +40,11 @@ def _inputs(t, d, e, f, seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   x = jax.random.normal(keys[0], (t, d))
   logits = jax.random.normal(keys[1], (t, e))
-  ws = [jax.random.normal(keys[2], (e, d, f)) * 0.02, jax.random.normal(keys[3], (e, d, f)) * 0.02,
-        jax.random.normal(keys[4], (e, f, d)) * 0.02]
+  ws = [
+    jax.random.normal(keys[2], (e, d, f)) * 0.02,
+    jax.random.normal(keys[3], (e, d, f)) * 0.02,
+    jax.random.normal(keys[4], (e, f, d)) * 0.02,
+  ]
   return x, logits, ws
 
 
@@ -49,6 +52,7 @@ def _moe_loss(execute, k):
   def loss(x, logits, *ws):
     weights, experts = router.topk_route(logits, k)
     return jnp.sum(execute(x, weights, experts, *ws))
+
   return loss
 
 
@@ -65,18 +69,24 @@ def _pieces(t, d, e, k, f) -> dict:
 
   xs, sizes = sort_part(x, logits)
   n = max(1, (t * k + e * (b - 1)) // b)
-  xp = jnp.zeros((n * b, d)).at[:t * k].set(xs).reshape(n, b, d)
+  xp = jnp.zeros((n * b, d)).at[: t * k].set(xs).reshape(n, b, d)
   pend = jnp.cumsum((sizes + b - 1) // b * b)
   expert_N = jnp.minimum(jnp.searchsorted(pend, jnp.arange(n) * b, side='right'), e - 1)
   used_N = jnp.arange(n) * b < pend[-1]
-  gmm = jax.jit(jax.grad(lambda xp, *ws: jnp.sum(moe._block_swiglu(xp, expert_N, used_N, *ws)),
-                         argnums=(0, 1, 2, 3)))
+  gmm = jax.jit(
+    jax.grad(
+      lambda xp, *ws: jnp.sum(moe._block_swiglu(xp, expert_N, used_N, *ws)), argnums=(0, 1, 2, 3)
+    )
+  )
   perm = jax.random.permutation(jax.random.PRNGKey(1), t * k).astype(jnp.int32)
   inv = jnp.argsort(perm).astype(jnp.int32)
   weights = jnp.full((t, k), 1.0 / k)
   unsort = jax.jit(jax.grad(lambda y: jnp.sum(moe._combine(moe._take_rows(y, inv, perm), weights))))
-  return {'sort_s': _time(sort_part, x, logits), 'grouped_matmul_s': _time(gmm, xp, *ws),
-          'unsort_s': _time(unsort, xs)}
+  return {
+    'sort_s': _time(sort_part, x, logits),
+    'grouped_matmul_s': _time(gmm, xp, *ws),
+    'unsort_s': _time(unsort, xs),
+  }
 
 
 def main(argv):
@@ -90,15 +100,19 @@ def main(argv):
       f = _DENSE.value // k
       x, logits, ws = _inputs(t, d, e, f)
       dense_ws = [w[0] for w in _inputs(t, d, 1, _DENSE.value, seed=1)[2]]
-      dense = jax.jit(jax.grad(lambda x, a, b, c: jnp.sum((jax.nn.silu(x @ a) * (x @ b)) @ c),
-                               argnums=(0, 1, 2, 3)))
+      dense = jax.jit(
+        jax.grad(
+          lambda x, a, b, c: jnp.sum((jax.nn.silu(x @ a) * (x @ b)) @ c), argnums=(0, 1, 2, 3)
+        )
+      )
       variants = {'dropless': functools.partial(moe.experts_dropless, impl='auto')}
       g = t // _GROUP.value
       for cf in (1.25, 2.0):
         c = moe.capacity(_GROUP.value, k, e, cf)
         if g * k * _GROUP.value * e * c <= _MAX_DISPATCH:
           variants[f'capacity_{cf}'] = functools.partial(
-              lambda *a, cf: moe.experts_capacity(*a, cf, num_groups=g)[0], cf=cf)
+            lambda *a, cf: moe.experts_capacity(*a, cf, num_groups=g)[0], cf=cf
+          )
       row = {'E': e, 'k': k, 'F': f}
       dense_t = _time(dense, x, *dense_ws)
       row['dense_s'] = dense_t
@@ -115,17 +129,29 @@ def main(argv):
       rows.append(row)
       print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
   pieces = _pieces(t, d, 8, 2, _DENSE.value // 2) if jax.default_backend() == 'cpu' else {}
-  table = [{k_: v for k_, v in r.items() if k_.endswith('ratio') or k_ in ('E', 'k', 'dense_s',
-                                                                           'dropless_s')}
-           for r in rows]
+  table = [
+    {
+      k_: v
+      for k_, v in r.items()
+      if k_.endswith('ratio') or k_ in ('E', 'k', 'dense_s', 'dropless_s')
+    }
+    for r in rows
+  ]
   common.print_table(table)
   print('dropless E=8 k=2 pieces (fwd+bwd):', pieces)
   target = 1.5 if jax.default_backend() == 'cpu' else 1.3
   e8k2 = next((r for r in rows if r['E'] == 8 and r['k'] == 2), None)
-  result = {'tokens': t, 'dim': d, 'dense_hidden': _DENSE.value, 'group': _GROUP.value,
-            'rounds': _ROUNDS.value, 'rows': rows, 'dropless_pieces_E8_k2': pieces,
-            'target_dropless_ratio_E8_k2': target,
-            'met': None if e8k2 is None else bool(e8k2['dropless_ratio'] <= target)}
+  result = {
+    'tokens': t,
+    'dim': d,
+    'dense_hidden': _DENSE.value,
+    'group': _GROUP.value,
+    'rounds': _ROUNDS.value,
+    'rows': rows,
+    'dropless_pieces_E8_k2': pieces,
+    'target_dropless_ratio_E8_k2': target,
+    'met': None if e8k2 is None else bool(e8k2['dropless_ratio'] <= target),
+  }
   print('wrote', common.write_result('moe_layer', result))
 
 

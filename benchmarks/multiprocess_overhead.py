@@ -26,17 +26,32 @@ _LOG = flags.DEFINE_integer('log_every', 10, 'Steps per timed window.')
 
 
 def _run(processes: int, workdir: str) -> float:
-  train = [sys.executable, '-m', 'train.train', f'--config={_CONFIG.value}', f'--workdir={workdir}',
-           f'--config.train.steps={_STEPS.value}', f'--config.train.log_every={_LOG.value}',
-           f'--config.checkpoint.every_steps={_STEPS.value}', '--config.mesh.shape=(-1,1,1,1)',
-           '--config.mesh.rules=dp']
+  train = [
+    sys.executable,
+    '-m',
+    'train.train',
+    f'--config={_CONFIG.value}',
+    f'--workdir={workdir}',
+    f'--config.train.steps={_STEPS.value}',
+    f'--config.train.log_every={_LOG.value}',
+    f'--config.checkpoint.every_steps={_STEPS.value}',
+    '--config.mesh.shape=(-1,1,1,1)',
+    '--config.mesh.rules=dp',
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   if processes == 1:
     env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
     command = train
   else:
-    command = [sys.executable, '-m', 'train.launch', f'--num_processes={processes}',
-               f'--devices_per_process={8 // processes}', '--', *train]
+    command = [
+      sys.executable,
+      '-m',
+      'train.launch',
+      f'--num_processes={processes}',
+      f'--devices_per_process={8 // processes}',
+      '--',
+      *train,
+    ]
   subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   times = [r['step_time'] for r in routing_report.read_metrics(workdir)][1:]
   return statistics.median(times)

@@ -24,7 +24,9 @@ from benchmarks import common
 from model.attention import attention_impl
 from model.routing_attention import routing_attention
 
-_LENGTHS = flags.DEFINE_list('lengths', ['1024', '2048', '4096', '8192', '16384'], 'Sequence lengths.')
+_LENGTHS = flags.DEFINE_list(
+  'lengths', ['1024', '2048', '4096', '8192', '16384'], 'Sequence lengths.'
+)
 _WINDOW = flags.DEFINE_integer('window', 256, 'Routing window (tokens per cluster).')
 _HEADS = flags.DEFINE_integer('heads', 2, 'Attention heads.')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head dimension.')
@@ -36,6 +38,7 @@ _MAX_DENSE_GIB = flags.DEFINE_float('max_dense_gib', 8.0, 'Do not run dense prog
 def _fwd_bwd(attend):
   def loss(q, k, v, cot):
     return jnp.sum(attend(q, k, v).astype(jnp.float32) * cot)
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -85,28 +88,42 @@ def main(_):
       compiled = fn.lower(*args).compile()
       mem = compiled.memory_analysis()
       temp = getattr(mem, 'temp_size_in_bytes', None) if mem is not None else None
-      row[f'{name}_temp_MiB'] = None if temp is None else temp / 2 ** 20
-      if name == 'dense' and temp is not None and temp > _MAX_DENSE_GIB.value * 2 ** 30:
+      row[f'{name}_temp_MiB'] = None if temp is None else temp / 2**20
+      if name == 'dense' and temp is not None and temp > _MAX_DENSE_GIB.value * 2**30:
         row[f'{name}_s'], row[f'{name}_calls'] = None, 0
         continue
       row[f'{name}_s'], row[f'{name}_calls'] = _measure(compiled, args, _BUDGET.value)
     row['speedup'] = row['dense_s'] / row['routing_s'] if row['dense_s'] else None
-    row['memory_ratio'] = (row['dense_temp_MiB'] / row['routing_temp_MiB']
-                           if row['routing_temp_MiB'] else None)
+    row['memory_ratio'] = (
+      row['dense_temp_MiB'] / row['routing_temp_MiB'] if row['routing_temp_MiB'] else None
+    )
     rows.append(row)
     common.print_table([row])
   lengths = [r['L'] for r in rows]
-  fit = {f'{n}_{kind}_exponent': _exponent(lengths, [r[f'{n}_{kind}'] for r in rows])
-         for n in ('routing', 'dense') for kind in ('s', 'temp_MiB')}
+  fit = {
+    f'{n}_{kind}_exponent': _exponent(lengths, [r[f'{n}_{kind}'] for r in rows])
+    for n in ('routing', 'dense')
+    for kind in ('s', 'temp_MiB')
+  }
   common.print_table(rows)
   print(fit)
   faster_from = next((r['L'] for r in rows if r['speedup'] and r['speedup'] > 1), None)
-  path = common.write_result('routing_attention', {
-      'window': _WINDOW.value, 'heads': _HEADS.value, 'head_dim': _HEAD_DIM.value,
-      'dtype': _DTYPE.value, 'dense_impl': impl, 'batch': 1,
+  path = common.write_result(
+    'routing_attention',
+    {
+      'window': _WINDOW.value,
+      'heads': _HEADS.value,
+      'head_dim': _HEAD_DIM.value,
+      'dtype': _DTYPE.value,
+      'dense_impl': impl,
+      'batch': 1,
       'memory': 'compiled.memory_analysis().temp_size_in_bytes of the fwd+bwd program',
-      'rows': rows, **fit, 'routing_faster_from_L': faster_from,
-      'targets': {'routing_s_exponent': '<= 1.6', 'faster_than_dense_from_L': 4096}})
+      'rows': rows,
+      **fit,
+      'routing_faster_from_L': faster_from,
+      'targets': {'routing_s_exponent': '<= 1.6', 'faster_than_dense_from_L': 4096},
+    },
+  )
   print(path)
 
 

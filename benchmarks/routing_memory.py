@@ -36,33 +36,52 @@ from absl import app, flags
 
 from benchmarks import common
 
-_LENGTHS = flags.DEFINE_list('lengths', ['1024', '2048', '4096', '8192', '16384'],
-                             'Sequence lengths.')
-_MODELS = flags.DEFINE_list('models', ['routing', 'dense'],
-                            'Models to measure: routing, dense, routing_dense.')
+_LENGTHS = flags.DEFINE_list(
+  'lengths', ['1024', '2048', '4096', '8192', '16384'], 'Sequence lengths.'
+)
+_MODELS = flags.DEFINE_list(
+  'models', ['routing', 'dense'], 'Models to measure: routing, dense, routing_dense.'
+)
 _STEPS = flags.DEFINE_integer('steps', 4, 'Training steps per child run (step 1 compiles).')
 _WINDOW = flags.DEFINE_integer('window', 256, 'attention.window and attention.local_window.')
-_MAX_GIB = flags.DEFINE_float('max_gib', 14.0, 'Resident memory at which a child is killed, and '
-                              'above which a predicted point is skipped.')
+_MAX_GIB = flags.DEFINE_float(
+  'max_gib',
+  14.0,
+  'Resident memory at which a child is killed, and above which a predicted point is skipped.',
+)
 _TIMEOUT = flags.DEFINE_integer('timeout', 1800, 'Seconds before a child is killed.')
 
 CONFIG = 'configs/routing_transformer.py'
 # The model size of every point (flag overrides of CONFIG, besides seq_len and the window).
-OVERRIDES = {'model.d_model': 64, 'model.num_layers': 4, 'model.num_heads': 4,
-             'model.num_kv_heads': 4, 'model.mlp_dim': 256, 'model.dtype': 'float32',
-             'train.batch_size': 1, 'train.log_every': 1, 'train.peak_tflops': 0.0,
-             'optimizer.warmup_steps': 1,
-             'checkpoint.async_save': False}
-MODELS = {'routing': {}, 'dense': {'attention.kind': 'dense'},
-          'routing_dense': {'attention.non_routing': 'dense'}}
+OVERRIDES = {
+  'model.d_model': 64,
+  'model.num_layers': 4,
+  'model.num_heads': 4,
+  'model.num_kv_heads': 4,
+  'model.mlp_dim': 256,
+  'model.dtype': 'float32',
+  'train.batch_size': 1,
+  'train.log_every': 1,
+  'train.peak_tflops': 0.0,
+  'optimizer.warmup_steps': 1,
+  'checkpoint.async_save': False,
+}
+MODELS = {
+  'routing': {},
+  'dense': {'attention.kind': 'dense'},
+  'routing_dense': {'attention.non_routing': 'dense'},
+}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict:
   """The child's environment: CPU, one device (no forced fake device count)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  flags_ = [f for f in env.get('XLA_FLAGS', '').split()
-            if not f.startswith('--xla_force_host_platform_device_count')]
+  flags_ = [
+    f
+    for f in env.get('XLA_FLAGS', '').split()
+    if not f.startswith('--xla_force_host_platform_device_count')
+  ]
   env['XLA_FLAGS'] = ' '.join(flags_)
   return env
 
@@ -101,16 +120,32 @@ def run_child(argv: list[str], max_kib: int, timeout: float) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     err.seek(0)
     tail = err.read().decode(errors='replace').strip().splitlines()[-3:]
-  return {'returncode': proc.returncode, 'peak_kib': usage.ru_maxrss, 'killed': killed,
-          'wall_s': time.perf_counter() - t0, 'stderr_tail': tail}
+  return {
+    'returncode': proc.returncode,
+    'peak_kib': usage.ru_maxrss,
+    'killed': killed,
+    'wall_s': time.perf_counter() - t0,
+    'stderr_tail': tail,
+  }
 
 
 def _argv(model: str, seq_len: int, workdir: str) -> list[str]:
-  overrides = {**OVERRIDES, 'train.seq_len': seq_len, 'train.steps': _STEPS.value,
-               'attention.window': _WINDOW.value, 'attention.local_window': _WINDOW.value,
-               **MODELS[model]}
-  return [sys.executable, '-m', 'train.train', f'--config={CONFIG}', f'--workdir={workdir}',
-          *(f'--config.{k}={v}' for k, v in overrides.items())]
+  overrides = {
+    **OVERRIDES,
+    'train.seq_len': seq_len,
+    'train.steps': _STEPS.value,
+    'attention.window': _WINDOW.value,
+    'attention.local_window': _WINDOW.value,
+    **MODELS[model],
+  }
+  return [
+    sys.executable,
+    '-m',
+    'train.train',
+    f'--config={CONFIG}',
+    f'--workdir={workdir}',
+    *(f'--config.{k}={v}' for k, v in overrides.items()),
+  ]
 
 
 def _step_times(workdir: str) -> list[float]:
@@ -130,14 +165,23 @@ def _skip_reason(done: list[dict], seq_len: int, max_mib: float) -> str | None:
   exponent = math.log(b['peak_MiB'] / a['peak_MiB']) / math.log(b['L'] / a['L'])
   predicted = b['peak_MiB'] * (seq_len / b['L']) ** exponent
   if predicted > max_mib:
-    return (f'skipped: predicted {predicted / 1024:.1f} GiB (L^{exponent:.2f} from L={a["L"]}, '
-            f'{b["L"]}) > --max_gib={_MAX_GIB.value:g}')
+    return (
+      f'skipped: predicted {predicted / 1024:.1f} GiB (L^{exponent:.2f} from L={a["L"]}, '
+      f'{b["L"]}) > --max_gib={_MAX_GIB.value:g}'
+    )
   return None
 
 
 def measure(model: str, seq_len: int, done: list[dict]) -> dict:
-  row = {'model': model, 'L': seq_len, 'peak_MiB': None, 'step_s': None, 'steps_timed': 0,
-         'child_wall_s': None, 'status': 'ok'}
+  row = {
+    'model': model,
+    'L': seq_len,
+    'peak_MiB': None,
+    'step_s': None,
+    'steps_timed': 0,
+    'child_wall_s': None,
+    'status': 'ok',
+  }
   max_mib = _MAX_GIB.value * 1024
   reason = _skip_reason(done, seq_len, max_mib)
   if reason:
@@ -162,8 +206,10 @@ def measure(model: str, seq_len: int, done: list[dict]) -> dict:
 
 def _prepare_corpus() -> None:
   """Prepares the default corpus once, so that no measured child pays for it."""
-  code = ('from configs import schema; from data import corpus; '
-          'corpus.resolve_dataset(schema.DataConfig())')
+  code = (
+    'from configs import schema; from data import corpus; '
+    'corpus.resolve_dataset(schema.DataConfig())'
+  )
   subprocess.run([sys.executable, '-c', code], cwd=_ROOT, env=_env(), check=True)
 
 
@@ -182,17 +228,28 @@ def main(_):
       common.print_table([row])
   common.print_table(rows)
   peak = {(r['model'], r['L']): r['peak_MiB'] for r in rows}
-  ratios = {m: (peak[(m, 8192)] / peak[(m, 4096)]
-                if peak.get((m, 8192)) and peak.get((m, 4096)) else None) for m in _MODELS.value}
+  ratios = {
+    m: (peak[(m, 8192)] / peak[(m, 4096)] if peak.get((m, 8192)) and peak.get((m, 4096)) else None)
+    for m in _MODELS.value
+  }
   print('peak(8k) / peak(4k):', ratios)
-  path = common.write_result('routing_memory', {
-      'config': CONFIG, 'overrides': OVERRIDES, 'models': {m: MODELS[m] for m in _MODELS.value},
-      'window': _WINDOW.value, 'steps': _STEPS.value, 'max_gib': _MAX_GIB.value,
+  path = common.write_result(
+    'routing_memory',
+    {
+      'config': CONFIG,
+      'overrides': OVERRIDES,
+      'models': {m: MODELS[m] for m in _MODELS.value},
+      'window': _WINDOW.value,
+      'steps': _STEPS.value,
+      'max_gib': _MAX_GIB.value,
       'peak': 'ru_maxrss of the train.train child (os.wait4): the whole process',
       'step_s': 'median metrics.jsonl step_time of steps >= 2',
       'command': 'python -m benchmarks.routing_memory ' + ' '.join(sys.argv[1:]),
-      'rows': rows, 'peak_8k_over_4k': ratios,
-      'targets': {'routing peak_8k_over_4k': '<= 2.4'}})
+      'rows': rows,
+      'peak_8k_over_4k': ratios,
+      'targets': {'routing peak_8k_over_4k': '<= 2.4'},
+    },
+  )
   print(path)
 
 

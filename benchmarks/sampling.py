@@ -24,7 +24,9 @@ from eval import causality, evaluate, sample
 
 _NEW = flags.DEFINE_integer('new_tokens', 200, 'Tokens to sample per call.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed calls per model (alternating), after the first.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Routed run to sample (default: random demo model).')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Routed run to sample (default: random demo model).'
+)
 _DENSE = flags.DEFINE_string('dense_workdir', None, 'Dense run (default: random demo:dense model).')
 PROMPT = 'def main(argv):\n    '
 
@@ -33,7 +35,9 @@ def _model(workdir, arg):
   if workdir:
     return evaluate.restore_on_one_device(workdir)[2], workdir
   cfg = schema.load(demo.get_config(arg), jax.device_count())
-  return causality.random_model(cfg.model, scale=0.05), f'random configs/demo.py{":" + arg if arg else ""}'
+  return causality.random_model(
+    cfg.model, scale=0.05
+  ), f'random configs/demo.py{":" + arg if arg else ""}'
 
 
 def _compilations() -> int:
@@ -44,8 +48,9 @@ def main(argv):
   del argv
   prompt = [int(c) for c in PROMPT.encode()]
   models = {'routed': _model(_WORKDIR.value, None), 'dense': _model(_DENSE.value, 'dense')}
-  run = lambda model: sample.sample(model, prompt, max_new_tokens=_NEW.value, vocab_size=257,
-                                    temperature=1.0, seed=0)
+  run = lambda model: sample.sample(
+    model, prompt, max_new_tokens=_NEW.value, vocab_size=257, temperature=1.0, seed=0
+  )
   first, compiles, times = {}, {}, {name: [] for name in models}
   for name, (model, _) in models.items():
     before = _compilations()
@@ -58,19 +63,37 @@ def main(argv):
       t0 = time.perf_counter()
       run(model)
       times[name].append(time.perf_counter() - t0)
-  rows = [{'model': name, 'source': models[name][1], 'causal': models[name][0].causal,
-           'first_call_s': first[name], 'compilations': compiles[name],
-           'median_s': statistics.median(times[name]),
-           'ms_per_token': 1e3 * statistics.median(times[name]) / _NEW.value} for name in models]
+  rows = [
+    {
+      'model': name,
+      'source': models[name][1],
+      'causal': models[name][0].causal,
+      'first_call_s': first[name],
+      'compilations': compiles[name],
+      'median_s': statistics.median(times[name]),
+      'ms_per_token': 1e3 * statistics.median(times[name]) / _NEW.value,
+    }
+    for name in models
+  ]
   ratio = rows[0]['median_s'] / rows[1]['median_s']
   common.print_table(rows)
-  print(f'routed / dense, median of {_ROUNDS.value} alternating calls: {ratio:.2f}x '
-        f'(target <= 5x); first calls (with compilation): '
-        f"{first['routed'] / first['dense']:.2f}x")
-  path = common.write_result('sampling', {
-      'new_tokens': _NEW.value, 'rounds': _ROUNDS.value, 'prompt': PROMPT, 'rows': rows,
-      'ratio_median': ratio, 'ratio_first_call': first['routed'] / first['dense'],
-      'command': 'python -m benchmarks.sampling'})
+  print(
+    f'routed / dense, median of {_ROUNDS.value} alternating calls: {ratio:.2f}x '
+    f'(target <= 5x); first calls (with compilation): '
+    f'{first["routed"] / first["dense"]:.2f}x'
+  )
+  path = common.write_result(
+    'sampling',
+    {
+      'new_tokens': _NEW.value,
+      'rounds': _ROUNDS.value,
+      'prompt': PROMPT,
+      'rows': rows,
+      'ratio_median': ratio,
+      'ratio_first_call': first['routed'] / first['dense'],
+      'command': 'python -m benchmarks.sampling',
+    },
+  )
   print(f'wrote {path}')
 
 

@@ -24,8 +24,17 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
-from configs import (demo, moe_entropy, moe_erc, moe_expert_choice, moe_lossfree, moe_topk,
-                     routing_transformer, schema, uoe)
+from configs import (
+  demo,
+  moe_entropy,
+  moe_erc,
+  moe_expert_choice,
+  moe_lossfree,
+  moe_topk,
+  routing_transformer,
+  schema,
+  uoe,
+)
 from eval import evaluate, routing_report
 from model.transformer import active_params, count_params
 from train import sweep
@@ -37,8 +46,12 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch in sequences of 256
 _METHODS = flags.DEFINE_list('methods', None, 'Subset of the methods; default: all.')
 _ROOT = flags.DEFINE_string('root', 'runs/study', 'Directory of the runs.')
 _DOCS = flags.DEFINE_bool('docs', True, 'Write the Study section of docs/results.md.')
-_TIMING = flags.DEFINE_integer('timing_steps', 10, 'Steps per method and round of the throughput '
-                               'pass (bare jitted step, methods interleaved); 0 = skip it.')
+_TIMING = flags.DEFINE_integer(
+  'timing_steps',
+  10,
+  'Steps per method and round of the throughput '
+  'pass (bare jitted step, methods interleaved); 0 = skip it.',
+)
 _ROUNDS = flags.DEFINE_integer('timing_rounds', 3, 'Rounds of the throughput pass.')
 
 
@@ -47,6 +60,7 @@ def _moe(module):
     c = module.get_config()
     c.moe.update(num_experts=8, expert_dim=192, block_size=128)
     return c
+
   return make
 
 
@@ -70,26 +84,33 @@ def _entropy():
 
 
 METHODS = {
-    'dense': lambda: demo.get_config('dense'),
-    'moe_topk': _moe(moe_topk),
-    'moe_lossfree': _moe(moe_lossfree),
-    'moe_expert_choice': _moe(moe_expert_choice),
-    'moe_erc': _moe(moe_erc),
-    'moe_entropy': _entropy,
-    'routing_attention': _routing_attention,
-    'uoe': _uoe,
+  'dense': lambda: demo.get_config('dense'),
+  'moe_topk': _moe(moe_topk),
+  'moe_lossfree': _moe(moe_lossfree),
+  'moe_expert_choice': _moe(moe_expert_choice),
+  'moe_erc': _moe(moe_erc),
+  'moe_entropy': _entropy,
+  'routing_attention': _routing_attention,
+  'uoe': _uoe,
 }
 
 
 def config(method: str, seed: int) -> schema.Config:
   """`method`'s experiment config at the study's shared size, schedule and data."""
   c = METHODS[method]()
-  c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, dtype='float32',
-                 remat='none')
+  c.model.update(
+    num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, dtype='float32', remat='none'
+  )
   if method != 'uoe':
     c.model.mlp_dim = 384
-  c.train.update(steps=_STEPS.value, batch_size=_BATCH.value, seq_len=256, seed=seed,
-                 log_every=max(_STEPS.value // 10, 1), peak_tflops=0.0)
+  c.train.update(
+    steps=_STEPS.value,
+    batch_size=_BATCH.value,
+    seq_len=256,
+    seed=seed,
+    log_every=max(_STEPS.value // 10, 1),
+    peak_tflops=0.0,
+  )
   c.optimizer.update(learning_rate=3e-3, warmup_steps=max(_STEPS.value // 10, 1))
   c.checkpoint.update(every_steps=_STEPS.value)
   c.eval.update(batch_size=16, max_batches=20, every_steps=0)
@@ -120,23 +141,29 @@ def run_one(method: str, seed: int) -> dict:
   speeds = [r['tokens_per_sec'] for r in records[1:]]  # the first window includes compilation
   last = records[-1]
   return {
-      'method': method, 'seed': seed,
-      'bits_per_byte': result.get('paired_bits_per_byte', result['bits_per_byte']),
-      'heldout_loss': result.get('paired_loss', result['loss']), 'train_loss': last['loss'],
-      'evaluation': 'teacher-forced' if result['causal'] else 'exact-prefix',
-      'teacher_forced_bits_per_byte': result.get('teacher_forced_bits_per_byte',
-                                                 result['bits_per_byte']),
-      'sampled_bits_per_byte': result['bits_per_byte'],
-      'future_leak': result.get('future_leak', 0.0),
-      'tokens_per_sec': statistics.median(speeds) if speeds else math.nan,
-      'active_params': active_params(cfg.model, cfg.train.seq_len),
-      'total_params': count_params(cfg.model),
-      'load_cv': _layer_mean(last, ('/moe/load_cv', '/uoe/mlp_load_cv')),
-      'dead_experts': (sum(v for k, v in last.items() if k.endswith('/dead_experts'))
-                       if any(k.endswith('/dead_experts') for k in last) else math.nan),
-      'alpha_star': statistics.fmean(v for k, v in result.items()
-                                     if k.endswith('/coupling_level')) if any(
-                                         k.endswith('/coupling_level') for k in result) else math.nan,
+    'method': method,
+    'seed': seed,
+    'bits_per_byte': result.get('paired_bits_per_byte', result['bits_per_byte']),
+    'heldout_loss': result.get('paired_loss', result['loss']),
+    'train_loss': last['loss'],
+    'evaluation': 'teacher-forced' if result['causal'] else 'exact-prefix',
+    'teacher_forced_bits_per_byte': result.get(
+      'teacher_forced_bits_per_byte', result['bits_per_byte']
+    ),
+    'sampled_bits_per_byte': result['bits_per_byte'],
+    'future_leak': result.get('future_leak', 0.0),
+    'tokens_per_sec': statistics.median(speeds) if speeds else math.nan,
+    'active_params': active_params(cfg.model, cfg.train.seq_len),
+    'total_params': count_params(cfg.model),
+    'load_cv': _layer_mean(last, ('/moe/load_cv', '/uoe/mlp_load_cv')),
+    'dead_experts': (
+      sum(v for k, v in last.items() if k.endswith('/dead_experts'))
+      if any(k.endswith('/dead_experts') for k in last)
+      else math.nan
+    ),
+    'alpha_star': statistics.fmean(v for k, v in result.items() if k.endswith('/coupling_level'))
+    if any(k.endswith('/coupling_level') for k in result)
+    else math.nan,
   }
 
 
@@ -170,9 +197,17 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = [r for r in runs if r['method'] == method]
     row = {'method': method, 'seeds': len(rows)}
     row['evaluation'] = rows[0]['evaluation']
-    for key in ('bits_per_byte', 'teacher_forced_bits_per_byte', 'sampled_bits_per_byte',
-                'future_leak', 'heldout_loss', 'tokens_per_sec', 'load_cv', 'dead_experts',
-                'alpha_star'):
+    for key in (
+      'bits_per_byte',
+      'teacher_forced_bits_per_byte',
+      'sampled_bits_per_byte',
+      'future_leak',
+      'heldout_loss',
+      'tokens_per_sec',
+      'load_cv',
+      'dead_experts',
+      'alpha_star',
+    ):
       values = [r[key] for r in rows]
       undefined = any(math.isnan(v) for v in values)  # e.g. load CV of a model without experts
       row[key] = math.nan if undefined else statistics.fmean(values)
@@ -199,31 +234,37 @@ def _speed(r: dict) -> tuple[float, float, float]:
 
 def markdown(summary: list[dict]) -> str:
   dense = next((r for r in summary if r['method'] == 'dense'), None)
-  lines = ['| method | evaluation | held-out bits/byte | Δ vs dense | teacher-forced bits/byte '
-           '| future leak (nats) | tokens/s | × dense | active / total params | load CV '
-           '| dead experts | α* |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| method | evaluation | held-out bits/byte | Δ vs dense | teacher-forced bits/byte '
+    '| future leak (nats) | tokens/s | × dense | active / total params | load CV '
+    '| dead experts | α* |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in summary:
-    delta = f"{r['bits_per_byte'] - dense['bits_per_byte']:+.3f}" if dense else '-'
+    delta = f'{r["bits_per_byte"] - dense["bits_per_byte"]:+.3f}' if dense else '-'
     speed, low, high = _speed(r)
     causal = r['evaluation'] == 'teacher-forced'
     leak = '-' if causal else _pm(r['future_leak'], r['future_leak_sd'], 4)
     ratio = f'{speed / _speed(dense)[0]:.2f}' if dense else '-'
     lines.append(
-        f"| {r['method']} | {r['evaluation']} | "
-        f"{_pm(r['bits_per_byte'], r['bits_per_byte_sd'], 3)} | {delta} | "
-        f"{_pm(r['teacher_forced_bits_per_byte'], r['teacher_forced_bits_per_byte_sd'], 3)} | "
-        f"{leak} | "
-        f"{speed:,.0f} ({low:,.0f}–{high:,.0f}) | {ratio} | "
-        f"{r['active_params'] / 1e6:.3f}M / {r['total_params'] / 1e6:.3f}M | "
-        f"{_pm(r['load_cv'], r['load_cv_sd'], 3)} | {_pm(r['dead_experts'], math.nan, 1)} | "
-        f"{_pm(r['alpha_star'], r['alpha_star_sd'], 2)} |")
+      f'| {r["method"]} | {r["evaluation"]} | '
+      f'{_pm(r["bits_per_byte"], r["bits_per_byte_sd"], 3)} | {delta} | '
+      f'{_pm(r["teacher_forced_bits_per_byte"], r["teacher_forced_bits_per_byte_sd"], 3)} | '
+      f'{leak} | '
+      f'{speed:,.0f} ({low:,.0f}–{high:,.0f}) | {ratio} | '
+      f'{r["active_params"] / 1e6:.3f}M / {r["total_params"] / 1e6:.3f}M | '
+      f'{_pm(r["load_cv"], r["load_cv_sd"], 3)} | {_pm(r["dead_experts"], math.nan, 1)} | '
+      f'{_pm(r["alpha_star"], r["alpha_star_sd"], 2)} |'
+    )
   return '\n'.join(lines)
 
 
 def plot(summary: list[dict], path: str) -> str:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, (ax_bpb, ax_speed) = plt.subplots(1, 2, figsize=(11, 3.8))
   names = [r['method'] for r in summary]
   sd = [0 if math.isnan(r['bits_per_byte_sd']) else r['bits_per_byte_sd'] for r in summary]
@@ -233,8 +274,13 @@ def plot(summary: list[dict], path: str) -> str:
   spread = max(values) - min(values)
   ax_bpb.set_xlim(min(values) - spread - 0.02, max(values) + spread + 0.02)
   speeds = [_speed(r) for r in summary]
-  ax_speed.barh(names, [s for s, _, _ in speeds], color='tab:green', alpha=0.8,
-                xerr=[[s - lo for s, lo, _ in speeds], [hi - s for s, _, hi in speeds]])
+  ax_speed.barh(
+    names,
+    [s for s, _, _ in speeds],
+    color='tab:green',
+    alpha=0.8,
+    xerr=[[s - lo for s, lo, _ in speeds], [hi - s for s, _, hi in speeds]],
+  )
   ax_speed.set_xlabel('training tokens/s (train step; range over rounds)')
   ax_speed.set_yticklabels([])
   for ax in (ax_bpb, ax_speed):
@@ -261,15 +307,18 @@ def main(argv):
       row['step_tokens_per_sec_min'] = min(speeds[row['method']])
       row['step_tokens_per_sec_max'] = max(speeds[row['method']])
   common.print_table(summary)
-  command = (f'python -m benchmarks.study --steps={_STEPS.value} --seeds={_SEEDS.value} '
-             f'--batch_size={_BATCH.value} --timing_steps={_TIMING.value} '
-             f'--timing_rounds={_ROUNDS.value}')
+  command = (
+    f'python -m benchmarks.study --steps={_STEPS.value} --seeds={_SEEDS.value} '
+    f'--batch_size={_BATCH.value} --timing_steps={_TIMING.value} '
+    f'--timing_rounds={_ROUNDS.value}'
+  )
   common.write_result('study', {'command': command, 'runs': runs, 'summary': summary})
   if _DOCS.value:
     docs = os.path.dirname(common.DOCS_RESULTS)
     plot(summary, os.path.join(docs, 'study.png'))
-    common.write_docs_section('Study: every method at equal active parameters',
-                              body(summary, command))
+    common.write_docs_section(
+      'Study: every method at equal active parameters', body(summary, command)
+    )
 
 
 def beyond_spread(summary: list[dict]) -> str:
@@ -278,12 +327,19 @@ def beyond_spread(summary: list[dict]) -> str:
   dense = next((r for r in summary if r['method'] == 'dense'), None)
   if dense is None or math.isnan(dense['bits_per_byte_sd']):
     return 'Without a dense row and several seeds, no difference is compared with the spread.'
-  out = [f"{r['method']} ({r['bits_per_byte'] - dense['bits_per_byte']:+.3f})" for r in summary
-         if r is not dense and abs(r['bits_per_byte'] - dense['bits_per_byte']) >
-         r['bits_per_byte_sd'] + dense['bits_per_byte_sd']]
-  return ('Held-out bits/byte further from dense than the two seed standard deviations together: '
-          + (', '.join(out) if out else 'none') + '; every other difference is within the seed '
-          'spread.')
+  out = [
+    f'{r["method"]} ({r["bits_per_byte"] - dense["bits_per_byte"]:+.3f})'
+    for r in summary
+    if r is not dense
+    and abs(r['bits_per_byte'] - dense['bits_per_byte'])
+    > r['bits_per_byte_sd'] + dense['bits_per_byte_sd']
+  ]
+  return (
+    'Held-out bits/byte further from dense than the two seed standard deviations together: '
+    + (', '.join(out) if out else 'none')
+    + '; every other difference is within the seed '
+    'spread.'
+  )
 
 
 def body(summary: list[dict], command: str) -> str:

@@ -48,6 +48,7 @@ def _fwd_bwd(fn, n_args):
   def loss(*args):
     *inputs, cot = args
     return jnp.sum(fn(*inputs).astype(jnp.float32) * cot)
+
   return jax.jit(jax.grad(loss, argnums=tuple(range(n_args))))
 
 
@@ -85,18 +86,18 @@ def _programs(l: int):
   c_h, c_e = uoe.capacity(l, h // 2, h, 1.0), uoe.capacity(l, e // 2, e, 1.0)
   t = b * l
   flops = {  # forward matmul FLOPs, x3 for forward + backward
-      'dense_attention': 3 * (2 * t * d * 4 * d + 4 * b * l * l * d),
-      'smha': 3 * (2 * t * d * h + 2 * b * h * c_h * d * kd * 4 + 4 * b * h * c_h * c_h * kd),
-      'dense_mlp': 3 * 6 * t * d * f,
-      'uome': 3 * (2 * t * d * e + 6 * b * e * c_e * d * (f // e)),
+    'dense_attention': 3 * (2 * t * d * 4 * d + 4 * b * l * l * d),
+    'smha': 3 * (2 * t * d * h + 2 * b * h * c_h * d * kd * 4 + 4 * b * h * c_h * c_h * kd),
+    'dense_mlp': 3 * 6 * t * d * f,
+    'uome': 3 * (2 * t * d * e + 6 * b * e * c_e * d * (f // e)),
   }
   return {
-      'dense_attention': (_fwd_bwd(dense_attention, 5), (x, wq, wk, wv, wo, cot)),
-      'smha': (_fwd_bwd(selective_attention, 6), (x, router_h, wq, wk, wv, wo, cot)),
-      'dense_mlp': (_fwd_bwd(layers.swiglu, 4), (x, wg, wu, wd, cot)),
-      'uome': (_fwd_bwd(union_mlp, 5), (x, router_e, *experts, cot)),
-      'smha_full': (_fwd_bwd(selective_attention_full, 6), (x, router_h, wq, wk, wv, wo, cot)),
-      'uome_full': (_fwd_bwd(union_mlp_full, 5), (x, router_e, *experts, cot)),
+    'dense_attention': (_fwd_bwd(dense_attention, 5), (x, wq, wk, wv, wo, cot)),
+    'smha': (_fwd_bwd(selective_attention, 6), (x, router_h, wq, wk, wv, wo, cot)),
+    'dense_mlp': (_fwd_bwd(layers.swiglu, 4), (x, wg, wu, wd, cot)),
+    'uome': (_fwd_bwd(union_mlp, 5), (x, router_e, *experts, cot)),
+    'smha_full': (_fwd_bwd(selective_attention_full, 6), (x, router_h, wq, wk, wv, wo, cot)),
+    'uome_full': (_fwd_bwd(union_mlp_full, 5), (x, router_e, *experts, cot)),
   }, flops
 
 
@@ -116,8 +117,9 @@ def main(_):
   rows = []
   for l in map(int, _LENGTHS.value):
     progs, flops = _programs(l)
-    xla = {name: _xla_flops(fn, args) for name, (fn, args) in progs.items()
-           if not name.endswith('_full')}
+    xla = {
+      name: _xla_flops(fn, args) for name, (fn, args) in progs.items() if not name.endswith('_full')
+    }
     for fn, args in progs.values():  # warm-up (compile + one run)
       jax.block_until_ready(fn(*args))
     times = {name: [] for name in progs}
@@ -127,9 +129,12 @@ def main(_):
     for routed, dense in (('smha', 'dense_attention'), ('uome', 'dense_mlp')):
       ratios = [r / d for r, d in zip(times[routed], times[dense])]
       median = {name: statistics.median(times[name]) for name in (routed, dense, routed + '_full')}
-      rows.append({
-          'layer': routed, 'L': l,
-          'dense_s': median[dense], 'routed_s': median[routed],
+      rows.append(
+        {
+          'layer': routed,
+          'L': l,
+          'dense_s': median[dense],
+          'routed_s': median[routed],
           'full_s': median[routed + '_full'],
           'time_ratio': statistics.median(ratios),
           'ratio_of_medians': median[routed] / median[dense],
@@ -137,16 +142,29 @@ def main(_):
           'full_vs_dense': median[routed + '_full'] / median[dense],
           'flops_ratio': flops[routed] / flops[dense],
           'xla_flops_ratio': (xla[routed] / xla[dense] if xla[routed] and xla[dense] else None),
-          'dense_gflop': flops[dense] / 1e9, 'routed_gflop': flops[routed] / 1e9,
+          'dense_gflop': flops[dense] / 1e9,
+          'routed_gflop': flops[routed] / 1e9,
           'target': _TARGETS[routed] if l >= 2048 else None,
-      })
+        }
+      )
       print(rows[-1], flush=True)
   common.print_table(rows)
-  met = {name: all(r['time_ratio'] <= t for r in rows if r['layer'] == name and r['L'] >= 2048)
-         for name, t in _TARGETS.items()}
-  result = {'batch': _BATCH.value, 'dim': _DIM.value, 'heads': _HEADS.value,
-            'mlp_dim': _MLP.value, 'experts': _EXPERTS.value, 'rounds': _ROUNDS.value,
-            'selection': 0.5, 'rows': rows, 'targets_at_L_ge_2048': _TARGETS, 'met': met}
+  met = {
+    name: all(r['time_ratio'] <= t for r in rows if r['layer'] == name and r['L'] >= 2048)
+    for name, t in _TARGETS.items()
+  }
+  result = {
+    'batch': _BATCH.value,
+    'dim': _DIM.value,
+    'heads': _HEADS.value,
+    'mlp_dim': _MLP.value,
+    'experts': _EXPERTS.value,
+    'rounds': _ROUNDS.value,
+    'selection': 0.5,
+    'rows': rows,
+    'targets_at_L_ge_2048': _TARGETS,
+    'met': met,
+  }
   print('targets met:', met)
   print('wrote', common.write_result('uoe', result))
 

@@ -17,8 +17,9 @@ class _OwnInfoOnly(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     path = os.path.abspath(record.pathname)
-    return (record.levelno >= logging.WARNING or
-            (path.startswith(_PROJECT) and 'site-packages' not in path))
+    return record.levelno >= logging.WARNING or (
+      path.startswith(_PROJECT) and 'site-packages' not in path
+    )
 
 
 def quiet_libraries() -> None:
@@ -41,15 +42,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     message = lines[0]
     if 'Traceback (most recent call last):' in lines:  # a config file's get_config raised
-      message = (re.sub(r'Error whilst parsing config file:?$', 'the config file did not load', message)
-                 + f' ({lines[-1]})')
+      message = (
+        re.sub(r'Error whilst parsing config file:?$', 'the config file did not load', message)
+        + f' ({lines[-1]})'
+      )
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
     text = str(e.args[0] if e.args else e)
     key = re.search(r'[A-Za-z_]\w*', text).group()
     hint = re.search(r'Did you mean "([^"]+)"', text)
-    culprit = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and
-                    re.search(rf'[.]{re.escape(key)}(=|$|[.])', a.split('=')[0])), f'config field {key!r}')
-    message = f'{culprit}: no such config field' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+    culprit = next(
+      (
+        a.split('=')[0]
+        for a in argv[1:]
+        if a.startswith('--config.')
+        and re.search(rf'[.]{re.escape(key)}(=|$|[.])', a.split('=')[0])
+      ),
+      f'config field {key!r}',
+    )
+    message = f'{culprit}: no such config field' + (
+      f' (did you mean {hint.group(1)!r}?)' if hint else ''
+    )
   except Exception as e:  # a config file that does not load (missing, syntax error, ...)
     message = f'{type(e).__name__}: {e}'.splitlines()[0]
   print(f'error: {message}', file=sys.stderr)

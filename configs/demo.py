@@ -23,8 +23,9 @@ from configs import base
 def get_config(arg: str | None = None):
   base.check_variant('configs/demo.py', arg, ('tiny', 'dense'))
   c = base.get_config()
-  c.model.update(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
-                 dtype='float32')  # f32: XLA:CPU runs bf16 matmuls slower than f32
+  c.model.update(
+    num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384, dtype='float32'
+  )  # f32: XLA:CPU runs bf16 matmuls slower than f32
   c.train.update(steps=300, batch_size=16, seq_len=256, log_every=25, peak_tflops=0.0)
   c.optimizer.update(learning_rate=3e-3, warmup_steps=30)
   c.checkpoint.update(every_steps=100)
@@ -34,11 +35,28 @@ def get_config(arg: str | None = None):
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')
   if arg == 'dense':
     return c
-  c.moe.update(num_experts=8, top_k=2, expert_dim=192, block_size=128, router='topk',
-               score='softmax', balance_weight=1e-2, z_loss_weight=1e-3, erc_weight=1.0,
-               erc_alpha=1.0)
-  c.attention.update(kind='routing', routing_layers=(-2, -1), window=64, local_window=64,
-                     num_clusters=0, routing_heads=-1, commitment_weight=1e-4, kmeans_decay=0.999)
+  c.moe.update(
+    num_experts=8,
+    top_k=2,
+    expert_dim=192,
+    block_size=128,
+    router='topk',
+    score='softmax',
+    balance_weight=1e-2,
+    z_loss_weight=1e-3,
+    erc_weight=1.0,
+    erc_alpha=1.0,
+  )
+  c.attention.update(
+    kind='routing',
+    routing_layers=(-2, -1),
+    window=64,
+    local_window=64,
+    num_clusters=0,
+    routing_heads=-1,
+    commitment_weight=1e-4,
+    kmeans_decay=0.999,
+  )
   if arg == 'tiny':
     base.make_tiny(c)
     c.attention.update(window=16, local_window=16)  # 4 clusters of 16 tokens at sequence 64

@@ -26,8 +26,17 @@ from configs import base, moe_topk
 def get_config(arg: str | None = None):
   base.check_variant('configs/moe_entropy.py', arg)
   c = moe_topk.get_config()
-  c.entropy.update(enabled=True, tau=0.7, plateau=1e-3, plateau_window=1000, ema_decay=0.99,
-                   ramp_steps=300, beta_tok=1e-3, beta_use=0.0, mode='per_layer')
+  c.entropy.update(
+    enabled=True,
+    tau=0.7,
+    plateau=1e-3,
+    plateau_window=1000,
+    ema_decay=0.99,
+    ramp_steps=300,
+    beta_tok=1e-3,
+    beta_use=0.0,
+    mode='per_layer',
+  )
   if arg == 'tiny':
     base.make_tiny(c)
     c.entropy.update(plateau_window=10, ramp_steps=5)  # steps of a 20-step run

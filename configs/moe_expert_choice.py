@@ -13,8 +13,15 @@ from configs import base
 def get_config(arg: str | None = None):
   base.check_variant('configs/moe_expert_choice.py', arg)
   c = base.get_config()
-  c.moe.update(num_experts=8, top_k=2, expert_dim=1024, router='expert_choice',
-               capacity_factor=2.0, balance_weight=0.0, z_loss_weight=1e-3)
+  c.moe.update(
+    num_experts=8,
+    top_k=2,
+    expert_dim=1024,
+    router='expert_choice',
+    capacity_factor=2.0,
+    balance_weight=0.0,
+    z_loss_weight=1e-3,
+  )
   if arg == 'tiny':
     base.make_tiny(c)
   return c

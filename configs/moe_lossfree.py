@@ -12,8 +12,16 @@ from configs import base
 def get_config(arg: str | None = None):
   base.check_variant('configs/moe_lossfree.py', arg)
   c = base.get_config()
-  c.moe.update(num_experts=8, top_k=2, expert_dim=1024, router='topk', score='sigmoid',
-               balance_weight=0.0, z_loss_weight=0.0, bias_rate=1e-3)
+  c.moe.update(
+    num_experts=8,
+    top_k=2,
+    expert_dim=1024,
+    router='topk',
+    score='sigmoid',
+    balance_weight=0.0,
+    z_loss_weight=0.0,
+    bias_rate=1e-3,
+  )
   if arg == 'tiny':
     base.make_tiny(c)
   return c

@@ -14,8 +14,15 @@ from configs import base
 def get_config(arg: str | None = None):
   base.check_variant('configs/moe_topk.py', arg)
   c = base.get_config()
-  c.moe.update(num_experts=8, top_k=2, expert_dim=1024, router='topk', score='softmax',
-               balance_weight=1e-2, z_loss_weight=1e-3)
+  c.moe.update(
+    num_experts=8,
+    top_k=2,
+    expert_dim=1024,
+    router='topk',
+    score='softmax',
+    balance_weight=1e-2,
+    z_loss_weight=1e-3,
+  )
   if arg == 'tiny':
     base.make_tiny(c)
   return c

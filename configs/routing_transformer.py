@@ -22,9 +22,17 @@ def get_config(arg: str | None = None):
   base.check_variant('configs/routing_transformer.py', arg)
   c = base.get_config()
   c.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, mlp_dim=1536)
-  c.attention.update(kind='routing', non_routing='local', routing_layers=(-2, -1), window=256,
-                     local_window=256, num_clusters=0, routing_heads=-1, commitment_weight=1e-4,
-                     kmeans_decay=0.999)
+  c.attention.update(
+    kind='routing',
+    non_routing='local',
+    routing_layers=(-2, -1),
+    window=256,
+    local_window=256,
+    num_clusters=0,
+    routing_heads=-1,
+    commitment_weight=1e-4,
+    kmeans_decay=0.999,
+  )
   c.train.update(steps=20000, batch_size=16, seq_len=2048)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=1000)
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')

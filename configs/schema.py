@@ -12,13 +12,21 @@ from typing import Any
 import ml_collections
 
 from configs import sharding
-from model.config import (AttentionConfig, ConfigError, EntropyConfig, ModelConfig, MoEConfig,
-                          UoEConfig, check_finite)
+from model.config import (
+  AttentionConfig,
+  ConfigError,
+  EntropyConfig,
+  ModelConfig,
+  MoEConfig,
+  UoEConfig,
+  check_finite,
+)
 
 # Groups of the config file that live inside ModelConfig (a field of that name whose type is the
 # group's dataclass): a new mechanism adds its dataclass to ModelConfig and is picked up here.
-MODEL_GROUPS = tuple(f.name for f in dataclasses.fields(ModelConfig)
-                     if dataclasses.is_dataclass(f.type))
+MODEL_GROUPS = tuple(
+  f.name for f in dataclasses.fields(ModelConfig) if dataclasses.is_dataclass(f.type)
+)
 
 DECAYS = ('cosine', 'linear', 'constant')
 TOKENIZERS = ('byte', 'sentencepiece:PATH', 'hf:PATH')
@@ -132,9 +140,14 @@ class Config:
 
 
 _GROUPS = {
-    'model': ModelConfig, 'data': DataConfig, 'optimizer': OptimizerConfig,
-    'train': TrainConfig, 'checkpoint': CheckpointConfig, 'mesh': MeshConfig, 'eval': EvalConfig,
-    **{f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name in MODEL_GROUPS},
+  'model': ModelConfig,
+  'data': DataConfig,
+  'optimizer': OptimizerConfig,
+  'train': TrainConfig,
+  'checkpoint': CheckpointConfig,
+  'mesh': MeshConfig,
+  'eval': EvalConfig,
+  **{f.name: f.type for f in dataclasses.fields(ModelConfig) if f.name in MODEL_GROUPS},
 }
 
 
@@ -143,7 +156,8 @@ def _coerce(path: str, value: Any, kind: Any) -> Any:
   origin = typing.get_origin(kind)
   if origin in (tuple,):
     if not isinstance(value, (tuple, list)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value):
+      isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
       raise ConfigError(f'{path}={value!r}: expected a tuple of integers')
     return tuple(value)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -171,8 +185,10 @@ def from_dict(tree: dict) -> Config:
     raise ConfigError(f'{unknown[0]}: unknown config group; expected one of {sorted(_GROUPS)}')
   get = lambda name: dict(tree.get(name) or {})
   model = _group('model', get('model'), **{g: _group(g, get(g)) for g in MODEL_GROUPS})
-  cfg = Config(model=model, **{g: _group(g, get(g)) for g in
-                               ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')})
+  cfg = Config(
+    model=model,
+    **{g: _group(g, get(g)) for g in ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')},
+  )
   return _derive_clusters(cfg)
 
 
@@ -204,22 +220,33 @@ def validate(cfg: Config, num_devices: int) -> None:
     check_finite(group, getattr(cfg, group))  # nan passes every range check below
   cfg.model.validate()
   t, o, d, k, e = cfg.train, cfg.optimizer, cfg.data, cfg.checkpoint, cfg.eval
-  for path, value in (('train.steps', t.steps), ('train.batch_size', t.batch_size),
-                      ('train.seq_len', t.seq_len), ('train.grad_accum', t.grad_accum),
-                      ('train.log_every', t.log_every), ('optimizer.learning_rate', o.learning_rate),
-                      ('checkpoint.every_steps', k.every_steps),
-                      ('checkpoint.max_to_keep', k.max_to_keep), ('eval.batch_size', e.batch_size),
-                      ('optimizer.eps', o.eps)):
+  for path, value in (
+    ('train.steps', t.steps),
+    ('train.batch_size', t.batch_size),
+    ('train.seq_len', t.seq_len),
+    ('train.grad_accum', t.grad_accum),
+    ('train.log_every', t.log_every),
+    ('optimizer.learning_rate', o.learning_rate),
+    ('checkpoint.every_steps', k.every_steps),
+    ('checkpoint.max_to_keep', k.max_to_keep),
+    ('eval.batch_size', e.batch_size),
+    ('optimizer.eps', o.eps),
+  ):
     _positive(path, value)
   if o.decay not in DECAYS:
     raise ConfigError(f'optimizer.decay={o.decay!r}: expected one of {DECAYS}')
   if not 0 <= o.min_lr_ratio <= 1:
     raise ConfigError(f'optimizer.min_lr_ratio={o.min_lr_ratio}: expected a value in [0, 1]')
   if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
-    raise ConfigError(f'optimizer.warmup_steps={o.warmup_steps}: expected 0 <= warmup < train.steps={t.steps}')
-  for path, value in (('optimizer.weight_decay', o.weight_decay),
-                      ('optimizer.grad_clip', o.grad_clip), ('train.seed', t.seed),
-                      ('data.seed', d.seed)):
+    raise ConfigError(
+      f'optimizer.warmup_steps={o.warmup_steps}: expected 0 <= warmup < train.steps={t.steps}'
+    )
+  for path, value in (
+    ('optimizer.weight_decay', o.weight_decay),
+    ('optimizer.grad_clip', o.grad_clip),
+    ('train.seed', t.seed),
+    ('data.seed', d.seed),
+  ):
     if value < 0:
       raise ConfigError(f'{path}={value}: expected a value >= 0')
   if t.on_nonfinite not in ('stop', 'skip'):
@@ -229,10 +256,14 @@ def validate(cfg: Config, num_devices: int) -> None:
   if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
     raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
   if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:
-    raise ConfigError('train.stop_after, train.peak_tflops, eval.max_batches and eval.every_steps must be >= 0')
+    raise ConfigError(
+      'train.stop_after, train.peak_tflops, eval.max_batches and eval.every_steps must be >= 0'
+    )
   if e.positions_per_window < 1:
-    raise ConfigError(f'eval.positions_per_window={e.positions_per_window}: expected >= 1 (positions '
-                      'scored from their exact prefix per held-out window, for non-causal models)')
+    raise ConfigError(
+      f'eval.positions_per_window={e.positions_per_window}: expected >= 1 (positions '
+      'scored from their exact prefix per held-out window, for non-causal models)'
+    )
   kind, _, tok_path = d.tokenizer.partition(':')
   if d.tokenizer != 'byte' and not (kind in ('sentencepiece', 'hf') and tok_path):
     raise ConfigError(f'data.tokenizer={d.tokenizer!r}: expected one of {TOKENIZERS}')
@@ -256,10 +287,13 @@ def _validate_packing(cfg: Config) -> None:
   if not cfg.data.packing:
     return
   from model import transformer  # pylint: disable=g-import-not-at-top  (model code is heavy)
+
   reasons = transformer.future_dependence(cfg.model)
   if reasons:
-    raise ConfigError(f'data.packing=True is refused: {reasons[0]}; packed documents would '
-                      'influence each other (use data.packing=False)')
+    raise ConfigError(
+      f'data.packing=True is refused: {reasons[0]}; packed documents would '
+      'influence each other (use data.packing=False)'
+    )
 
 
 def _validate_routing(cfg: Config) -> None:
@@ -269,25 +303,36 @@ def _validate_routing(cfg: Config) -> None:
   if a.window > seq_len:
     raise ConfigError(f'attention.window={a.window} exceeds train.seq_len={seq_len}')
   if a.num_clusters == 0:
-    raise ConfigError(f'attention.window={a.window} must divide train.seq_len={seq_len} to derive '
-                      'attention.num_clusters (or set attention.num_clusters)')
+    raise ConfigError(
+      f'attention.window={a.window} must divide train.seq_len={seq_len} to derive '
+      'attention.num_clusters (or set attention.num_clusters)'
+    )
   if a.num_clusters > seq_len:
-    raise ConfigError(f'attention.num_clusters={a.num_clusters}: more clusters than the '
-                      f'train.seq_len={seq_len} tokens of a sequence')
+    raise ConfigError(
+      f'attention.num_clusters={a.num_clusters}: more clusters than the '
+      f'train.seq_len={seq_len} tokens of a sequence'
+    )
 
 
 def _validate_uoe(cfg: Config) -> None:
   """Static capacities must fit in a sequence: a head or expert cannot take more than L tokens."""
   u, model, seq_len = cfg.model.uoe, cfg.model, cfg.train.seq_len
   if u.attention == 'smha' and u.head_slots(seq_len, model.num_heads) > seq_len:
-    raise ConfigError(f'uoe.head_capacity={u.head_capacity}: '
-                      f'{u.head_slots(seq_len, model.num_heads)} tokens per head exceed '
-                      f'train.seq_len={seq_len} (need head_capacity * heads_per_token <= num_heads)')
-  if (u.feed_forward == 'uome' and u.paradigm == 'data_selection' and
-      u.expert_slots(seq_len) > seq_len):
-    raise ConfigError(f'uoe.expert_capacity={u.expert_capacity}: {u.expert_slots(seq_len)} tokens '
-                      f'per expert exceed train.seq_len={seq_len} '
-                      '(need expert_capacity * experts_per_token <= num_experts)')
+    raise ConfigError(
+      f'uoe.head_capacity={u.head_capacity}: '
+      f'{u.head_slots(seq_len, model.num_heads)} tokens per head exceed '
+      f'train.seq_len={seq_len} (need head_capacity * heads_per_token <= num_heads)'
+    )
+  if (
+    u.feed_forward == 'uome'
+    and u.paradigm == 'data_selection'
+    and u.expert_slots(seq_len) > seq_len
+  ):
+    raise ConfigError(
+      f'uoe.expert_capacity={u.expert_capacity}: {u.expert_slots(seq_len)} tokens '
+      f'per expert exceed train.seq_len={seq_len} '
+      '(need expert_capacity * experts_per_token <= num_experts)'
+    )
 
 
 def _validate_mesh(cfg: Config, num_devices: int) -> None:
@@ -295,51 +340,76 @@ def _validate_mesh(cfg: Config, num_devices: int) -> None:
   if m.rules not in sharding.PRESETS:
     raise ConfigError(f'mesh.rules={m.rules!r}: expected one of {sorted(sharding.PRESETS)}')
   if len(m.shape) != len(sharding.MESH_AXES):
-    raise ConfigError(f'mesh.shape={m.shape}: expected {len(sharding.MESH_AXES)} sizes for axes {sharding.MESH_AXES}')
+    raise ConfigError(
+      f'mesh.shape={m.shape}: expected {len(sharding.MESH_AXES)} sizes for axes {sharding.MESH_AXES}'
+    )
   if m.shape.count(-1) > 1 or any(s == 0 or s < -1 for s in m.shape):
     raise ConfigError(f'mesh.shape={m.shape}: expected positive sizes and at most one -1')
   if m.dcn_shape and (len(m.dcn_shape) != len(m.shape) or any(s < 1 for s in m.dcn_shape)):
-    raise ConfigError(f'mesh.dcn_shape={m.dcn_shape}: expected () or {len(sharding.MESH_AXES)} '
-                      f'positive sizes for axes {sharding.MESH_AXES}')
+    raise ConfigError(
+      f'mesh.dcn_shape={m.dcn_shape}: expected () or {len(sharding.MESH_AXES)} '
+      f'positive sizes for axes {sharding.MESH_AXES}'
+    )
   known = math.prod(s for s in m.shape if s != -1)
   if known > num_devices or (-1 not in m.shape and known != num_devices) or num_devices % known:
-    raise ConfigError(f'mesh.shape={m.shape} needs {known} devices{" (or a divisor of the count)" if -1 in m.shape else ""}; '
-                      f'{num_devices} are available')
+    raise ConfigError(
+      f'mesh.shape={m.shape} needs {known} devices{" (or a divisor of the count)" if -1 in m.shape else ""}; '
+      f'{num_devices} are available'
+    )
   size = dict(zip(sharding.MESH_AXES, m.resolved_shape(num_devices)))
   data_parallel = size['data'] * size['fsdp'] * size['expert']
   if t.batch_size % (data_parallel * t.grad_accum):
-    raise ConfigError(f'train.batch_size={t.batch_size} must divide by the data-parallel size '
-                      f'{data_parallel} times train.grad_accum={t.grad_accum}')
+    raise ConfigError(
+      f'train.batch_size={t.batch_size} must divide by the data-parallel size '
+      f'{data_parallel} times train.grad_accum={t.grad_accum}'
+    )
   if cfg.eval.batch_size % data_parallel:
-    raise ConfigError(f'eval.batch_size={cfg.eval.batch_size} must divide by the data-parallel size {data_parallel}')
+    raise ConfigError(
+      f'eval.batch_size={cfg.eval.batch_size} must divide by the data-parallel size {data_parallel}'
+    )
   rules = sharding.rules(m.rules)
   model = cfg.model
-  dims = {'embed': 'd_model', 'mlp': 'mlp_dim', 'heads': 'num_heads', 'kv_heads': 'num_kv_heads',
-          'vocab': 'vocab_size'}
+  dims = {
+    'embed': 'd_model',
+    'mlp': 'mlp_dim',
+    'heads': 'num_heads',
+    'kv_heads': 'num_kv_heads',
+    'vocab': 'vocab_size',
+  }
   for logical, field in dims.items():
     axes = rules.get(logical)
     axes = (axes,) if isinstance(axes, str) else (axes or ())
     n = math.prod(size[a] for a in axes)
     if getattr(model, field) % n:
-      raise ConfigError(f'model.{field}={getattr(model, field)} must divide over mesh axes {axes} '
-                        f'of size {n} (mesh.rules={m.rules!r}, mesh.shape={m.shape})')
+      raise ConfigError(
+        f'model.{field}={getattr(model, field)} must divide over mesh axes {axes} '
+        f'of size {n} (mesh.rules={m.rules!r}, mesh.shape={m.shape})'
+      )
   moe = model.moe
   if moe.num_experts:
-    for logical, field, value in (('expert', 'num_experts', moe.num_experts),
-                                  ('mlp', 'expert_dim', moe.hidden(model.mlp_dim))):
+    for logical, field, value in (
+      ('expert', 'num_experts', moe.num_experts),
+      ('mlp', 'expert_dim', moe.hidden(model.mlp_dim)),
+    ):
       axes = rules.get(logical)
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       n = math.prod(size[a] for a in axes)
       if value % n:
-        raise ConfigError(f'moe.{field}={value} must divide over mesh axes {axes} of size {n} '
-                          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})')
+        raise ConfigError(
+          f'moe.{field}={value} must divide over mesh axes {axes} of size {n} '
+          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})'
+        )
   u = model.uoe
   if u.feed_forward == 'uome':
-    for logical, field, value in (('expert', 'num_experts', u.num_experts),
-                                  ('mlp', 'mlp_dim / num_experts', model.mlp_dim // u.num_experts)):
+    for logical, field, value in (
+      ('expert', 'num_experts', u.num_experts),
+      ('mlp', 'mlp_dim / num_experts', model.mlp_dim // u.num_experts),
+    ):
       axes = rules.get(logical)
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       n = math.prod(size[a] for a in axes)
       if value % n:
-        raise ConfigError(f'uoe.{field}={value} must divide over mesh axes {axes} of size {n} '
-                          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})')
+        raise ConfigError(
+          f'uoe.{field}={value} must divide over mesh axes {axes} of size {n} '
+          f'(mesh.rules={m.rules!r}, mesh.shape={m.shape})'
+        )

@@ -11,37 +11,37 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 _BATCH = ('data', 'fsdp', 'expert')
 
 _DP = {
-    'batch': _BATCH,
+  'batch': _BATCH,
 }
 
 _FSDP = {
-    **_DP,
-    'embed': 'fsdp',
+  **_DP,
+  'embed': 'fsdp',
 }
 
 _FSDP_TP = {
-    **_FSDP,
-    'heads': 'tensor',
-    'kv_heads': 'tensor',
-    'mlp': 'tensor',
-    'vocab': 'tensor',
-    'act_heads': 'tensor',
-    'act_kv_heads': 'tensor',
-    'act_mlp': 'tensor',
-    'act_vocab': 'tensor',
+  **_FSDP,
+  'heads': 'tensor',
+  'kv_heads': 'tensor',
+  'mlp': 'tensor',
+  'vocab': 'tensor',
+  'act_heads': 'tensor',
+  'act_kv_heads': 'tensor',
+  'act_mlp': 'tensor',
+  'act_vocab': 'tensor',
 }
 
 _FSDP_EP = {
-    **_FSDP,
-    'expert': 'expert',
-    'act_expert': 'expert',
+  **_FSDP,
+  'expert': 'expert',
+  'act_expert': 'expert',
 }
 
 PRESETS = {
-    'dp': _DP,
-    'fsdp': _FSDP,
-    'fsdp_tp': _FSDP_TP,
-    'fsdp_ep': _FSDP_EP,
+  'dp': _DP,
+  'fsdp': _FSDP,
+  'fsdp_tp': _FSDP_TP,
+  'fsdp_ep': _FSDP_EP,
 }
 
 

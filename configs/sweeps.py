@@ -35,8 +35,8 @@ def random_search(space: dict, runs: int, seed: int = 0) -> list[dict]:
 
 
 SWEEPS = {
-    # Learning rate, log-uniform over a decade and a half, 6 runs.
-    'lr': lambda: random_search({'optimizer.learning_rate': (3e-4, 1e-2, 'log')}, runs=6, seed=0),
-    # Three seeds of the experiment as it is.
-    'seeds': lambda: grid(**{'train.seed': [0, 1, 2]}),
+  # Learning rate, log-uniform over a decade and a half, 6 runs.
+  'lr': lambda: random_search({'optimizer.learning_rate': (3e-4, 1e-2, 'log')}, runs=6, seed=0),
+  # Three seeds of the experiment as it is.
+  'seeds': lambda: grid(**{'train.seed': [0, 1, 2]}),
 }

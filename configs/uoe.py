@@ -27,10 +27,20 @@ from configs import base
 def get_config(arg: str | None = None):
   base.check_variant('configs/uoe.py', arg)
   c = base.get_config()
-  c.uoe.update(attention='smha', feed_forward='uome', layers=(), heads_per_token=-1,
-               head_capacity=1.0, num_experts=4, experts_per_token=2, expert_capacity=1.0,
-               paradigm='data_selection', gate_outputs=True, balance_weight=1e-2,
-               z_loss_weight=1e-3)
+  c.uoe.update(
+    attention='smha',
+    feed_forward='uome',
+    layers=(),
+    heads_per_token=-1,
+    head_capacity=1.0,
+    num_experts=4,
+    experts_per_token=2,
+    expert_capacity=1.0,
+    paradigm='data_selection',
+    gate_outputs=True,
+    balance_weight=1e-2,
+    z_loss_weight=1e-3,
+  )
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers, 4 heads (2 per token), MLP 128 = 4 experts of 32, sequence 64
   return c

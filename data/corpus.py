@@ -34,15 +34,23 @@ def stdlib_files() -> tuple[str, list[str]]:
   root = sysconfig.get_paths()['stdlib']
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and
-                   not os.path.exists(os.path.join(dirpath, d, 'pyvenv.cfg'))]
-    files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith('.py')]
+    dirnames[:] = [
+      d
+      for d in dirnames
+      if d not in _SKIP_DIRS and not os.path.exists(os.path.join(dirpath, d, 'pyvenv.cfg'))
+    ]
+    files += [
+      os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith('.py')
+    ]
   return root, sorted(pathlib.PurePath(f).as_posix() for f in files)
 
 
 def _cache_root(data_cfg) -> str:
-  root = (data_cfg.cache_dir or os.environ.get('ROUTED_CACHE') or
-          os.path.join(os.path.expanduser('~'), '.cache', 'routed_transformers'))
+  root = (
+    data_cfg.cache_dir
+    or os.environ.get('ROUTED_CACHE')
+    or os.path.join(os.path.expanduser('~'), '.cache', 'routed_transformers')
+  )
   return os.path.abspath(root)
 
 
@@ -57,21 +65,30 @@ def prepare_default_corpus(data_cfg) -> str:
   listing = ''.join(f'{f}\t{os.path.getsize(os.path.join(root, f))}\n' for f in files)
   list_hash = hashlib.sha256(listing.encode()).hexdigest()
   version = '.'.join(map(str, sys.version_info[:3]))
-  name = (f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-'
-          f'{list_hash[:12]}-v3')
+  name = (
+    f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-'
+    f'{list_hash[:12]}-v3'
+  )
   final = os.path.join(_cache_root(data_cfg), name)
   if _is_complete(final):
     return final
   os.makedirs(os.path.dirname(final), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=os.path.dirname(final))
   try:
-    meta = prepare.prepare_dataset(os.path.join(root, '**/*.py'), tmp, fmt='text',
-                                   tokenizer=tokenizer.spec, files=(root, files),
-                                   heldout_fraction=data_cfg.heldout_fraction,
-                                   source='python-stdlib')
+    meta = prepare.prepare_dataset(
+      os.path.join(root, '**/*.py'),
+      tmp,
+      fmt='text',
+      tokenizer=tokenizer.spec,
+      files=(root, files),
+      heldout_fraction=data_cfg.heldout_fraction,
+      source='python-stdlib',
+    )
     if not meta['documents']['heldout']:
-      raise DataError(f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
-                      f'of the {len(files)} stdlib files in {root}')
+      raise DataError(
+        f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
+        f'of the {len(files)} stdlib files in {root}'
+      )
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
     _move_into_place(tmp, final)
   finally:
@@ -119,14 +136,21 @@ def resolve_dataset(data_cfg) -> str:
     directory = prepare_default_corpus(data_cfg)
   else:
     directory = data_cfg.path
-    needed = ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
+    needed = (
+      ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
+    )
     missing = [n for n in needed if not os.path.exists(os.path.join(directory, n))]
     if missing:
-      raise DataError(f'data.path={directory!r} is not a prepared dataset: missing '
-                      f'{", ".join(missing)} (run python -m data.prepare --output=...)')
+      raise DataError(
+        f'data.path={directory!r} is not a prepared dataset: missing '
+        f'{", ".join(missing)} (run python -m data.prepare --output=...)'
+      )
   mode = data_cfg.verify
-  key = (os.path.abspath(directory), mode,
-         os.stat(os.path.join(directory, 'metadata.json')).st_mtime_ns)
+  key = (
+    os.path.abspath(directory),
+    mode,
+    os.stat(os.path.join(directory, 'metadata.json')).st_mtime_ns,
+  )
   if key not in _VERIFIED:
     _VERIFIED[key] = verify.check(directory, load_metadata(directory), mode)
   return directory
@@ -140,8 +164,10 @@ def dataset_tokenizer(directory: str):
   info = load_metadata(directory)['tokenizer']
   tok = get_tokenizer(info['spec'])
   if tok.fingerprint != info['fingerprint']:
-    raise DataError(f'tokenizer {info["spec"]!r} changed since {directory} was prepared '
-                    f'(fingerprint {tok.fingerprint} != {info["fingerprint"]})')
+    raise DataError(
+      f'tokenizer {info["spec"]!r} changed since {directory} was prepared '
+      f'(fingerprint {tok.fingerprint} != {info["fingerprint"]})'
+    )
   return tok
 
 
@@ -149,6 +175,8 @@ def check_vocab(directory: str, model_vocab_size: int) -> None:
   """Refuses a dataset whose token ids do not all fit the model's embedding."""
   meta = load_metadata(directory)
   if meta['vocab_size'] > model_vocab_size:
-    raise DataError(f'model.vocab_size={model_vocab_size} is smaller than the vocabulary '
-                    f'{meta["vocab_size"]} of {directory} (tokenizer {meta["tokenizer"]["spec"]}); '
-                    f'set --config.model.vocab_size >= {meta["vocab_size"]}')
+    raise DataError(
+      f'model.vocab_size={model_vocab_size} is smaller than the vocabulary '
+      f'{meta["vocab_size"]} of {directory} (tokenizer {meta["tokenizer"]["spec"]}); '
+      f'set --config.model.vocab_size >= {meta["vocab_size"]}'
+    )

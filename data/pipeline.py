@@ -31,8 +31,16 @@ import numpy as np
 from data.errors import DataError
 from data.sources import PackedSource, Split, WindowSource
 
-__all__ = ['WindowSource', 'PackedSource', 'split_window', 'train_dataset', 'seek',
-           'eval_batches', 'make_global_batch', 'shuffle_seed']
+__all__ = [
+  'WindowSource',
+  'PackedSource',
+  'split_window',
+  'train_dataset',
+  'seek',
+  'eval_batches',
+  'make_global_batch',
+  'shuffle_seed',
+]
 
 
 def split_window(window: np.ndarray) -> dict:
@@ -58,10 +66,20 @@ class _ReadWindows:
     return split_window(self.source.read_batch(indices))
 
 
-def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int,
-                  process_index: int, process_count: int, worker_count: int = 0,
-                  prefetch: int = 2, read_threads: int = 0, packing: bool = False,
-                  offsets: np.ndarray | None = None) -> grain.IterDataset:
+def train_dataset(
+  tokens,
+  *,
+  seq_len: int,
+  global_batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  worker_count: int = 0,
+  prefetch: int = 2,
+  read_threads: int = 0,
+  packing: bool = False,
+  offsets: np.ndarray | None = None,
+) -> grain.IterDataset:
   """Infinite shuffled batches of int32[global_batch_size // process_count, L] arrays.
 
   `tokens` is a `sources.Split`, a `sources.TokenArray` or a numpy array. Windows give
@@ -71,8 +89,10 @@ def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int,
   max(prefetch, read_threads) batches ahead in threads.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                     f'process_count={process_count}')
+    raise ValueError(
+      f'global_batch_size={global_batch_size} must be a positive multiple of '
+      f'process_count={process_count}'
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
   if isinstance(tokens, Split):
@@ -95,8 +115,9 @@ def train_dataset(tokens, *, seq_len: int, global_batch_size: int, seed: int,
   buffer = max(prefetch, read_threads) if read_threads else 0
   out = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
   if worker_count > 0:
-    out = out.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=prefetch))
+    out = out.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch)
+    )
   return out
 
 
@@ -108,20 +129,31 @@ def seek(iterator: grain.DatasetIterator, batches: int) -> None:
   """
   state = iterator.get_state()
   if set(state) != {'next_index'}:
-    raise DataError('resuming on a different number of processes needs data.worker_count=0 '
-                    f'(the iterator state {sorted(state)} cannot be repositioned)')
+    raise DataError(
+      'resuming on a different number of processes needs data.worker_count=0 '
+      f'(the iterator state {sorted(state)} cannot be repositioned)'
+    )
   iterator.set_state({'next_index': batches})
 
 
-def eval_batches(tokens, *, seq_len: int, batch_size: int, max_batches: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def eval_batches(
+  tokens,
+  *,
+  seq_len: int,
+  batch_size: int,
+  max_batches: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict]:
   """Held-out batches in order: non-overlapping windows from the start, full batches only.
 
   At most `max_batches` batches (0 = all). With several processes each gets its rows
   [p * B/n, (p+1) * B/n) of every global batch, in the same order.
   """
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f'batch_size={batch_size} must be a positive multiple of process_count={process_count}')
+    raise ValueError(
+      f'batch_size={batch_size} must be a positive multiple of process_count={process_count}'
+    )
   if isinstance(tokens, Split):
     tokens = tokens.tokens
   src = WindowSource(tokens, seq_len)

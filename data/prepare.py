@@ -48,8 +48,13 @@ SPLITS = ('train', 'heldout')
 SKIPS = ('non_utf8', 'bad_json', 'missing_field', 'empty')
 REPAIRS = ('lone_surrogate',)  # records kept with U+FFFD in place of what could not be encoded
 MAX_SKIPPED_SHARE = 0.8  # more skipped records than this share of all records fails the run
-_EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.parquet': 'parquet',
-               '.arrayrecord': 'arrayrecord', '.array_record': 'arrayrecord'}
+_EXTENSIONS = {
+  '.jsonl': 'jsonl',
+  '.json': 'jsonl',
+  '.parquet': 'parquet',
+  '.arrayrecord': 'arrayrecord',
+  '.array_record': 'arrayrecord',
+}
 _ENCODE_BATCH = 256  # documents per tokenizer call
 
 
@@ -64,10 +69,14 @@ def is_heldout(key: str, fraction: float) -> bool:
 def list_inputs(pattern: str) -> tuple[str, list[str]]:
   """(common root, sorted relative paths) of the files matching a glob or naming one file."""
   matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-  files = sorted(f for f in matches if not os.path.isdir(f))  # other unreadable ones are skipped later
+  files = sorted(
+    f for f in matches if not os.path.isdir(f)
+  )  # other unreadable ones are skipped later
   if not files:
-    raise DataError(f'--input={pattern!r} matches no files' + (' (only directories; use a glob such as '
-                                                               'DIR/**/*.txt)' if matches else ''))
+    raise DataError(
+      f'--input={pattern!r} matches no files'
+      + (' (only directories; use a glob such as DIR/**/*.txt)' if matches else '')
+    )
   files = [os.path.abspath(f) for f in files]
   root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
   return root, [os.path.relpath(f, root) for f in files]
@@ -93,18 +102,22 @@ def read_records(path: str, fmt: str, field: str):
   elif fmt == 'parquet':
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
       pf = pq.ParquetFile(path)
     except pa.ArrowException as e:  # not Parquet / corrupt: the file cannot be read
       raise OSError(f'not a readable Parquet file ({type(e).__name__})') from e
     if field not in pf.schema_arrow.names:
-      raise DataError(f'{path}: Parquet file has no column {field!r} (columns: '
-                      f'{", ".join(pf.schema_arrow.names)}); pass --field')
+      raise DataError(
+        f'{path}: Parquet file has no column {field!r} (columns: '
+        f'{", ".join(pf.schema_arrow.names)}); pass --field'
+      )
     for batch in pf.iter_batches(columns=[field]):
       for value in batch.column(0).to_pylist():
         yield _checked(value.decode('utf-8', 'strict') if isinstance(value, bytes) else value)
   elif fmt == 'arrayrecord':
     from array_record.python.array_record_module import ArrayRecordReader
+
     reader = ArrayRecordReader(path)
     try:
       for i in range(0, reader.num_records(), 1024):
@@ -149,7 +162,7 @@ def _json_field(line: bytes, field: str):
 
 _TOKENIZERS = {}
 GROUP_BYTES = 4 << 20  # input bytes per piece file (the unit of parallel work and of resume)
-GROUP_FILES = 256      # at most this many input files per piece file
+GROUP_FILES = 256  # at most this many input files per piece file
 
 
 def _tokenizer(spec: str):
@@ -160,14 +173,22 @@ def _tokenizer(spec: str):
 
 
 def _unreadable_reason(e: OSError) -> str:
-  return {PermissionError: 'permission_denied', IsADirectoryError: 'directory',
-          FileNotFoundError: 'missing'}.get(type(e), 'unreadable')
+  return {
+    PermissionError: 'permission_denied',
+    IsADirectoryError: 'directory',
+    FileNotFoundError: 'missing',
+  }.get(type(e), 'unreadable')
 
 
 def _new_counts(file_bytes=0) -> dict:
-  return {'skipped': dict.fromkeys(SKIPS, 0), 'repaired': dict.fromkeys(REPAIRS, 0),
-          'text_bytes': dict.fromkeys(SPLITS, 0), 'file_bytes': file_bytes,
-          'unreadable': {}, 'min_train': None}
+  return {
+    'skipped': dict.fromkeys(SKIPS, 0),
+    'repaired': dict.fromkeys(REPAIRS, 0),
+    'text_bytes': dict.fromkeys(SPLITS, 0),
+    'file_bytes': file_bytes,
+    'unreadable': {},
+    'min_train': None,
+  }
 
 
 def tokenize_file(task: dict, path: str, rel: str) -> tuple[dict, dict]:
@@ -223,9 +244,14 @@ def tokenize_group(task: dict) -> dict:
   counts = _new_counts()
   for path, rel in task['files']:
     file_ids, c = tokenize_file(task, path, rel)
-    if c['min_train'] is not None and (counts['min_train'] is None or
-                                       c['min_train'][0] < counts['min_train'][0]):
-      counts['min_train'] = [c['min_train'][0], c['min_train'][1] + len(ids['train']), c['min_train'][2]]
+    if c['min_train'] is not None and (
+      counts['min_train'] is None or c['min_train'][0] < counts['min_train'][0]
+    ):
+      counts['min_train'] = [
+        c['min_train'][0],
+        c['min_train'][1] + len(ids['train']),
+        c['min_train'][2],
+      ]
     for s in SPLITS:
       ids[s] += file_ids[s]
       counts['text_bytes'][s] += c['text_bytes'][s]
@@ -269,10 +295,19 @@ def _write_json(path: str, obj) -> None:
   os.replace(path + '.tmp', path)
 
 
-def prepare_dataset(input_pattern: str, output: str, *, fmt: str = '', field: str = 'text',
-                    tokenizer: str = 'byte', heldout_fraction: float = 0.02, processes: int = 1,
-                    files: tuple[str, list[str]] | None = None, source: str = '',
-                    progress: bool = False) -> dict:
+def prepare_dataset(
+  input_pattern: str,
+  output: str,
+  *,
+  fmt: str = '',
+  field: str = 'text',
+  tokenizer: str = 'byte',
+  heldout_fraction: float = 0.02,
+  processes: int = 1,
+  files: tuple[str, list[str]] | None = None,
+  source: str = '',
+  progress: bool = False,
+) -> dict:
   """Prepares (or resumes preparing) `output`; returns its metadata. `files=(root, rel_paths)`
   replaces the glob (the default corpus uses it)."""
   if not 0 <= heldout_fraction < 1:
@@ -284,25 +319,41 @@ def prepare_dataset(input_pattern: str, output: str, *, fmt: str = '', field: st
   tok = get_tokenizer(tokenizer)
   stats = [_stat(os.path.join(root, f)) for f in rel]
   listing = ''.join(f'{f}\t{size}\t{mtime}\n' for f, (size, mtime) in zip(rel, stats))
-  plan = {'input': input_pattern, 'group': [GROUP_BYTES, GROUP_FILES], 'root': root, 'format': fmt, 'field': field,
-          'tokenizer': tok.spec, 'tokenizer_fingerprint': tok.fingerprint,
-          'heldout_fraction': heldout_fraction, 'file_list_sha256': hashlib.sha256(listing.encode()).hexdigest()}
+  plan = {
+    'input': input_pattern,
+    'group': [GROUP_BYTES, GROUP_FILES],
+    'root': root,
+    'format': fmt,
+    'field': field,
+    'tokenizer': tok.spec,
+    'tokenizer_fingerprint': tok.fingerprint,
+    'heldout_fraction': heldout_fraction,
+    'file_list_sha256': hashlib.sha256(listing.encode()).hexdigest(),
+  }
   meta_path, work = os.path.join(output, 'metadata.json'), os.path.join(output, '.work')
   if os.path.exists(output) and not os.path.isdir(output):
-    raise DataError(f'--output={output!r} is an existing file; expected a directory (new or prepared)')
+    raise DataError(
+      f'--output={output!r} is an existing file; expected a directory (new or prepared)'
+    )
   if os.path.isfile(meta_path):
     try:
       with open(meta_path) as fh:
         meta = json.load(fh)
     except (OSError, ValueError) as e:
-      raise DataError(f'--output={output!r} holds an unreadable metadata.json ({type(e).__name__}); '
-                      'remove it or choose another directory') from None
+      raise DataError(
+        f'--output={output!r} holds an unreadable metadata.json ({type(e).__name__}); '
+        'remove it or choose another directory'
+      ) from None
     if not isinstance(meta, dict) or meta.get('plan') != plan:
-      raise DataError(f'--output={output!r} already holds a different prepared dataset; choose another directory')
+      raise DataError(
+        f'--output={output!r} already holds a different prepared dataset; choose another directory'
+      )
     return meta
   created = [d for d in (output, work) if not os.path.lexists(d)][:1]  # removed again on DataError
   try:
-    return _prepare(output, work, plan, root, rel, stats, tok, processes, progress, source or input_pattern)
+    return _prepare(
+      output, work, plan, root, rel, stats, tok, processes, progress, source or input_pattern
+    )
   except DataError:
     for d in created:
       shutil.rmtree(d, ignore_errors=True)
@@ -322,19 +373,31 @@ def _prepare(output, work, plan, root, rel, stats, tok, processes, progress, sou
   try:
     os.makedirs(work, exist_ok=True)
   except OSError as e:
-    raise DataError(f'--output={output!r}: cannot create {work!r} ({e.strerror or type(e).__name__}); '
-                    'expected a writable directory') from None
+    raise DataError(
+      f'--output={output!r}: cannot create {work!r} ({e.strerror or type(e).__name__}); '
+      'expected a writable directory'
+    ) from None
   plan_path = os.path.join(work, 'plan.json')
   if os.path.isfile(plan_path):
     with open(plan_path) as fh:
       if json.load(fh) != plan:
-        raise DataError(f'--output={output!r} holds an interrupted preparation of other inputs or '
-                        'settings; remove it or choose another directory')
+        raise DataError(
+          f'--output={output!r} holds an interrupted preparation of other inputs or '
+          'settings; remove it or choose another directory'
+        )
   else:
     _write_json(plan_path, plan)
-  tasks = [{'files': g, 'format': plan['format'], 'field': plan['field'], 'tokenizer': tok.spec,
-            'heldout_fraction': plan['heldout_fraction'], 'piece': os.path.join(work, f'piece-{i:07d}.npz')}
-           for i, g in enumerate(_groups(root, rel, [size for size, _ in stats]))]
+  tasks = [
+    {
+      'files': g,
+      'format': plan['format'],
+      'field': plan['field'],
+      'tokenizer': tok.spec,
+      'heldout_fraction': plan['heldout_fraction'],
+      'piece': os.path.join(work, f'piece-{i:07d}.npz'),
+    }
+    for i, g in enumerate(_groups(root, rel, [size for size, _ in stats]))
+  ]
   counts = {t['piece']: _piece_counts(t['piece']) for t in tasks if os.path.isfile(t['piece'])}
   todo = [t for t in tasks if t['piece'] not in counts]
   _run_tasks(todo, counts, processes, progress, resumed=len(counts))
@@ -348,7 +411,9 @@ def _run_tasks(todo, counts, processes, progress, resumed):
   t0, done_bytes = time.time(), 0
   if processes > 1 and len(todo) > 1:
     pool = multiprocessing.get_context('spawn').Pool(min(processes, len(todo)))
-    results = pool.imap_unordered(_tokenize_task, todo, chunksize=max(1, len(todo) // (64 * processes)))
+    results = pool.imap_unordered(
+      _tokenize_task, todo, chunksize=max(1, len(todo) // (64 * processes))
+    )
   else:
     pool, results = None, map(_tokenize_task, todo)
   try:
@@ -357,8 +422,13 @@ def _run_tasks(todo, counts, processes, progress, resumed):
       done_bytes += c['file_bytes']
       if progress:
         rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
-        print(f'\rprepare: {n + resumed}/{len(todo) + resumed} pieces, {done_bytes / 1e6:.1f} MB, '
-              f'{rate:.1f} MB/s', end='', file=sys.stderr, flush=True)
+        print(
+          f'\rprepare: {n + resumed}/{len(todo) + resumed} pieces, {done_bytes / 1e6:.1f} MB, '
+          f'{rate:.1f} MB/s',
+          end='',
+          file=sys.stderr,
+          flush=True,
+        )
     if progress:
       print(file=sys.stderr)
   finally:
@@ -389,10 +459,14 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
     doc_lengths = np.concatenate(lengths[s])
     offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
     if s == 'train' and offsets[-1] == 0:
-      raise DataError(f'no training documents in {plan["input"]!r} ({len(tasks)} files); '
-                      'check --format and --field (skipped records are counted per reason)')
+      raise DataError(
+        f'no training documents in {plan["input"]!r} ({len(tasks)} files); '
+        'check --format and --field (skipped records are counted per reason)'
+      )
     os.makedirs(os.path.join(output, s), exist_ok=True)
-    store = sources.create_token_array(os.path.join(output, s, 'tokens'), int(offsets[-1]), tok.dtype)
+    store = sources.create_token_array(
+      os.path.join(output, s, 'tokens'), int(offsets[-1]), tok.dtype
+    )
     _write_stream(store, (_piece_array(t['piece'], f'{s}_tokens', move) for t in tasks))
     np.save(os.path.join(output, s, 'offsets.tmp.npy'), offsets)
     os.replace(os.path.join(output, s, 'offsets.tmp.npy'), os.path.join(output, s, 'offsets.npy'))
@@ -401,25 +475,43 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
   text_bytes = total('text_bytes')
   if move:
     moved_bytes = counts[move[0]]['min_train'][2]
-    text_bytes = {'train': text_bytes['train'] - moved_bytes, 'heldout': text_bytes['heldout'] + moved_bytes}
+    text_bytes = {
+      'train': text_bytes['train'] - moved_bytes,
+      'heldout': text_bytes['heldout'] + moved_bytes,
+    }
   meta = {
-      'format_version': 2, 'source': source, 'root': plan['root'], 'format': plan['format'],
-      'field': plan['field'], 'files': sum(len(t['files']) for t in tasks),
-      'tokenizer': {'spec': tok.spec, 'fingerprint': tok.fingerprint, 'vocab_size': tok.vocab_size,
-                    'eos_id': tok.eos_id, 'byte_level': tok.byte_level},
-      'vocab_size': tok.vocab_size, 'dtype': np.dtype(tok.dtype).name,
-      'split': {'heldout_fraction': plan['heldout_fraction'],
-                'rule': 'sha256(key)[:32 bits] < heldout_fraction; key = file path (text) or path#record, '
-                        'relative to root; if none and >= 2 documents: the smallest sha256(key) one',
-                'forced': bool(move)},
-      'documents': {s: meta_counts[s][0] for s in SPLITS},
-      'tokens': {s: meta_counts[s][1] for s in SPLITS},
-      'text_bytes': text_bytes, 'skipped': skipped,
-      'repaired': {r: sum(c.get('repaired', {}).get(r, 0) for c in counts.values()) for r in REPAIRS},
-      'skipped_files': {why: sorted(fs) for why, fs in sorted(unreadable.items())}, 'plan': plan,
+    'format_version': 2,
+    'source': source,
+    'root': plan['root'],
+    'format': plan['format'],
+    'field': plan['field'],
+    'files': sum(len(t['files']) for t in tasks),
+    'tokenizer': {
+      'spec': tok.spec,
+      'fingerprint': tok.fingerprint,
+      'vocab_size': tok.vocab_size,
+      'eos_id': tok.eos_id,
+      'byte_level': tok.byte_level,
+    },
+    'vocab_size': tok.vocab_size,
+    'dtype': np.dtype(tok.dtype).name,
+    'split': {
+      'heldout_fraction': plan['heldout_fraction'],
+      'rule': 'sha256(key)[:32 bits] < heldout_fraction; key = file path (text) or path#record, '
+      'relative to root; if none and >= 2 documents: the smallest sha256(key) one',
+      'forced': bool(move),
+    },
+    'documents': {s: meta_counts[s][0] for s in SPLITS},
+    'tokens': {s: meta_counts[s][1] for s in SPLITS},
+    'text_bytes': text_bytes,
+    'skipped': skipped,
+    'repaired': {r: sum(c.get('repaired', {}).get(r, 0) for c in counts.values()) for r in REPAIRS},
+    'skipped_files': {why: sorted(fs) for why, fs in sorted(unreadable.items())},
+    'plan': plan,
   }
-  meta['fingerprint'] = hashlib.sha256(json.dumps(
-      [plan, meta['tokens'], meta['documents']], sort_keys=True).encode()).hexdigest()[:16]
+  meta['fingerprint'] = hashlib.sha256(
+    json.dumps([plan, meta['tokens'], meta['documents']], sort_keys=True).encode()
+  ).hexdigest()[:16]
   meta['checksums'] = verify.record(output, SPLITS)  # size and sha256 of every stored file
   _write_json(os.path.join(output, 'metadata.json'), meta)
   return meta
@@ -431,17 +523,23 @@ def _check_input(plan, tasks, counts, skipped, unreadable) -> None:
   n_files = sum(len(t['files']) for t in tasks)
   bad = [f'{f} ({why})' for why, fs in unreadable.items() for f in fs]
   if len(bad) == n_files:
-    raise DataError(f'none of the {n_files} files of --input={plan["input"]!r} can be read '
-                    f'(e.g. {", ".join(sorted(bad)[:3])}); expected readable files')
+    raise DataError(
+      f'none of the {n_files} files of --input={plan["input"]!r} can be read '
+      f'(e.g. {", ".join(sorted(bad)[:3])}); expected readable files'
+    )
   docs = sum(len(_piece_array(t['piece'], f'{s}_lengths', None)) for t in tasks for s in SPLITS)
   records = docs + sum(skipped.values())
   if plan['format'] in ('jsonl', 'parquet') and records and skipped['missing_field'] == records:
-    raise DataError(f'--field={plan["field"]!r} is absent (or not a string) in every one of the '
-                    f'{records} records of --input={plan["input"]!r}; expected a text field, pass --field')
+    raise DataError(
+      f'--field={plan["field"]!r} is absent (or not a string) in every one of the '
+      f'{records} records of --input={plan["input"]!r}; expected a text field, pass --field'
+    )
   if records and sum(skipped.values()) > MAX_SKIPPED_SHARE * records:
     reasons = ', '.join(f'{r} {n}' for r, n in skipped.items() if n)
-    raise DataError(f'{sum(skipped.values())} of the {records} records of --input={plan["input"]!r} are '
-                    f'skipped ({reasons}), more than {MAX_SKIPPED_SHARE:.0%}; check --format and --field')
+    raise DataError(
+      f'{sum(skipped.values())} of the {records} records of --input={plan["input"]!r} are '
+      f'skipped ({reasons}), more than {MAX_SKIPPED_SHARE:.0%}; check --format and --field'
+    )
 
 
 def _forced_heldout(tasks, counts, plan):
@@ -466,7 +564,7 @@ def _piece_array(piece, key, move):
     split, what = key.split('_')
     train_lengths, j = z['train_lengths'], move[1]
     if what == 'lengths':
-      return np.delete(arr, j) if split == 'train' else train_lengths[j:j + 1]
+      return np.delete(arr, j) if split == 'train' else train_lengths[j : j + 1]
     start = int(train_lengths[:j].sum())
     end = start + int(train_lengths[j])
     train = z['train_tokens']
@@ -482,13 +580,13 @@ def _write_stream(store, arrays) -> None:
     while buffered >= sources.SHARD_TOKENS:
       flat = np.concatenate(buf)
       n = sources.SHARD_TOKENS
-      pending.append(store[at:at + n].write(flat[:n]))
+      pending.append(store[at : at + n].write(flat[:n]))
       at, buf, buffered = at + n, [flat[n:]], flat.size - n
       if len(pending) > 4:
         _written(pending.pop(0))
   if buffered:
     flat = np.concatenate(buf)
-    pending.append(store[at:at + flat.size].write(flat))
+    pending.append(store[at : at + flat.size].write(flat))
   for p in pending:
     _written(p)
 
@@ -510,31 +608,60 @@ def prepare_or_exit(input_pattern: str, output: str, **kwargs) -> dict:
   except DataError as e:
     message = str(e)
   except OSError as e:
-    message = (f'cannot write {e.filename or output}: {e.strerror or e}; finished pieces are kept '
-               f'in {os.path.join(output, ".work")}: rerun the same command to resume')
+    message = (
+      f'cannot write {e.filename or output}: {e.strerror or e}; finished pieces are kept '
+      f'in {os.path.join(output, ".work")}: rerun the same command to resume'
+    )
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)
 
 
 def main(argv):
   from absl import flags
+
   if len(argv) > 1:
     raise SystemExit(f'error: unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  meta = prepare_or_exit(f.input, f.output, fmt=f.format or '', field=f.field,
-                         tokenizer=f.tokenizer, heldout_fraction=f.heldout_fraction,
-                         processes=f.processes, progress=True)
-  print(json.dumps({k: meta[k] for k in ('documents', 'tokens', 'skipped', 'repaired', 'skipped_files',
-                                          'dtype', 'vocab_size')}))
+  meta = prepare_or_exit(
+    f.input,
+    f.output,
+    fmt=f.format or '',
+    field=f.field,
+    tokenizer=f.tokenizer,
+    heldout_fraction=f.heldout_fraction,
+    processes=f.processes,
+    progress=True,
+  )
+  print(
+    json.dumps(
+      {
+        k: meta[k]
+        for k in (
+          'documents',
+          'tokens',
+          'skipped',
+          'repaired',
+          'skipped_files',
+          'dtype',
+          'vocab_size',
+        )
+      }
+    )
+  )
 
 
 def run():
   from absl import app, flags
+
   flags.DEFINE_string('input', None, 'Glob of input files, or one file.')
   flags.DEFINE_string('output', None, 'Dataset directory to write (resumed if interrupted).')
-  flags.DEFINE_enum('format', None, FORMATS, 'Input format; default: from the file extension, else text.')
+  flags.DEFINE_enum(
+    'format', None, FORMATS, 'Input format; default: from the file extension, else text.'
+  )
   flags.DEFINE_string('field', 'text', 'JSONL field / Parquet column holding the text.')
-  flags.DEFINE_string('tokenizer', 'byte', 'byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json')
+  flags.DEFINE_string(
+    'tokenizer', 'byte', 'byte | sentencepiece:PATH.model | hf:PATH/tokenizer.json'
+  )
   flags.DEFINE_float('heldout_fraction', 0.02, 'Share of documents held out (by key hash).')
   flags.DEFINE_integer('processes', os.cpu_count() or 1, 'Tokenizer worker processes.')
   flags.mark_flags_as_required(['input', 'output'])

@@ -25,8 +25,8 @@ import tensorstore as ts
 
 from data.errors import DataError
 
-SHARD_TOKENS = 1 << 22   # tokens per zarr3 shard file (one file on disk)
-CHUNK_TOKENS = 1 << 12   # tokens per inner chunk (the unit a read fetches)
+SHARD_TOKENS = 1 << 22  # tokens per zarr3 shard file (one file on disk)
+CHUNK_TOKENS = 1 << 12  # tokens per inner chunk (the unit a read fetches)
 _CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array
 
 
@@ -36,19 +36,29 @@ def token_spec(path: str) -> dict:
 
 def _damaged(path: str, error: Exception) -> DataError:
   detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-  return DataError(f'{path}: cannot read tokens ({detail[:300]}); the prepared dataset is damaged: '
-                   're-run python -m data.prepare')
+  return DataError(
+    f'{path}: cannot read tokens ({detail[:300]}); the prepared dataset is damaged: '
+    're-run python -m data.prepare'
+  )
 
 
 def create_token_array(path: str, size: int, dtype) -> ts.TensorStore:
   """A new (overwritten) zarr3 array of `size` tokens, sharded for random reads."""
   spec = token_spec(path)
   spec['metadata'] = {
-      'shape': [size], 'data_type': np.dtype(dtype).name,
-      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [SHARD_TOKENS]}},
-      'codecs': [{'name': 'sharding_indexed', 'configuration': {
+    'shape': [size],
+    'data_type': np.dtype(dtype).name,
+    'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [SHARD_TOKENS]}},
+    'codecs': [
+      {
+        'name': 'sharding_indexed',
+        'configuration': {
           'chunk_shape': [CHUNK_TOKENS],
-          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}]}}]}
+          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}],
+        },
+      }
+    ],
+  }
   spec['store_data_equal_to_fill_value'] = True  # every chunk on disk: a missing one is damage
   return ts.open(spec, create=True, delete_existing=True).result()
 
@@ -65,12 +75,17 @@ class TokenArray:
   @property
   def store(self) -> ts.TensorStore:
     if self._store is None:
-      spec = {**token_spec(self.path), 'fill_missing_data_reads': False,
-              'context': {'cache_pool': {'total_bytes_limit': _CACHE_BYTES}}}
+      spec = {
+        **token_spec(self.path),
+        'fill_missing_data_reads': False,
+        'context': {'cache_pool': {'total_bytes_limit': _CACHE_BYTES}},
+      }
       try:
         self._store = ts.open(spec, read=True).result()
       except ValueError as e:
-        raise DataError(f'{self.path}: not a token array ({str(e).splitlines()[0][:120]})') from None
+        raise DataError(
+          f'{self.path}: not a token array ({str(e).splitlines()[0][:120]})'
+        ) from None
     return self._store
 
   def __len__(self) -> int:
@@ -89,7 +104,7 @@ class TokenArray:
   def read_many(self, starts, stops) -> list[np.ndarray]:
     """tokens[start:stop] for every pair; all reads are issued before any result is awaited."""
     store = self.store
-    futures = [store[int(a):int(b)].read() for a, b in zip(starts, stops)]
+    futures = [store[int(a) : int(b)].read() for a, b in zip(starts, stops)]
     try:
       return [f.result() for f in futures]
     except ValueError as e:
@@ -109,12 +124,13 @@ def read_many(tokens, starts, stops) -> list[np.ndarray]:
   """Batched slices of a TokenArray or a numpy array."""
   if hasattr(tokens, 'read_many'):
     return tokens.read_many(starts, stops)
-  return [tokens[int(a):int(b)] for a, b in zip(starts, stops)]
+  return [tokens[int(a) : int(b)] for a, b in zip(starts, stops)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
   """One split of a prepared dataset: its tokens and document offsets."""
+
   tokens: TokenArray
   offsets: np.ndarray
 

@@ -57,8 +57,10 @@ class ByteTokenizer:
     """Ids -> text. EOS is dropped, invalid UTF-8 becomes U+FFFD, ids > 256 raise ValueError."""
     ids = np.asarray(ids).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() > self.eos_id):
-      raise ValueError(f'ids must lie in [0, {self.eos_id}] for the byte tokenizer; got '
-                       f'[{ids.min()}, {ids.max()}] (restrict sampling to vocab_size={self.vocab_size})')
+      raise ValueError(
+        f'ids must lie in [0, {self.eos_id}] for the byte tokenizer; got '
+        f'[{ids.min()}, {ids.max()}] (restrict sampling to vocab_size={self.vocab_size})'
+      )
     return ids[ids != self.eos_id].astype(np.uint8).tobytes().decode('utf-8', errors='replace')
 
   def bytes_per_token(self, ids):
@@ -83,7 +85,9 @@ class _FileTokenizer:
       with open(path, 'rb') as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()
     except OSError as e:
-      raise TokenizerError(f'tokenizer {self.spec!r}: cannot read the file ({e.strerror})') from None
+      raise TokenizerError(
+        f'tokenizer {self.spec!r}: cannot read the file ({e.strerror})'
+      ) from None
     try:
       self._load(path)
     except Exception as e:  # the libraries raise assorted types for a bad file
@@ -106,8 +110,10 @@ class _FileTokenizer:
     return np.append(ids, self.dtype(self.eos_id)) if add_eos else ids
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.append(np.asarray(ids, dtype=self.dtype), self.dtype(self.eos_id))
-            for ids in self._encode(texts)]
+    return [
+      np.append(np.asarray(ids, dtype=self.dtype), self.dtype(self.eos_id))
+      for ids in self._encode(texts)
+    ]
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if i != self.eos_id]
@@ -122,6 +128,7 @@ class SentencePieceTokenizer(_FileTokenizer):
 
   def _load(self, path):
     import sentencepiece as spm
+
     self._sp = spm.SentencePieceProcessor(model_file=path)
     self._base_vocab = self._sp.get_piece_size()
 
@@ -142,6 +149,7 @@ class HFTokenizer(_FileTokenizer):
 
   def _load(self, path):
     import tokenizers
+
     self._tok = tokenizers.Tokenizer.from_file(path)
     self._base_vocab = self._tok.get_vocab_size(with_added_tokens=True)
 

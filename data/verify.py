@@ -40,9 +40,13 @@ def dataset_files(directory: str, splits) -> list[str]:
 
 def record(directory: str, splits) -> dict:
   """{relative path: {'bytes': size, 'sha256': hex}} for every file of the splits."""
-  return {rel: {'bytes': os.path.getsize(os.path.join(directory, rel)),
-                'sha256': _sha256(os.path.join(directory, rel))}
-          for rel in dataset_files(directory, splits)}
+  return {
+    rel: {
+      'bytes': os.path.getsize(os.path.join(directory, rel)),
+      'sha256': _sha256(os.path.join(directory, rel)),
+    }
+    for rel in dataset_files(directory, splits)
+  }
 
 
 def resolve_mode(mode: str, files: dict) -> str:
@@ -68,9 +72,12 @@ def check(directory: str, meta: dict, mode: str) -> str:
     except FileNotFoundError:
       raise DataError(f'{path} is missing: the prepared dataset is damaged; {redo}') from None
     if size != want['bytes']:
-      raise DataError(f'{path} has {size} bytes, {want["bytes"]} were prepared: the prepared '
-                      f'dataset is damaged; {redo}')
+      raise DataError(
+        f'{path} has {size} bytes, {want["bytes"]} were prepared: the prepared '
+        f'dataset is damaged; {redo}'
+      )
     if mode == 'full' and _sha256(path) != want['sha256']:
-      raise DataError(f'{path} does not match its recorded sha256: the prepared dataset is '
-                      f'damaged; {redo}')
+      raise DataError(
+        f'{path} does not match its recorded sha256: the prepared dataset is damaged; {redo}'
+      )
   return mode

@@ -38,8 +38,9 @@ def random_model(cfg: ModelConfig, *, scale: float = 0.3, seed: int = 0) -> tran
   model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model)
   rng = np.random.default_rng(seed)
-  pure = jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype),
-                      nnx.to_pure_dict(state))
+  pure = jax.tree.map(
+    lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), nnx.to_pure_dict(state)
+  )
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
   return model
@@ -52,8 +53,9 @@ def _logits_fn(model):
 
   @jax.jit
   def fn(state, tokens_BL, positions_BL, segment_ids_BL):
-    return nnx.merge(graphdef, state)(tokens_BL, positions_BL=positions_BL,
-                                      segment_ids_BL=segment_ids_BL)[0]
+    return nnx.merge(graphdef, state)(
+      tokens_BL, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL
+    )[0]
 
   return lambda *args: np.asarray(fn(state, *args))
 
@@ -79,7 +81,7 @@ def measure(model, *, length: int, vocab: int, seed: int = 0) -> dict:
   futures = []
   for t in cuts:  # tokens > t replaced; positions <= t compared
     changed_L = base_L.copy()
-    changed_L[t + 1:] = fresh(length - t - 1)
+    changed_L[t + 1 :] = fresh(length - t - 1)
     futures.append((t, add(changed_L, everywhere)))
   prefix = cuts[len(cuts) // 2] + 1  # prefix of `prefix` tokens, padded with segment id 0
   padded = add(base_L, (arange_L < prefix).astype(np.int32))
@@ -99,11 +101,13 @@ def measure(model, *, length: int, vocab: int, seed: int = 0) -> dict:
   alone = logits(as_array([base_L[:prefix]]), as_array([arange_L[:prefix]]), None)[0]
   diff = lambda a, b: float(np.max(np.abs(a - b))) if a.size else 0.0
   return {
-      'future_change': max(diff(out[base, :t + 1], out[row, :t + 1]) for t, row in futures),
-      'prefix_padding_change': diff(out[padded, :prefix], alone),
-      'cross_document_change': max(diff(out[docs, split:], out[doc_first, split:]),
-                                   diff(out[docs, :split], out[doc_second, :split])),
-      'logit_scale': float(np.max(np.abs(out[base]))),
+    'future_change': max(diff(out[base, : t + 1], out[row, : t + 1]) for t, row in futures),
+    'prefix_padding_change': diff(out[padded, :prefix], alone),
+    'cross_document_change': max(
+      diff(out[docs, split:], out[doc_first, split:]),
+      diff(out[docs, :split], out[doc_second, :split]),
+    ),
+    'logit_scale': float(np.max(np.abs(out[base]))),
   }
 
 
@@ -113,21 +117,34 @@ def check(cfg: schema.Config, model, *, seed: int = 0, name: str = '') -> tuple[
   m = measure(model, length=cfg.train.seq_len, vocab=cfg.model.vocab_size, seed=seed)
   tol = TOLERANCE * max(m.pop('logit_scale'), 1.0)
   causal = not reasons
-  record = {'config': name, 'causal': causal, 'reasons': reasons, **m,
-            'packing': 'refused' if reasons else 'ok', 'tolerance': tol}
+  record = {
+    'config': name,
+    'causal': causal,
+    'reasons': reasons,
+    **m,
+    'packing': 'refused' if reasons else 'ok',
+    'tolerance': tol,
+  }
   problems = []
   if causal and m['future_change'] > tol:
-    problems.append(f"declared causal, but logits at <= t moved by {m['future_change']:.3g} when "
-                    'tokens after t changed')
+    problems.append(
+      f'declared causal, but logits at <= t moved by {m["future_change"]:.3g} when '
+      'tokens after t changed'
+    )
   if not causal and m['future_change'] <= tol:
-    problems.append(f'declared non-causal ({reasons[0]}), but no logit at <= t moved when tokens '
-                    'after t changed')
+    problems.append(
+      f'declared non-causal ({reasons[0]}), but no logit at <= t moved when tokens after t changed'
+    )
   if m['prefix_padding_change'] > tol:
-    problems.append(f"a prefix padded with segment id 0 differs from the prefix alone by "
-                    f"{m['prefix_padding_change']:.3g}")
+    problems.append(
+      f'a prefix padded with segment id 0 differs from the prefix alone by '
+      f'{m["prefix_padding_change"]:.3g}'
+    )
   if not reasons and m['cross_document_change'] > tol:
-    problems.append(f"packing accepted, but one document moved another's logits by "
-                    f"{m['cross_document_change']:.3g}")
+    problems.append(
+      f"packing accepted, but one document moved another's logits by "
+      f'{m["cross_document_change"]:.3g}'
+    )
   return record, problems
 
 
@@ -141,6 +158,7 @@ def check_config(config, *, seed: int = 0, name: str = '') -> tuple[dict, list[s
 def check_checkpoint(workdir: str, seed: int = 0) -> tuple[dict, list[str]]:
   """`check` on the newest checkpoint of a run."""
   from eval import evaluate  # pylint: disable=g-import-not-at-top  (restores checkpoints)
+
   cfg, step, model = evaluate.restore_on_one_device(workdir)
   return check(cfg, model, seed=seed, name=f'{workdir} (step {step})')
 
@@ -150,16 +168,19 @@ def main(argv, config_flag):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if not f.config and not f.workdir:
-    print('error: give --config=SPEC (a random model) or --workdir=DIR (a checkpoint)',
-          file=sys.stderr)
+    print(
+      'error: give --config=SPEC (a random model) or --workdir=DIR (a checkpoint)', file=sys.stderr
+    )
     sys.exit(1)
   try:
     if f.workdir:
       record, problems = check_checkpoint(f.workdir, f.seed)
     else:
       record, problems = check_config(
-          cli.config_value(config_flag), seed=f.seed,
-          name=config_flags.get_config_filename(flags.FLAGS['config']))
+        cli.config_value(config_flag),
+        seed=f.seed,
+        name=config_flags.get_config_filename(flags.FLAGS['config']),
+      )
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -171,7 +192,8 @@ def main(argv, config_flag):
 
 def run():
   config_flag = config_flags.DEFINE_config_file(
-      'config', None, 'Experiment config, e.g. configs/demo.py:tiny (a random model of it).')
+    'config', None, 'Experiment config, e.g. configs/demo.py:tiny (a random model of it).'
+  )
   flags.DEFINE_string('workdir', None, 'Run directory: measure its newest checkpoint instead.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random weights and tokens.')
   app.run(lambda argv: main(argv, config_flag), flags_parser=cli.parse_flags)

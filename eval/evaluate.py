@@ -22,15 +22,41 @@ from absl import app, flags
 from configs import cli
 from data import corpus
 from model.config import ConfigError
-from train.evaluation import (coupling_levels, eval_model, evaluate_checkpoint, evaluate_model,
-                              make_eval_step, paired_estimate, sampled_positions)
-from train.restore import (check_same_tokenizer, checkpoint_step, read_run_config,
-                           restore_on_one_device, run_tokenizer, run_tokenizer_identity)
+from train.evaluation import (
+  coupling_levels,
+  eval_model,
+  evaluate_checkpoint,
+  evaluate_model,
+  make_eval_step,
+  paired_estimate,
+  sampled_positions,
+)
+from train.restore import (
+  check_same_tokenizer,
+  checkpoint_step,
+  read_run_config,
+  restore_on_one_device,
+  run_tokenizer,
+  run_tokenizer_identity,
+)
 
-__all__ = ['check_same_tokenizer', 'checkpoint_step', 'coupling_levels', 'eval_model',
-           'evaluate_checkpoint', 'evaluate_model', 'make_eval_step', 'paired_estimate',
-           'read_run_config', 'restore_on_one_device', 'run_tokenizer', 'run_tokenizer_identity',
-           'sampled_positions', 'main', 'run']
+__all__ = [
+  'check_same_tokenizer',
+  'checkpoint_step',
+  'coupling_levels',
+  'eval_model',
+  'evaluate_checkpoint',
+  'evaluate_model',
+  'make_eval_step',
+  'paired_estimate',
+  'read_run_config',
+  'restore_on_one_device',
+  'run_tokenizer',
+  'run_tokenizer_identity',
+  'sampled_positions',
+  'main',
+  'run',
+]
 
 
 def main(argv):
@@ -51,9 +77,12 @@ def run():
   flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
   flags.DEFINE_string('data', None, "Prepared dataset to evaluate; default: the run's own.")
   flags.DEFINE_bool('baseline', False, 'Also evaluate the untrained model (same seed).')
-  flags.DEFINE_integer('positions_per_window', None,
-                       'Models that read the future: positions per held-out window scored from '
-                       'their exact prefix; default: the run\'s eval.positions_per_window.')
+  flags.DEFINE_integer(
+    'positions_per_window',
+    None,
+    'Models that read the future: positions per held-out window scored from '
+    "their exact prefix; default: the run's eval.positions_per_window.",
+  )
   flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=cli.parse_flags)
 

@@ -10,16 +10,21 @@ import os
 import numpy as np
 
 Series = dict[int, tuple[list[int], list[float]]]  # {layer: (steps, values)}
-ENTROPY_PANELS = (('h_tok', 'H_tok (token entropy / log E)'),
-                  ('h_use', 'H_use (usage entropy / log E)'),
-                  ('h_tok_ema', 'EMA of H_tok (trigger input)'), ('ramp_weight', 'ramp weight w'))
+ENTROPY_PANELS = (
+  ('h_tok', 'H_tok (token entropy / log E)'),
+  ('h_use', 'H_use (usage entropy / log E)'),
+  ('h_tok_ema', 'EMA of H_tok (trigger input)'),
+  ('ramp_weight', 'ramp weight w'),
+)
 PHASE_COLORS = {'coverage': '#8fb8de', 'ramp': '#f2c14e', 'specialisation': '#d1495b'}
 
 
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -61,8 +66,12 @@ def _layer_lines(plt, ax, data: Series, label: str, **kwargs) -> None:
   ax.grid(alpha=0.3)
 
 
-def loss(train: dict[str, tuple[list[int], list[float]]], heldout: tuple[list[int], list[float]],
-         path: str, title: str = '') -> str:
+def loss(
+  train: dict[str, tuple[list[int], list[float]]],
+  heldout: tuple[list[int], list[float]],
+  path: str,
+  title: str = '',
+) -> str:
   """Training curves ({name: (steps, values)}, e.g. loss and lm_loss) and held-out points."""
   plt = _pyplot()
   fig, (ax,) = _grid(plt, 1, 1, width=7.0, height=4.0)
@@ -77,8 +86,9 @@ def loss(train: dict[str, tuple[list[int], list[float]]], heldout: tuple[list[in
   return _save(plt, fig, path, title)
 
 
-def load_heatmaps(loads: dict[int, tuple[list[int], np.ndarray]], what: str, path: str,
-                  title: str = '') -> str:
+def load_heatmaps(
+  loads: dict[int, tuple[list[int], np.ndarray]], what: str, path: str, title: str = ''
+) -> str:
   """One panel per layer: share of each row item (expert or cluster) over steps, relative to
   uniform (share * count), on a diverging colormap centred at 1. `loads`: {layer: (steps, share_TX)}."""
   plt = _pyplot()
@@ -92,25 +102,35 @@ def load_heatmaps(loads: dict[int, tuple[list[int], np.ndarray]], what: str, pat
 def _share_heatmap(fig, ax, steps: list[int], share_TX: np.ndarray, what: str) -> None:
   """Shares relative to uniform (share * X), white at 1, red above, blue below."""
   from matplotlib.colors import TwoSlopeNorm  # pylint: disable=g-import-not-at-top
+
   relative_XT = (share_TX * share_TX.shape[1]).T
   norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, float(relative_XT.max())))
-  mesh = ax.pcolormesh(_edges(steps), np.arange(relative_XT.shape[0] + 1) - 0.5, relative_XT,
-                       cmap='RdBu_r', norm=norm)
+  mesh = ax.pcolormesh(
+    _edges(steps), np.arange(relative_XT.shape[0] + 1) - 0.5, relative_XT, cmap='RdBu_r', norm=norm
+  )
   fig.colorbar(mesh, ax=ax, label='share / uniform')
   from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
   ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel('step')
   ax.set_ylabel(what)
 
 
-def entropy(series: dict[str, Series], triggers: dict[int, int | None], path: str,
-            title: str = '', tau: float | None = None) -> str:
+def entropy(
+  series: dict[str, Series],
+  triggers: dict[int, int | None],
+  path: str,
+  title: str = '',
+  tau: float | None = None,
+) -> str:
   """The entropy panels that have data ({metric name: series}), trigger steps dashed, `tau` on
   the EMA panel."""
   plt = _pyplot()
   panels = [(name, label, series[name]) for name, label in ENTROPY_PANELS if series.get(name)]
   if not panels:
-    raise ValueError('no per-layer entropy metrics (layer_i/moe/h_tok) in metrics.jsonl: not an MoE run')
+    raise ValueError(
+      'no per-layer entropy metrics (layer_i/moe/h_tok) in metrics.jsonl: not an MoE run'
+    )
   fig, axs = _grid(plt, len(panels), 2)
   for ax, (name, label, data) in zip(axs, panels):
     _layer_lines(plt, ax, data, label)
@@ -123,21 +143,27 @@ def entropy(series: dict[str, Series], triggers: dict[int, int | None], path: st
   return _save(plt, fig, path, title + '  (dashed: trigger steps)' if title else '')
 
 
-def trigger_timeline(phases: dict[int, list[tuple[str, int, int]]], triggers: dict[int, int | None],
-                     path: str, title: str = '') -> str:
+def trigger_timeline(
+  phases: dict[int, list[tuple[str, int, int]]],
+  triggers: dict[int, int | None],
+  path: str,
+  title: str = '',
+) -> str:
   """Per monitored layer, the regimes as horizontal bars over steps ({layer: [(phase, start,
   end)]}: coverage, ramp, specialisation), trigger steps marked."""
   plt = _pyplot()
   fig, (ax,) = _grid(plt, 1, 1, width=8.0, height=1.0 + 0.5 * len(phases))
   for row, (layer, spans) in enumerate(phases.items()):
     for phase, start, end in spans:
-      ax.broken_barh([(start, max(end - start, 0.5))], (row - 0.35, 0.7),
-                     color=PHASE_COLORS[phase], label=phase)
+      ax.broken_barh(
+        [(start, max(end - start, 0.5))], (row - 0.35, 0.7), color=PHASE_COLORS[phase], label=phase
+      )
     if triggers.get(layer) is not None:
       ax.plot([triggers[layer]], [row], 'kv', label='trigger')
   handles = dict(zip(*ax.get_legend_handles_labels()[::-1]))  # one legend entry per label
-  ax.legend(list(handles.values()), list(handles), fontsize=8, loc='upper left',
-            bbox_to_anchor=(1.0, 1.0))
+  ax.legend(
+    list(handles.values()), list(handles), fontsize=8, loc='upper left', bbox_to_anchor=(1.0, 1.0)
+  )
   ax.set_yticks(range(len(phases)), [f'layer {layer}' for layer in phases])
   ax.set_ylim(-0.6, len(phases) - 0.4)
   ax.invert_yaxis()
@@ -157,9 +183,12 @@ def dead_experts(dead: Series, load_cv: Series, path: str, title: str = '') -> s
   return _save(plt, fig, path, title)
 
 
-def cluster_occupancy(loads: dict[int, tuple[list[int], np.ndarray]],
-                      curves: dict[int, dict[str, tuple[list[int], list[float]]]], path: str,
-                      title: str = '') -> str:
+def cluster_occupancy(
+  loads: dict[int, tuple[list[int], np.ndarray]],
+  curves: dict[int, dict[str, tuple[list[int], list[float]]]],
+  path: str,
+  title: str = '',
+) -> str:
   """Per routing-attention layer: a heatmap of the k-means cluster shares (mean over heads,
   relative to uniform) over steps, and the occupancy/unpicked curves ({layer: {name: series}})."""
   plt = _pyplot()
@@ -182,8 +211,13 @@ def cluster_occupancy(loads: dict[int, tuple[list[int], np.ndarray]],
   return _save(plt, fig, path, title)
 
 
-def coupling(levels: Series, at_checkpoint: dict[int, float], checkpoint_step: int | None,
-             path: str, title: str = '') -> str:
+def coupling(
+  levels: Series,
+  at_checkpoint: dict[int, float],
+  checkpoint_step: int | None,
+  path: str,
+  title: str = '',
+) -> str:
   """ERC coupling level alpha* per MoE layer over training, the checkpoint's values as points,
   and the alpha = 1 line (below it, every expert is excited by its own router row more than by
   any other, and each router row excites its own expert most)."""
@@ -206,7 +240,11 @@ def uoe_gates(gates: dict[str, Series], path: str, title: str = '') -> str:
   fig, axs = _grid(plt, len(names), 2)
   for ax, name in zip(axs, names):
     gate, metric = name.split('_', 1)
-    _layer_lines(plt, ax, gates[name], f"{'SMHA heads' if gate == 'attn' else 'UoME experts'}: "
-                 f"{metric.replace('_', ' ')}")
+    _layer_lines(
+      plt,
+      ax,
+      gates[name],
+      f'{"SMHA heads" if gate == "attn" else "UoME experts"}: {metric.replace("_", " ")}',
+    )
   axs[0].legend(fontsize=8)
   return _save(plt, fig, path, title)

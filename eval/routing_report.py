@@ -41,14 +41,18 @@ ROUTING_CURVES = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
 MOE_HEALTH = ('load_cv', 'load_max_mean', 'dead_experts')
 UOE_GATES = ('attn', 'mlp')  # SMHA head gate, UoME expert gate: metrics layer_i/uoe/<gate>_<name>
 UOE_HEALTH = ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy')
-markdown_table = report_markdown.markdown_table  # the entropy table; a public name since the first report
+markdown_table = (
+  report_markdown.markdown_table
+)  # the entropy table; a public name since the first report
 
 
 def read_config(workdir: str) -> dict:
   """DIR/config.json as a plain dict (no jax); a one-line error if it is missing or unreadable."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
+    raise FileNotFoundError(
+      f'{path} not found: --workdir must be a directory written by train.train'
+    )
   try:
     with open(path) as f:
       return json.load(f)
@@ -61,10 +65,13 @@ def run_features(config: dict) -> dict[str, bool]:
   routing_attention, uoe (SMHA and/or UoME layers)."""
   moe, entropy, uoe = config.get('moe', {}), config.get('entropy', {}), config.get('uoe', {})
   is_moe = moe.get('num_experts', 0) > 0
-  return {'moe': is_moe, 'erc': is_moe and moe.get('erc_weight', 0) > 0,
-          'entropy': is_moe and bool(entropy.get('enabled')),
-          'routing_attention': config.get('attention', {}).get('kind') == 'routing',
-          'uoe': uoe.get('attention') == 'smha' or uoe.get('feed_forward') == 'uome'}
+  return {
+    'moe': is_moe,
+    'erc': is_moe and moe.get('erc_weight', 0) > 0,
+    'entropy': is_moe and bool(entropy.get('enabled')),
+    'routing_attention': config.get('attention', {}).get('kind') == 'routing',
+    'uoe': uoe.get('attention') == 'smha' or uoe.get('feed_forward') == 'uome',
+  }
 
 
 def series(records: list[dict], name: str, kind: str = 'moe') -> dict[int, tuple[list, list]]:
@@ -88,7 +95,8 @@ def _per_layer_index(records: list[dict]) -> dict[tuple[str, str], dict[int, tup
       m = _LAYER.match(key)
       if m:
         steps, values = index.setdefault((m.group(2), m.group(3)), {}).setdefault(
-            int(m.group(1)), ([], []))
+          int(m.group(1)), ([], [])
+        )
         steps.append(r['step'])
         values.append(value)
   index = {metric: dict(sorted(layers.items())) for metric, layers in index.items()}
@@ -108,8 +116,10 @@ def share_series(records: list[dict], name: str, kind: str) -> dict[int, tuple[l
 
 def trigger_steps(records: list[dict]) -> dict[int, int | None]:
   """Each monitored layer's trigger step (None if it has not fired), from the last record."""
-  return {layer: (int(values[-1]) if values[-1] >= 0 else None)
-          for layer, (_, values) in series(records, 'trigger_step').items()}
+  return {
+    layer: (int(values[-1]) if values[-1] >= 0 else None)
+    for layer, (_, values) in series(records, 'trigger_step').items()
+  }
 
 
 def trigger_phases(records: list[dict], ramp_steps: int) -> dict[int, list[tuple[str, int, int]]]:
@@ -145,8 +155,12 @@ def summary(records: list[dict]) -> dict[int, dict]:
   out = {}
   for layer in sorted(h_tok):
     fired = triggers.get(layer)
-    row = {'trigger_step': fired, 'final_step': last['step'],
-           'h_tok_final': h_tok[layer][1][-1], 'h_use_final': h_use[layer][1][-1]}
+    row = {
+      'trigger_step': fired,
+      'final_step': last['step'],
+      'h_tok_final': h_tok[layer][1][-1],
+      'h_use_final': h_use[layer][1][-1],
+    }
     if fired is not None:
       row['h_tok_at_trigger'] = _at_or_before(h_tok[layer], fired)
       row['h_use_at_trigger'] = pre = _at_or_before(h_use[layer], fired)
@@ -176,10 +190,13 @@ def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
   hit and best hit rate for segments of 8 and 32 tokens and the experts per token
   (eval/segment_cache.py)."""
   from eval import evaluate, segment_cache  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileNotFoundError(f'no complete checkpoint in {os.path.join(workdir, "checkpoints")}: '
-                            'the report restores one for alpha* and the segment cache hit '
-                            '(--nocheckpoint skips it)')
+    raise FileNotFoundError(
+      f'no complete checkpoint in {os.path.join(workdir, "checkpoints")}: '
+      'the report restores one for alpha* and the segment cache hit '
+      '(--nocheckpoint skips it)'
+    )
   cfg, step, model = evaluate.restore_on_one_device(workdir, step)
   per_layer: dict[str, dict[int, float]] = {}
   for key, value in evaluate.coupling_levels(model).items():
@@ -193,39 +210,55 @@ def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
   return {'step': step, **per_layer}
 
 
-def build(workdir: str, config: dict, records: list[dict], heldout: list[dict],
-          checkpoint: dict) -> dict:
+def build(
+  workdir: str, config: dict, records: list[dict], heldout: list[dict], checkpoint: dict
+) -> dict:
   """Everything the report states, as JSON-able data: features, final values, per-layer tables."""
   features, last = run_features(config), records[-1]
   moe_rows = _final_per_layer(records, MOE_HEALTH, 'moe')
   routing_rows = _final_per_layer(records, ROUTING_CURVES, 'routing')
-  uoe_rows = _final_per_layer(records, tuple(f'{g}_{n}' for g in UOE_GATES for n in UOE_HEALTH),
-                              'uoe')
+  uoe_rows = _final_per_layer(
+    records, tuple(f'{g}_{n}' for g in UOE_GATES for n in UOE_HEALTH), 'uoe'
+  )
   for layer, level in checkpoint.get('coupling_level', {}).items():
     moe_rows.setdefault(layer, {})['coupling_level_at_checkpoint'] = level
   triggers = trigger_steps(records) if features['entropy'] else {}
   dead = [r['dead_experts'] for r in moe_rows.values() if 'dead_experts' in r]
   load_cv = [r['load_cv'] for r in moe_rows.values() if 'load_cv' in r]
   return {
-      'workdir': workdir, 'features': features, 'final_step': last['step'],
-      'final_loss': last['loss'], 'final_lm_loss': last.get('lm_loss'),
-      'heldout_loss': heldout[-1]['eval_loss'] if heldout else None,
-      'heldout_step': heldout[-1]['step'] if heldout else None,
-      'heldout_evaluation': heldout[-1].get('eval_evaluation', 'teacher_forced') if heldout else None,
-      'dead_experts_total': sum(dead) if dead else None,
-      'mean_load_cv': float(np.mean(load_cv)) if load_cv else None,
-      'triggers_fired': sum(s is not None for s in triggers.values()),
-      'triggers_monitored': len(triggers),
-      'checkpoint': checkpoint,
-      'layers': {'entropy': summary(records) if features['moe'] else {},
-                 'moe': moe_rows, 'routing': routing_rows, 'uoe': uoe_rows},
+    'workdir': workdir,
+    'features': features,
+    'final_step': last['step'],
+    'final_loss': last['loss'],
+    'final_lm_loss': last.get('lm_loss'),
+    'heldout_loss': heldout[-1]['eval_loss'] if heldout else None,
+    'heldout_step': heldout[-1]['step'] if heldout else None,
+    'heldout_evaluation': heldout[-1].get('eval_evaluation', 'teacher_forced') if heldout else None,
+    'dead_experts_total': sum(dead) if dead else None,
+    'mean_load_cv': float(np.mean(load_cv)) if load_cv else None,
+    'triggers_fired': sum(s is not None for s in triggers.values()),
+    'triggers_monitored': len(triggers),
+    'checkpoint': checkpoint,
+    'layers': {
+      'entropy': summary(records) if features['moe'] else {},
+      'moe': moe_rows,
+      'routing': routing_rows,
+      'uoe': uoe_rows,
+    },
   }
 
 
-def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint: dict, out: str,
-             title: str = '') -> list[dict]:
+def plot_all(
+  config: dict,
+  records: list[dict],
+  heldout: list[dict],
+  checkpoint: dict,
+  out: str,
+  title: str = '',
+) -> list[dict]:
   """Draws the plots the run has data for; [{'file', 'caption'}] in report order."""
   from eval import report_plots as plots  # pylint: disable=g-import-not-at-top
+
   features, entropy_config = run_features(config), config.get('entropy', {})
   made = []
 
@@ -237,8 +270,9 @@ def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint:
   train = {'loss': (steps, [r['loss'] for r in records])}
   if any(abs(r.get('lm_loss', r['loss']) - r['loss']) > 1e-9 for r in records):
     train['lm_loss'] = (steps, [r.get('lm_loss', math.nan) for r in records])
-  add('loss.png', plots.loss, train,
-      ([r['step'] for r in heldout], [r['eval_loss'] for r in heldout]))
+  add(
+    'loss.png', plots.loss, train, ([r['step'] for r in heldout], [r['eval_loss'] for r in heldout])
+  )
   if features['moe']:
     if loads := share_series(records, 'expert_load', 'moe'):
       add('expert_load.png', plots.load_heatmaps, loads, 'expert')
@@ -247,11 +281,20 @@ def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint:
     entropy = {name: series(records, name) for name, _ in plots.ENTROPY_PANELS}
     triggers = trigger_steps(records)
     if entropy['h_tok']:
-      add('entropy.png', plots.entropy, entropy, triggers,
-          tau=entropy_config.get('tau') if features['entropy'] else None)
+      add(
+        'entropy.png',
+        plots.entropy,
+        entropy,
+        triggers,
+        tau=entropy_config.get('tau') if features['entropy'] else None,
+      )
     if features['entropy'] and triggers:
-      add('trigger_timeline.png', plots.trigger_timeline,
-          trigger_phases(records, int(entropy_config.get('ramp_steps', 0))), triggers)
+      add(
+        'trigger_timeline.png',
+        plots.trigger_timeline,
+        trigger_phases(records, int(entropy_config.get('ramp_steps', 0))),
+        triggers,
+      )
   if features['routing_attention']:
     loads = share_series(records, 'cluster_load', 'routing')
     curves: dict[int, dict] = {}
@@ -271,20 +314,24 @@ def plot_all(config: dict, records: list[dict], heldout: list[dict], checkpoint:
   return made
 
 
-def report(workdir: str, out: str | None = None, step: int | None = None,
-           checkpoint: bool = True) -> dict:
+def report(
+  workdir: str, out: str | None = None, step: int | None = None, checkpoint: bool = True
+) -> dict:
   """Writes the plots, routing_report.md and routing_report.json of a run; returns the JSON data.
 
   `checkpoint=False` leaves out the checkpoint metrics (for a run without checkpoints)."""
   out = out or os.path.join(workdir, 'report')
   config, records, heldout = read_config(workdir), read_metrics(workdir), read_eval_metrics(workdir)
   if not records:
-    raise ValueError(f'{os.path.join(workdir, "metrics.jsonl")} has no training records (with loss)')
+    raise ValueError(
+      f'{os.path.join(workdir, "metrics.jsonl")} has no training records (with loss)'
+    )
   ckpt = checkpoint_summary(workdir, step) if checkpoint else {}
   data = build(workdir, config, records, heldout, ckpt)
   os.makedirs(out, exist_ok=True)
-  data['plots'] = plot_all(config, records, heldout, ckpt, out,
-                           title=os.path.basename(os.path.normpath(workdir)))
+  data['plots'] = plot_all(
+    config, records, heldout, ckpt, out, title=os.path.basename(os.path.normpath(workdir))
+  )
   with open(os.path.join(out, 'routing_report.json'), 'w') as f:
     json.dump(data, f, indent=2)
   with open(os.path.join(out, 'routing_report.md'), 'w') as f:
@@ -309,8 +356,9 @@ def run():
   flags.DEFINE_string('workdir', None, 'Run directory written by train.train.')
   flags.DEFINE_string('out', None, 'Output directory; default: WORKDIR/report.')
   flags.DEFINE_integer('step', None, 'Checkpoint step for the checkpoint metrics; default: newest.')
-  flags.DEFINE_bool('checkpoint', True, 'Restore a checkpoint for alpha* (--nocheckpoint: '
-                    'metrics.jsonl only).')
+  flags.DEFINE_bool(
+    'checkpoint', True, 'Restore a checkpoint for alpha* (--nocheckpoint: metrics.jsonl only).'
+  )
   flags.mark_flags_as_required(['workdir'])
   app.run(main, flags_parser=cli.parse_flags)
 

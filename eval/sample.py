@@ -32,7 +32,9 @@ from eval import evaluate
 from model.config import ConfigError
 
 
-def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(
+  logits_V: jax.Array, *, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
   """Temperature, then top-k (0 = off), then nucleus top-p (1 = off); removed entries are -inf."""
   logits_V = logits_V.astype(jnp.float32) / max(temperature, 1e-6)
   if top_k > 0:
@@ -47,10 +49,22 @@ def filter_logits(logits_V: jax.Array, *, temperature: float, top_k: int, top_p:
   return logits_V
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'vocab_size', 'temperature', 'top_k',
-                                             'top_p', 'masked'))
-def _next_token(state, tokens_1L, last, key, *, graphdef, vocab_size: int, temperature: float,
-                top_k: int, top_p: float, masked: bool) -> jax.Array:
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'vocab_size', 'temperature', 'top_k', 'top_p', 'masked')
+)
+def _next_token(
+  state,
+  tokens_1L,
+  last,
+  key,
+  *,
+  graphdef,
+  vocab_size: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  masked: bool,
+) -> jax.Array:
   """The id drawn after position `last`; compiled once per model, settings and buffer length.
   With `masked`, positions after `last` have segment id 0: invisible to every layer."""
   model = nnx.merge(graphdef, state)
@@ -71,9 +85,19 @@ def bucket(length: int) -> int:
   return max(64, 1 << (length - 1).bit_length())
 
 
-def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-           progress_every: int = 0) -> list[int]:
+def sample(
+  model,
+  prompt_ids,
+  *,
+  max_new_tokens: int,
+  vocab_size: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_id: int | None = None,
+  progress_every: int = 0,
+) -> list[int]:
   """Appends up to `max_new_tokens` sampled ids to `prompt_ids`; temperature 0 is greedy.
 
   Only ids < `vocab_size` (the tokenizer's) are ever drawn. Every step runs one buffer of
@@ -83,30 +107,48 @@ def sample(model, prompt_ids, *, max_new_tokens: int, vocab_size: int, temperatu
   if len(prompt_ids) == 0:
     raise ValueError('prompt_ids is empty: sampling needs at least one token to continue')
   graphdef, state = nnx.split(model)
-  settings = dict(graphdef=graphdef, vocab_size=vocab_size, temperature=float(temperature),
-                  top_k=int(top_k), top_p=float(top_p), masked=not model.causal)
+  settings = dict(
+    graphdef=graphdef,
+    vocab_size=vocab_size,
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+    masked=not model.causal,
+  )
   ids = [int(i) for i in prompt_ids]
   buffer = np.zeros(bucket(len(ids) + max_new_tokens), np.int32)
-  buffer[:len(ids)] = ids
+  buffer[: len(ids)] = ids
   key = jax.random.key(seed)
   start = time.perf_counter()
   for t in range(max_new_tokens):
     n = len(ids)
-    tok = int(_next_token(state, jnp.asarray(buffer[None]), n - 1, jax.random.fold_in(key, t),
-                          **settings))
+    tok = int(
+      _next_token(state, jnp.asarray(buffer[None]), n - 1, jax.random.fold_in(key, t), **settings)
+    )
     ids.append(tok)
     buffer[n] = tok
     if progress_every and (t + 1) % progress_every == 0:
-      print(f'sampled {t + 1}/{max_new_tokens} tokens ({time.perf_counter() - start:.1f} s)',
-            file=sys.stderr, flush=True)
+      print(
+        f'sampled {t + 1}/{max_new_tokens} tokens ({time.perf_counter() - start:.1f} s)',
+        file=sys.stderr,
+        flush=True,
+      )
     if eos_id is not None and tok == eos_id:
       break
   return ids
 
 
-def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
-                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, seed: int = 0) -> dict:
+def sample_checkpoint(
+  workdir: str,
+  prompt: str,
+  *,
+  step: int | None = None,
+  max_new_tokens: int = 64,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
+) -> dict:
   """{'step', 'prompt', 'completion', 'tokens', 'seed'}: a continuation of `prompt` sampled from a
   run's checkpoint (default: the newest) on one device."""
   # The run's dataset's tokenizer (not data.tokenizer, which a prepared dataset overrides),
@@ -116,13 +158,26 @@ def sample_checkpoint(workdir: str, prompt: str, *, step: int | None = None,
   if len(prompt_ids) == 0:
     raise ConfigError('--prompt is empty: give at least one character')
   _, step, model = evaluate.restore_on_one_device(workdir, step)
-  ids = sample(model, prompt_ids, max_new_tokens=max_new_tokens,
-               vocab_size=tokenizer.vocab_size, temperature=temperature, top_k=top_k,
-               top_p=top_p, seed=seed, eos_id=tokenizer.eos_id,
-               progress_every=50 if max_new_tokens >= 100 else 0)
-  new = ids[len(prompt_ids):]
-  return {'step': step, 'prompt': prompt, 'completion': tokenizer.decode(np.asarray(new)),
-          'tokens': new, 'seed': seed}
+  ids = sample(
+    model,
+    prompt_ids,
+    max_new_tokens=max_new_tokens,
+    vocab_size=tokenizer.vocab_size,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    eos_id=tokenizer.eos_id,
+    progress_every=50 if max_new_tokens >= 100 else 0,
+  )
+  new = ids[len(prompt_ids) :]
+  return {
+    'step': step,
+    'prompt': prompt,
+    'completion': tokenizer.decode(np.asarray(new)),
+    'tokens': new,
+    'seed': seed,
+  }
 
 
 def main(argv):
@@ -130,9 +185,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   try:
-    result = sample_checkpoint(f.workdir, f.prompt, step=f.step, max_new_tokens=f.max_new_tokens,
-                               temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                               seed=f.seed)
+    result = sample_checkpoint(
+      f.workdir,
+      f.prompt,
+      step=f.step,
+      max_new_tokens=f.max_new_tokens,
+      temperature=f.temperature,
+      top_k=f.top_k,
+      top_p=f.top_p,
+      seed=f.seed,
+    )
   except (ConfigError, corpus.DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

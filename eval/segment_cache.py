@@ -40,9 +40,10 @@ def _segment_counts(assign_BLE, segment_len: int, cache_size: int) -> np.ndarray
   b, l, e = assign_BLE.shape
   segments = l // segment_len
   if b == 0 or segments == 0:
-    raise ValueError(f'no full segment of {segment_len} tokens in assignments of shape '
-                     f'{assign_BLE.shape}')
-  used_BSNE = assign_BLE[:, :segments * segment_len].reshape(b, segments, segment_len, e)
+    raise ValueError(
+      f'no full segment of {segment_len} tokens in assignments of shape {assign_BLE.shape}'
+    )
+  used_BSNE = assign_BLE[:, : segments * segment_len].reshape(b, segments, segment_len, e)
   return used_BSNE.astype(np.int64).sum(axis=2).reshape(b * segments, e)
 
 
@@ -70,8 +71,11 @@ def layer_assignments(model):
   def run(state, tokens_BL):
     merged = nnx.merge(graphdef, state)
     _, aux = merged(tokens_BL)
-    return {i: s['mlp']['assign_BLE'] for i, s in merged.layer_stats(aux['stats']).items()
-            if 'assign_BLE' in s.get('mlp', {})}
+    return {
+      i: s['mlp']['assign_BLE']
+      for i, s in merged.layer_stats(aux['stats']).items()
+      if 'assign_BLE' in s.get('mlp', {})
+    }
 
   return lambda tokens_BL: {i: np.asarray(a) for i, a in run(state, tokens_BL).items()}
 
@@ -95,8 +99,9 @@ def model_segment_cache(model, batches, *, cache_size: int, lengths=(8, 32)) -> 
   return out
 
 
-def checkpoint_segment_cache(workdir: str, step: int | None = None, lengths=(8, 32),
-                             max_batches: int = 4) -> dict:
+def checkpoint_segment_cache(
+  workdir: str, step: int | None = None, lengths=(8, 32), max_batches: int = 4
+) -> dict:
   """{'step', 'cache_size', 'layers': {layer: metrics}} of a run's checkpoint (default: newest)
   on the first `max_batches` held-out batches of `eval.batch_size` sequences."""
   cfg = evaluate.read_run_config(workdir)
@@ -108,19 +113,29 @@ def checkpoint_segment_cache(workdir: str, step: int | None = None, lengths=(8, 
 def _check(cfg: schema.Config, lengths, max_batches: int) -> None:
   bad = [n for n in lengths if not 1 <= n <= cfg.train.seq_len]
   if bad or max_batches < 1:
-    raise ConfigError(f'lengths={tuple(lengths)}, max_batches={max_batches}: expected segment '
-                      f'lengths in 1..train.seq_len={cfg.train.seq_len} and max_batches >= 1')
+    raise ConfigError(
+      f'lengths={tuple(lengths)}, max_batches={max_batches}: expected segment '
+      f'lengths in 1..train.seq_len={cfg.train.seq_len} and max_batches >= 1'
+    )
 
 
 def heldout_segment_cache(cfg: schema.Config, model, lengths=(8, 32), max_batches: int = 4) -> dict:
   """{'cache_size', 'layers'} of `model` (the run of `cfg`) on its first held-out batches."""
   _check(cfg, lengths, max_batches)
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'heldout')
-  batches = [b['inputs'] for b in pipeline.eval_batches(
-      tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size, max_batches=max_batches)]
+  batches = [
+    b['inputs']
+    for b in pipeline.eval_batches(
+      tokens, seq_len=cfg.train.seq_len, batch_size=cfg.eval.batch_size, max_batches=max_batches
+    )
+  ]
   if not batches:
-    raise corpus.DataError(f'held-out split has fewer than {cfg.eval.batch_size} sequences of '
-                           f'{cfg.train.seq_len + 1} tokens; nothing to measure')
+    raise corpus.DataError(
+      f'held-out split has fewer than {cfg.eval.batch_size} sequences of '
+      f'{cfg.train.seq_len + 1} tokens; nothing to measure'
+    )
   cache_size = 2 * cfg.model.moe.top_k
-  return {'cache_size': cache_size,
-          'layers': model_segment_cache(model, batches, cache_size=cache_size, lengths=lengths)}
+  return {
+    'cache_size': cache_size,
+    'layers': model_segment_cache(model, batches, cache_size=cache_size, lengths=lengths),
+  }

@@ -31,16 +31,23 @@ def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
   return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
 
 
-def causal_attention(q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, *,
-                     segment_ids_BL: jax.Array | None = None, impl: str = 'xla') -> jax.Array:
+def causal_attention(
+  q_BLHK: jax.Array,
+  k_BLGK: jax.Array,
+  v_BLGK: jax.Array,
+  *,
+  segment_ids_BL: jax.Array | None = None,
+  impl: str = 'xla',
+) -> jax.Array:
   """Causal softmax attention (softmax in f32); G kv heads serve H // G query heads each.
 
   With `segment_ids_BL`, a token attends only to earlier tokens of its own segment (packed
   documents). The mask is a dense [B, 1, L, L] array; cuDNN receives it as an additive bias.
   """
   mask = None if segment_ids_BL is None else segment_mask(segment_ids_BL)
-  return jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask, is_causal=True,
-                                      implementation=impl)
+  return jax.nn.dot_product_attention(
+    q_BLHK, k_BLGK, v_BLGK, mask=mask, is_causal=True, implementation=impl
+  )
 
 
 class Attention(nnx.Module):
@@ -55,8 +62,9 @@ class Attention(nnx.Module):
     self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
     self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
     self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
-    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
-                         pd)
+    self.wo = axes.param(
+      rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
+    )
 
   @staticmethod
   def reads_future(cfg: ModelConfig) -> str | None:
@@ -64,8 +72,9 @@ class Attention(nnx.Module):
     del cfg
     return None
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> jax.Array:
     cast = lambda w: w[...].astype(self.dtype)
     x_BLD = x_BLD.astype(self.dtype)
     q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
@@ -80,8 +89,14 @@ class Attention(nnx.Module):
     o_BLHK = axes.constrain(o_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
     return jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
 
-  def attend(self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array,
-             segment_ids_BL: jax.Array | None) -> jax.Array:
+  def attend(
+    self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array | None
+  ) -> jax.Array:
     """The attention between the projections (full causal here; local in `LocalAttention`)."""
-    return causal_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL,
-                            impl=attention_impl(self.impl, self.dtype))
+    return causal_attention(
+      q_BLHK,
+      k_BLGK,
+      v_BLGK,
+      segment_ids_BL=segment_ids_BL,
+      impl=attention_impl(self.impl, self.dtype),
+    )

@@ -64,13 +64,15 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(_ctx.mesh, spec))
 
 
-def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Names,
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Names, dtype=jnp.float32
+) -> nnx.Param:
   """A parameter initialised by `init` and annotated with logical axis names."""
   if len(names) != len(shape):
     raise ValueError(f'logical names {tuple(names)} do not match shape {tuple(shape)}')
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
-                   eager_sharding=False)
+  return nnx.Param(
+    init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False
+  )
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: dict) -> nnx.State:

@@ -35,6 +35,7 @@ FEED_FORWARD = {'mlp': MLP}
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """What one layer is made of; consecutive layers with equal specs are scanned together."""
+
   attention: str = 'dense'
   feed_forward: str = 'mlp'
 
@@ -77,16 +78,22 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg, rngs=rngs)
     self.mlp = FEED_FORWARD[spec.feed_forward](cfg, rngs=rngs)
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     y_BLD, attn_aux = _split(self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL))
     x_BLD = axes.constrain(x_BLD + y_BLD, RESIDUAL)
     y_BLD, mlp_aux = _split(self.mlp(self.mlp_norm(x_BLD), segment_ids_BL))
     x_BLD = axes.constrain(x_BLD + y_BLD, RESIDUAL)
-    aux = {'loss': attn_aux['loss'] + mlp_aux['loss'],
-           'metrics': {**attn_aux['metrics'], **mlp_aux['metrics']},
-           'stats': {name: a['stats'] for name, a in (('attn', attn_aux), ('mlp', mlp_aux))
-                     if jax.tree.leaves(a['stats'])}}
+    aux = {
+      'loss': attn_aux['loss'] + mlp_aux['loss'],
+      'metrics': {**attn_aux['metrics'], **mlp_aux['metrics']},
+      'stats': {
+        name: a['stats']
+        for name, a in (('attn', attn_aux), ('mlp', mlp_aux))
+        if jax.tree.leaves(a['stats'])
+      },
+    }
     return x_BLD, aux
 
   def update_state(self, stats: dict) -> None:

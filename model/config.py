@@ -52,15 +52,19 @@ class AttentionConfig:
     if self.kind not in ATTENTION_KINDS:
       raise ConfigError(f'attention.kind={self.kind!r}: expected one of {ATTENTION_KINDS}')
     if self.routing_scale not in ROUTING_SCALES:
-      raise ConfigError(f'attention.routing_scale={self.routing_scale!r}: expected one of '
-                        f'{ROUTING_SCALES}')
+      raise ConfigError(
+        f'attention.routing_scale={self.routing_scale!r}: expected one of {ROUTING_SCALES}'
+      )
     if self.non_routing not in NON_ROUTING_KINDS:
-      raise ConfigError(f'attention.non_routing={self.non_routing!r}: expected one of '
-                        f'{NON_ROUTING_KINDS}')
+      raise ConfigError(
+        f'attention.non_routing={self.non_routing!r}: expected one of {NON_ROUTING_KINDS}'
+      )
     for i in self.routing_layers:
       if not -num_layers <= i < num_layers:
-        raise ConfigError(f'attention.routing_layers={self.routing_layers}: layer {i} is outside '
-                          f'a model of model.num_layers={num_layers}')
+        raise ConfigError(
+          f'attention.routing_layers={self.routing_layers}: layer {i} is outside '
+          f'a model of model.num_layers={num_layers}'
+        )
     for name in ('window', 'local_window'):
       if getattr(self, name) < 1:
         raise ConfigError(f'attention.{name}={getattr(self, name)}: expected a positive integer')
@@ -80,11 +84,15 @@ class AttentionConfig:
       return
     r = self.resolved_routing_heads(num_heads)
     if not 1 <= r <= num_heads:
-      raise ConfigError(f'attention.routing_heads={self.routing_heads}: expected -1 (half) or '
-                        f'1..model.num_heads={num_heads}')
+      raise ConfigError(
+        f'attention.routing_heads={self.routing_heads}: expected -1 (half) or '
+        f'1..model.num_heads={num_heads}'
+      )
     if (num_heads - r) % (num_heads // num_kv_heads):
-      raise ConfigError(f'attention.routing_heads={r}: the {num_heads - r} local heads must be a '
-                        f'multiple of the GQA group size {num_heads // num_kv_heads}')
+      raise ConfigError(
+        f'attention.routing_heads={r}: the {num_heads - r} local heads must be a '
+        f'multiple of the GQA group size {num_heads // num_kv_heads}'
+      )
 
 
 MOE_ROUTERS = ('topk', 'expert_choice')
@@ -130,23 +138,37 @@ class MoEConfig:
       raise ConfigError(f'moe.every={self.every}: expected >= 1')
     if self.num_experts < 0:
       raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
-    for name, allowed in (('router', MOE_ROUTERS), ('score', MOE_SCORES),
-                          ('execution', MOE_EXECUTIONS), ('dropless_impl', MOE_DROPLESS_IMPLS),
-                          ('balance_convention', MOE_BALANCE_CONVENTIONS)):
+    for name, allowed in (
+      ('router', MOE_ROUTERS),
+      ('score', MOE_SCORES),
+      ('execution', MOE_EXECUTIONS),
+      ('dropless_impl', MOE_DROPLESS_IMPLS),
+      ('balance_convention', MOE_BALANCE_CONVENTIONS),
+    ):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'moe.{name}={getattr(self, name)!r}: expected one of {allowed}')
     if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-      raise ConfigError(f'moe.top_k={self.top_k}: expected 1 <= top_k <= '
-                        f'moe.num_experts={self.num_experts}')
+      raise ConfigError(
+        f'moe.top_k={self.top_k}: expected 1 <= top_k <= moe.num_experts={self.num_experts}'
+      )
     if self.capacity_factor <= 0:
       raise ConfigError(f'moe.capacity_factor={self.capacity_factor}: expected > 0')
-    for name in ('expert_dim', 'shared_experts', 'balance_weight', 'z_loss_weight', 'bias_rate',
-                 'jitter', 'erc_weight', 'erc_alpha'):
+    for name in (
+      'expert_dim',
+      'shared_experts',
+      'balance_weight',
+      'z_loss_weight',
+      'bias_rate',
+      'jitter',
+      'erc_weight',
+      'erc_alpha',
+    ):
       if getattr(self, name) < 0:
         raise ConfigError(f'moe.{name}={getattr(self, name)}: expected >= 0')
     if self.erc_weight > 0 and self.num_experts == 0:
-      raise ConfigError(f'moe.erc_weight={self.erc_weight}: the ERC loss needs MoE layers '
-                        '(moe.num_experts > 0)')
+      raise ConfigError(
+        f'moe.erc_weight={self.erc_weight}: the ERC loss needs MoE layers (moe.num_experts > 0)'
+      )
     if self.block_size < 1:
       raise ConfigError(f'moe.block_size={self.block_size}: expected >= 1')
     if self.router == 'expert_choice' and self.score != 'softmax':
@@ -159,6 +181,7 @@ ENTROPY_MODES = ('per_layer', 'global')
 @dataclasses.dataclass(frozen=True)
 class EntropyConfig:
   """Entropy-triggered routing (docs/moe.md); `model.entropy_trigger` implements it."""
+
   enabled: bool = False
   tau: float = 0.7
   plateau: float = 1e-3
@@ -192,6 +215,7 @@ UOE_PARADIGMS = ('data_selection', 'expert_selection')
 @dataclasses.dataclass(frozen=True)
 class UoEConfig:
   """Union of Experts (docs/uoe.md): SMHA attention and UoME feed-forward layers."""
+
   attention: str = 'dense'
   feed_forward: str = 'mlp'
   layers: tuple[int, ...] = ()
@@ -227,26 +251,36 @@ class UoEConfig:
     return _slots(self.expert_capacity, seq_len, self.experts_per_token, self.num_experts)
 
   def validate(self, num_layers: int, num_heads: int, mlp_dim: int) -> None:
-    for name, allowed in (('attention', UOE_ATTENTIONS), ('feed_forward', UOE_FEED_FORWARDS),
-                          ('paradigm', UOE_PARADIGMS)):
+    for name, allowed in (
+      ('attention', UOE_ATTENTIONS),
+      ('feed_forward', UOE_FEED_FORWARDS),
+      ('paradigm', UOE_PARADIGMS),
+    ):
       if getattr(self, name) not in allowed:
         raise ConfigError(f'uoe.{name}={getattr(self, name)!r}: expected one of {allowed}')
     for i in self.layers:
       if not -num_layers <= i < num_layers:
-        raise ConfigError(f'uoe.layers={self.layers}: layer {i} is outside a model of '
-                          f'model.num_layers={num_layers}')
+        raise ConfigError(
+          f'uoe.layers={self.layers}: layer {i} is outside a model of model.num_layers={num_layers}'
+        )
     h = self.resolved_heads_per_token(num_heads)
     if not 1 <= h <= num_heads:
-      raise ConfigError(f'uoe.heads_per_token={self.heads_per_token}: expected -1 (half) or '
-                        f'1..model.num_heads={num_heads}')
+      raise ConfigError(
+        f'uoe.heads_per_token={self.heads_per_token}: expected -1 (half) or '
+        f'1..model.num_heads={num_heads}'
+      )
     if self.num_experts < 1:
       raise ConfigError(f'uoe.num_experts={self.num_experts}: expected a positive integer')
     if not 1 <= self.experts_per_token <= self.num_experts:
-      raise ConfigError(f'uoe.experts_per_token={self.experts_per_token}: expected 1..'
-                        f'uoe.num_experts={self.num_experts}')
+      raise ConfigError(
+        f'uoe.experts_per_token={self.experts_per_token}: expected 1..'
+        f'uoe.num_experts={self.num_experts}'
+      )
     if self.feed_forward == 'uome' and mlp_dim % self.num_experts:
-      raise ConfigError(f'uoe.num_experts={self.num_experts} must divide model.mlp_dim={mlp_dim} '
-                        '(each expert is a column/row block of the dense MLP)')
+      raise ConfigError(
+        f'uoe.num_experts={self.num_experts} must divide model.mlp_dim={mlp_dim} '
+        '(each expert is a column/row block of the dense MLP)'
+      )
     for name in ('head_capacity', 'expert_capacity'):
       if getattr(self, name) <= 0:
         raise ConfigError(f'uoe.{name}={getattr(self, name)}: expected > 0')
@@ -288,8 +322,11 @@ class ModelConfig:
     """Layers with a learned router the entropy trigger monitors: MoE layers and UoE layers (the
     SMHA and UoME gates)."""
     n = self.num_layers
-    return [i for i in range(n) if self.moe.is_moe_layer(i) or self.uoe.is_smha_layer(i, n)
-            or self.uoe.is_uome_layer(i, n)]
+    return [
+      i
+      for i in range(n)
+      if self.moe.is_moe_layer(i) or self.uoe.is_smha_layer(i, n) or self.uoe.is_uome_layer(i, n)
+    ]
 
   def validate(self) -> None:
     check_finite('model', self)
@@ -300,13 +337,16 @@ class ModelConfig:
         raise ConfigError(f'model.{name}={getattr(self, name)}: expected a positive integer')
     if self.d_model % self.num_heads:
       raise ConfigError(
-          f'model.num_heads={self.num_heads} must divide model.d_model={self.d_model}')
+        f'model.num_heads={self.num_heads} must divide model.d_model={self.d_model}'
+      )
     if self.head_dim % 2:
       raise ConfigError(
-          f'model.d_model/model.num_heads={self.head_dim}: RoPE needs an even head dimension')
+        f'model.d_model/model.num_heads={self.head_dim}: RoPE needs an even head dimension'
+      )
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
-          f'model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}')
+        f'model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}'
+      )
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
     for name in ('dtype', 'param_dtype'):
@@ -319,19 +359,27 @@ class ModelConfig:
     self.attention.validate_heads(self.num_heads, self.num_kv_heads)
     self.moe.validate()
     if self.moe.erc_weight > 0 and not any(map(self.moe.is_moe_layer, range(self.num_layers))):
-      raise ConfigError(f'moe.erc_weight={self.moe.erc_weight}: no MoE layer in '
-                        f'model.num_layers={self.num_layers} with moe.every={self.moe.every}')
+      raise ConfigError(
+        f'moe.erc_weight={self.moe.erc_weight}: no MoE layer in '
+        f'model.num_layers={self.num_layers} with moe.every={self.moe.every}'
+      )
     self.entropy.validate()
     if self.entropy.enabled and not self.routed_layers():
-      raise ConfigError('entropy.enabled=True: the model has no routed layer to monitor '
-                        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every}, '
-                        f'uoe.attention={self.uoe.attention!r}, uoe.feed_forward={self.uoe.feed_forward!r})')
+      raise ConfigError(
+        'entropy.enabled=True: the model has no routed layer to monitor '
+        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every}, '
+        f'uoe.attention={self.uoe.attention!r}, uoe.feed_forward={self.uoe.feed_forward!r})'
+      )
     self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
     routing = self.attention.routing_layers_resolved(self.num_layers)
     for i in range(self.num_layers):
       if self.uoe.is_smha_layer(i, self.num_layers) and i in routing:
-        raise ConfigError(f'uoe.attention=smha: layer {i} already has routing attention '
-                          '(attention.kind=routing); restrict uoe.layers or attention.routing_layers')
+        raise ConfigError(
+          f'uoe.attention=smha: layer {i} already has routing attention '
+          '(attention.kind=routing); restrict uoe.layers or attention.routing_layers'
+        )
       if self.uoe.is_uome_layer(i, self.num_layers) and self.moe.is_moe_layer(i):
-        raise ConfigError(f'uoe.feed_forward=uome: layer {i} is already an MoE layer '
-                          '(moe.num_experts > 0); restrict uoe.layers or moe.every')
+        raise ConfigError(
+          f'uoe.feed_forward=uome: layer {i} is already an MoE layer '
+          '(moe.num_experts > 0); restrict uoe.layers or moe.every'
+        )

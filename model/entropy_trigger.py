@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import axes, router
-from model.validity import masked_mean
 from model.config import EntropyConfig
+from model.validity import masked_mean
 
 # Key of a monitor's statistics inside its layer's aux['stats'] (how mode 'global' finds them).
 STATS_KEY = 'entropy'
@@ -45,8 +45,9 @@ def _plogp(p: jax.Array) -> jax.Array:
   return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
 
 
-def routing_entropies(probs_TE: jax.Array,
-                      valid_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def routing_entropies(
+  probs_TE: jax.Array, valid_T: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """(H_tok, H_use): mean token entropy and entropy of the mean distribution, both / log E, f32,
   over the valid tokens (`valid_T`; all when None).
 
@@ -62,8 +63,9 @@ def routing_entropies(probs_TE: jax.Array,
   return h_tok, h_use
 
 
-def entropy_loss(h_tok: jax.Array, h_use: jax.Array, w: jax.Array, beta_tok: float,
-                 beta_use: float) -> jax.Array:
+def entropy_loss(
+  h_tok: jax.Array, h_use: jax.Array, w: jax.Array, beta_tok: float, beta_use: float
+) -> jax.Array:
   """(1 - w) * L_coverage + w * L_specialisation, with w in [0, 1] the ramp weight."""
   coverage = -beta_use * h_use - beta_tok * h_tok
   specialisation = -beta_use * h_use + beta_tok * h_tok
@@ -78,6 +80,7 @@ class TriggerState(NamedTuple):
   ring buffer: slot `u % W` holds the EMA after update u, so the EMA of W updates ago is read in
   O(1) before it is overwritten.
   """
+
   ema: jax.Array
   trigger_step: jax.Array
   step: jax.Array
@@ -85,8 +88,12 @@ class TriggerState(NamedTuple):
 
 
 def init_trigger(window: int) -> TriggerState:
-  return TriggerState(ema=jnp.ones((), jnp.float32), trigger_step=jnp.full((), -1, jnp.int32),
-                      step=jnp.zeros((), jnp.int32), history_W=jnp.zeros((window,), jnp.float32))
+  return TriggerState(
+    ema=jnp.ones((), jnp.float32),
+    trigger_step=jnp.full((), -1, jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    history_W=jnp.zeros((window,), jnp.float32),
+  )
 
 
 def update_trigger(state: TriggerState, h_tok: jax.Array, cfg: EntropyConfig) -> TriggerState:
@@ -98,15 +105,18 @@ def update_trigger(state: TriggerState, h_tok: jax.Array, cfg: EntropyConfig) ->
   """
   h_tok = jnp.asarray(h_tok, jnp.float32).reshape(())
   step = state.step + 1
-  ema = jnp.where(state.step == 0, h_tok,
-                  cfg.ema_decay * state.ema + (1.0 - cfg.ema_decay) * h_tok)
+  ema = jnp.where(state.step == 0, h_tok, cfg.ema_decay * state.ema + (1.0 - cfg.ema_decay) * h_tok)
   window = state.history_W.shape[0]
   slot = step % window
   ema_window_ago = state.history_W[slot]  # EMA after update step - W (valid when step > W)
   plateau = (step > window) & (jnp.abs(ema - ema_window_ago) < cfg.plateau)
   fire = (state.trigger_step < 0) & ((ema < cfg.tau) | plateau)
-  return TriggerState(ema=ema, trigger_step=jnp.where(fire, step, state.trigger_step),
-                      step=step, history_W=state.history_W.at[slot].set(ema))
+  return TriggerState(
+    ema=ema,
+    trigger_step=jnp.where(fire, step, state.trigger_step),
+    step=step,
+    history_W=state.history_W.at[slot].set(ema),
+  )
 
 
 def ramp_weight(state: TriggerState, ramp_steps: int) -> jax.Array:
@@ -125,6 +135,7 @@ def share_across_layers(stats):
   mean of the EMAs), so all layers fire at the same step, when the mean EMA over layers crosses.
   Works on the model's whole aux['stats'] (scanned stages stack layers on a leading axis).
   """
+
   def is_h_tok(path) -> bool:
     keys = [getattr(k, 'key', None) for k in path]
     return keys[-2:] == [STATS_KEY, 'h_tok']
@@ -135,7 +146,8 @@ def share_across_layers(stats):
   flat = jnp.concatenate([jnp.reshape(x, (-1,)) for x in leaves])
   mean = jnp.mean(flat.astype(jnp.float32))
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.full_like(x, mean) if is_h_tok(path) else x, stats)
+    lambda path, x: jnp.full_like(x, mean) if is_h_tok(path) else x, stats
+  )
 
 
 class EntropyMonitor(nnx.Module):
@@ -157,17 +169,25 @@ class EntropyMonitor(nnx.Module):
     self.history = axes.routing_state(init.history_W, (None,))
 
   def state(self) -> TriggerState:
-    return TriggerState(self.ema[...][0], self.trigger_step[...][0], self.step[...][0],
-                        self.history[...])
+    return TriggerState(
+      self.ema[...][0], self.trigger_step[...][0], self.step[...][0], self.history[...]
+    )
 
-  def __call__(self, probs_TE: jax.Array,
-               valid_T: jax.Array | None = None) -> tuple[jax.Array, dict, dict]:
+  def __call__(
+    self, probs_TE: jax.Array, valid_T: jax.Array | None = None
+  ) -> tuple[jax.Array, dict, dict]:
     c, state = self.cfg, self.state()
     h_tok, h_use = routing_entropies(probs_TE, valid_T)
     w = ramp_weight(state, c.ramp_steps)
     loss = entropy_loss(h_tok, h_use, w, c.beta_tok, c.beta_use)
-    metrics = {'h_tok': h_tok, 'h_use': h_use, 'h_tok_ema': state.ema,
-               'trigger_step': state.trigger_step, 'ramp_weight': w, 'entropy_loss': loss}
+    metrics = {
+      'h_tok': h_tok,
+      'h_use': h_use,
+      'h_tok_ema': state.ema,
+      'trigger_step': state.trigger_step,
+      'ramp_weight': w,
+      'entropy_loss': loss,
+    }
     metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
     return loss, metrics, {'h_tok': jax.lax.stop_gradient(h_tok)}
 

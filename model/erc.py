@@ -44,8 +44,13 @@ def _norm(x: jax.Array, axis: int) -> jax.Array:
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-def activations(router_DE: jax.Array, w_gate_EDF: jax.Array, *, delta_ED: jax.Array | None = None,
-                grad_to_router: bool = False) -> jax.Array:
+def activations(
+  router_DE: jax.Array,
+  w_gate_EDF: jax.Array,
+  *,
+  delta_ED: jax.Array | None = None,
+  grad_to_router: bool = False,
+) -> jax.Array:
   """M[i, j] = ||R~_i W_g^j||_2 [E, E] with R~ = delta ⊙ R.
 
   R~ is stop-gradient unless `grad_to_router`, which keeps the gradient through R (not delta).
@@ -59,8 +64,14 @@ def activations(router_DE: jax.Array, w_gate_EDF: jax.Array, *, delta_ED: jax.Ar
   return _norm(h_EEF, axis=-1)
 
 
-def erc_loss(router_DE: jax.Array, w_gate_EDF: jax.Array, *, alpha: float = 1.0,
-             delta_ED: jax.Array | None = None, grad_to_router: bool = False) -> jax.Array:
+def erc_loss(
+  router_DE: jax.Array,
+  w_gate_EDF: jax.Array,
+  *,
+  alpha: float = 1.0,
+  delta_ED: jax.Array | None = None,
+  grad_to_router: bool = False,
+) -> jax.Array:
   """Eq. 3: 1/n² Σ_i Σ_{j≠i} [relu(M[i,j] − α M[i,i]) + relu(M[j,i] − α M[i,i])], f32 scalar."""
   m_EE = activations(router_DE, w_gate_EDF, delta_ED=delta_ED, grad_to_router=grad_to_router)
   diag_E = jnp.diag(m_EE)

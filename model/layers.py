@@ -36,8 +36,9 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
-    self.scale = axes.param(rngs, jax.nn.initializers.ones, (cfg.d_model,), ('norm',),
-                            cfg.param_dtype)
+    self.scale = axes.param(
+      rngs, jax.nn.initializers.ones, (cfg.d_model,), ('norm',), cfg.param_dtype
+    )
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     return rms_norm(x_BLD, self.scale[...], self.eps)
@@ -65,8 +66,9 @@ class Embedding(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
-    self.embedding = axes.param(rngs, init_normal(cfg), (cfg.vocab_size, cfg.d_model),
-                                ('vocab', 'embed'), cfg.param_dtype)
+    self.embedding = axes.param(
+      rngs, init_normal(cfg), (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg.param_dtype
+    )
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
     """Gathers rows first, then casts: cheaper than casting the whole table."""
@@ -75,12 +77,14 @@ class Embedding(nnx.Module):
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     """Logits against every row of the table, accumulated and returned in f32."""
     table_VD = self.embedding[...].astype(self.dtype)
-    return jnp.einsum('bld,vd->blv', x_BLD.astype(self.dtype), table_VD,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      'bld,vd->blv', x_BLD.astype(self.dtype), table_VD, preferred_element_type=jnp.float32
+    )
 
 
-def swiglu(x_BLD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,
-           w_down_FD: jax.Array) -> jax.Array:
+def swiglu(
+  x_BLD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array
+) -> jax.Array:
   """(silu(x @ w_gate) * (x @ w_up)) @ w_down, in the dtype of its inputs."""
   gate_BLF = jnp.einsum('bld,df->blf', x_BLD, w_gate_DF)
   up_BLF = jnp.einsum('bld,df->blf', x_BLD, w_up_DF)
@@ -96,8 +100,9 @@ class MLP(nnx.Module):
     d, f = cfg.d_model, cfg.mlp_dim
     self.w_gate = axes.param(rngs, init_normal(cfg), (d, f), ('embed', 'mlp'), cfg.param_dtype)
     self.w_up = axes.param(rngs, init_normal(cfg), (d, f), ('embed', 'mlp'), cfg.param_dtype)
-    self.w_down = axes.param(rngs, init_normal(cfg, output=True), (f, d), ('mlp', 'embed'),
-                             cfg.param_dtype)
+    self.w_down = axes.param(
+      rngs, init_normal(cfg, output=True), (f, d), ('mlp', 'embed'), cfg.param_dtype
+    )
 
   @staticmethod
   def reads_future(cfg: ModelConfig) -> str | None:

@@ -29,7 +29,8 @@ class LocalAttention(Attention):
     del cfg
     return None
 
-  def attend(self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array,
-             segment_ids_BL: jax.Array | None) -> jax.Array:
+  def attend(
+    self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array | None
+  ) -> jax.Array:
     window = min(self.local_window, q_BLHK.shape[1])  # a prefix shorter than the window: one block
     return local_attention(q_BLHK, k_BLGK, v_BLGK, window=window, segment_ids_BL=segment_ids_BL)

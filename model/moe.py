@@ -26,8 +26,9 @@ DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
 
 def _swiglu_E(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Expert e's SwiGLU on its rows x_ECD[e]."""
-  h_ECF = (jax.nn.silu(jnp.einsum('ecd,edf->ecf', x_ECD, w_gate_EDF)) *
-           jnp.einsum('ecd,edf->ecf', x_ECD, w_up_EDF))
+  h_ECF = jax.nn.silu(jnp.einsum('ecd,edf->ecf', x_ECD, w_gate_EDF)) * jnp.einsum(
+    'ecd,edf->ecf', x_ECD, w_up_EDF
+  )
   return jnp.einsum('ecf,efd->ecd', h_ECF, w_down_EFD)
 
 
@@ -35,8 +36,9 @@ def experts_reference(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down
   """Every expert on every token, combined with the weights of the selected experts."""
   e = w_gate_EDF.shape[0]
   y_ETD = _swiglu_E(jnp.broadcast_to(x_TD, (e, *x_TD.shape)), w_gate_EDF, w_up_EDF, w_down_EFD)
-  combine_TE = jnp.einsum('tk,tke->te', weights_TK.astype(x_TD.dtype),
-                          jax.nn.one_hot(experts_TK, e, dtype=x_TD.dtype))
+  combine_TE = jnp.einsum(
+    'tk,tke->te', weights_TK.astype(x_TD.dtype), jax.nn.one_hot(experts_TK, e, dtype=x_TD.dtype)
+  )
   return jnp.einsum('etd,te->td', y_ETD, combine_TE)
 
 
@@ -82,8 +84,17 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def experts_dropless(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *,
-                     impl: str = 'auto', block_size: int = 128):
+def experts_dropless(
+  x_TD,
+  weights_TK,
+  experts_TK,
+  w_gate_EDF,
+  w_up_EDF,
+  w_down_EFD,
+  *,
+  impl: str = 'auto',
+  block_size: int = 128,
+):
   """Every assignment computed exactly once: sort, grouped matmul, unsort, combine."""
   e = w_gate_EDF.shape[0]
   k = experts_TK.shape[1]
@@ -91,12 +102,15 @@ def experts_dropless(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_
   experts_A, order_A, rank_A, sizes_E = _sort(experts_TK, e)
   if resolve_impl(impl) == 'ragged_dot':
     xs_AD = _take_rows(x_AD, order_A, rank_A)
-    h_AF = (jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E)) *
-            jax.lax.ragged_dot(xs_AD, w_up_EDF, sizes_E))
+    h_AF = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(
+      xs_AD, w_up_EDF, sizes_E
+    )
     ys_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
     return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
-  return _combine(_blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD,
-                           block_size), weights_TK)
+  return _combine(
+    _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, block_size),
+    weights_TK,
+  )
 
 
 def _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b):
@@ -160,14 +174,19 @@ def _block_bwd(res, dy_NBD):
     return dx_BD, x_BD.T @ dg_BF, x_BD.T @ du_BF, (silu_BF * u_BF).T @ dy_BD
 
   def skip(x_BD, e, g_BF, u_BF, dy_BD):
-    return (jnp.zeros_like(x_BD), jnp.zeros_like(w_gate_EDF[0]), jnp.zeros_like(w_up_EDF[0]),
-            jnp.zeros_like(w_down_EFD[0]))
+    return (
+      jnp.zeros_like(x_BD),
+      jnp.zeros_like(w_gate_EDF[0]),
+      jnp.zeros_like(w_up_EDF[0]),
+      jnp.zeros_like(w_down_EFD[0]),
+    )
 
   def body(acc, inputs):
     e, used = inputs[1], inputs[2]
     dx_BD, *dw = jax.lax.cond(used, grads, skip, inputs[0], e, *inputs[3:])
     add = lambda acc_EXY, d_XY: jax.lax.dynamic_update_index_in_dim(
-        acc_EXY, _w(acc_EXY, e) + d_XY.astype(acc_EXY.dtype), e, 0)
+      acc_EXY, _w(acc_EXY, e) + d_XY.astype(acc_EXY.dtype), e, 0
+    )
     return tuple(map(add, acc, dw)), dx_BD
 
   zeros = tuple(jnp.zeros_like(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
@@ -183,8 +202,9 @@ def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> i
   return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
-def _capacity_slots(experts_TK, num_experts: int, capacity_factor: float, num_groups: int,
-                    valid_T=None):
+def _capacity_slots(
+  experts_TK, num_experts: int, capacity_factor: float, num_groups: int, valid_T=None
+):
   """Expert one-hot [G, K, S, E], slot [G, K, S] and kept mask [G, K, S] of every assignment, and C.
 
   Slots are given in order: all first choices of a group, then all second choices, ... Invalid
@@ -207,16 +227,27 @@ def _capacity_slots(experts_TK, num_experts: int, capacity_factor: float, num_gr
   return mask_GKSE, pos_GKS, keep_GKS, c
 
 
-def capacity_kept(experts_TK, num_experts: int, capacity_factor: float, *,
-                  num_groups: int = 1, valid_T=None) -> jax.Array:
+def capacity_kept(
+  experts_TK, num_experts: int, capacity_factor: float, *, num_groups: int = 1, valid_T=None
+) -> jax.Array:
   """[T, K] bool: which assignments `experts_capacity` runs (False = dropped for lack of slots)."""
   t, k = experts_TK.shape
   keep_GKS = _capacity_slots(experts_TK, num_experts, capacity_factor, num_groups, valid_T)[2]
   return keep_GKS.transpose(0, 2, 1).reshape(t, k)
 
 
-def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
-                     capacity_factor: float, *, num_groups: int = 1, valid_T=None):
+def experts_capacity(
+  x_TD,
+  weights_TK,
+  experts_TK,
+  w_gate_EDF,
+  w_up_EDF,
+  w_down_EFD,
+  capacity_factor: float,
+  *,
+  num_groups: int = 1,
+  valid_T=None,
+):
   """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction).
 
   With `num_groups` G, the T tokens are G consecutive groups (e.g. sequences), each with its own
@@ -236,8 +267,11 @@ def experts_capacity(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_
   y_EGCD = _swiglu_E(x_EGCD.reshape(e, g * c, -1), w_gate_EDF, w_up_EDF, w_down_EFD)
   y_EGCD = axes.constrain(y_EGCD.reshape(e, g, c, -1), names)
   y_GSD = jnp.einsum('gsec,egcd->gsd', combine_GSEC, y_EGCD)
-  valid_A = (None if valid_T is None else
-             jnp.broadcast_to(valid_T.reshape(g, 1, s), keep_GKS.shape).reshape(-1))
+  valid_A = (
+    None
+    if valid_T is None
+    else jnp.broadcast_to(valid_T.reshape(g, 1, s), keep_GKS.shape).reshape(-1)
+  )
   dropped = 1.0 - validity.masked_mean(keep_GKS.reshape(-1), valid_A)
   return y_GSD.reshape(t, -1), dropped
 
@@ -248,4 +282,3 @@ def experts_choice(x_TD, weights_EC, tokens_EC, w_gate_EDF, w_up_EDF, w_down_EFD
   y_ECD = _swiglu_E(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD)
   y_ECD = y_ECD * weights_EC[..., None].astype(y_ECD.dtype)
   return jnp.zeros_like(x_TD).at[tokens_EC.reshape(-1)].add(y_ECD.reshape(-1, x_TD.shape[-1]))
-

@@ -35,11 +35,17 @@ class MoE(nnx.Module):
     self.router = axes.param(rngs, init_normal(cfg), (d, e), ('embed', None), pd)
     self.w_gate = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
     self.w_up = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
-    self.w_down = axes.param(rngs, init_normal(cfg, output=True), (e, f, d),
-                             ('expert', 'mlp', 'embed'), pd)
-    self.shared = (MLP(dataclasses.replace(cfg, mlp_dim=m.shared_experts * f), rngs=rngs)
-                   if m.shared_experts else None)
-    self.bias = axes.routing_state(jnp.zeros((e,), jnp.float32), ('expert',)) if m.bias_rate else None
+    self.w_down = axes.param(
+      rngs, init_normal(cfg, output=True), (e, f, d), ('expert', 'mlp', 'embed'), pd
+    )
+    self.shared = (
+      MLP(dataclasses.replace(cfg, mlp_dim=m.shared_experts * f), rngs=rngs)
+      if m.shared_experts
+      else None
+    )
+    self.bias = (
+      axes.routing_state(jnp.zeros((e,), jnp.float32), ('expert',)) if m.bias_rate else None
+    )
     # Raw key data as routing state, advanced in update_state: fresh noise every step.
     self.jitter_key = _key_state(rngs) if m.jitter else None
     self.erc_key = _key_state(rngs) if m.erc_weight else None
@@ -53,8 +59,10 @@ class MoE(nnx.Module):
     if m.router == 'expert_choice':
       return 'expert-choice MoE: each expert takes its top-C tokens of the whole sequence'
     if m.execution == 'capacity' and m.capacity_factor * m.top_k < m.num_experts:
-      return ('capacity execution: tokens of a sequence compete for C slots per expert (first '
-              'choices of later tokens before second choices of earlier ones)')
+      return (
+        'capacity execution: tokens of a sequence compete for C slots per expert (first '
+        'choices of later tokens before second choices of earlier ones)'
+      )
     return None
 
   def _logits(self, x_TD: jax.Array) -> jax.Array:
@@ -62,12 +70,14 @@ class MoE(nnx.Module):
     x32_TD = x_TD.astype(jnp.float32)
     if self.jitter_key is not None and not self.deterministic:
       j = self.cfg.moe.jitter
-      x32_TD = x32_TD * jax.random.uniform(self.jitter_key[...], x32_TD.shape, jnp.float32,
-                                           1.0 - j, 1.0 + j)
+      x32_TD = x32_TD * jax.random.uniform(
+        self.jitter_key[...], x32_TD.shape, jnp.float32, 1.0 - j, 1.0 + j
+      )
     return x32_TD @ self.router[...].astype(jnp.float32)
 
-  def __call__(self, x_BLD: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     m, dtype = self.cfg.moe, jnp.dtype(self.cfg.dtype)
     b, l, d = x_BLD.shape
     x_TD = x_BLD.reshape(b * l, d).astype(dtype)
@@ -78,22 +88,32 @@ class MoE(nnx.Module):
     if m.router == 'expert_choice':
       out, y_TD = self._expert_choice(x_TD, logits_TE.reshape(b, l, -1), valid_BL, ws)
       assign_BLE = jax.vmap(expert_choice_assignment, in_axes=(0, 0, None))(
-          out.indices, out.kept, l)
+        out.indices, out.kept, l
+      )
     else:
       bias_E = None if self.bias is None else self.bias[...]
-      out = router.route_topk(logits_TE, m.top_k, score=m.score, bias_E=bias_E,
-                              renormalize=m.renormalize, valid_T=valid_T,
-                              convention=m.balance_convention)
+      out = router.route_topk(
+        logits_TE,
+        m.top_k,
+        score=m.score,
+        bias_E=bias_E,
+        renormalize=m.renormalize,
+        valid_T=valid_T,
+        convention=m.balance_convention,
+      )
       kept_TK = None
       if m.execution == 'capacity':
-        y_TD, dropped = moe.experts_capacity(x_TD, out.weights, out.indices, *ws,
-                                             m.capacity_factor, num_groups=b, valid_T=valid_T)
+        y_TD, dropped = moe.experts_capacity(
+          x_TD, out.weights, out.indices, *ws, m.capacity_factor, num_groups=b, valid_T=valid_T
+        )
         out = out._replace(dropped_fraction=dropped)
-        kept_TK = moe.capacity_kept(out.indices, m.num_experts, m.capacity_factor, num_groups=b,
-                                    valid_T=valid_T)
+        kept_TK = moe.capacity_kept(
+          out.indices, m.num_experts, m.capacity_factor, num_groups=b, valid_T=valid_T
+        )
       else:
-        y_TD = moe.experts_dropless(x_TD, out.weights, out.indices, *ws,
-                                    impl=m.dropless_impl, block_size=m.block_size)
+        y_TD = moe.experts_dropless(
+          x_TD, out.weights, out.indices, *ws, impl=m.dropless_impl, block_size=m.block_size
+        )
       assign_BLE = topk_assignment(out.indices, m.num_experts, kept_TK).reshape(b, l, -1)
       assign_BLE = assign_BLE & valid_BL[..., None]
     y_BLD = axes.constrain(y_TD.reshape(b, l, d), block.RESIDUAL)
@@ -102,12 +122,15 @@ class MoE(nnx.Module):
     loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
     erc_loss, erc_metrics = self._erc()
     entropy_loss, entropy_metrics, stats = self._entropy(logits_TE, valid_T)
-    return y_BLD, {'loss': (loss + erc_loss + entropy_loss).astype(jnp.float32),
-                   'metrics': {**self._metrics(out), **erc_metrics, **entropy_metrics},
-                   'stats': {'expert_counts': out.load_E, 'assign_BLE': assign_BLE, **stats}}
+    return y_BLD, {
+      'loss': (loss + erc_loss + entropy_loss).astype(jnp.float32),
+      'metrics': {**self._metrics(out), **erc_metrics, **entropy_metrics},
+      'stats': {'expert_counts': out.load_E, 'assign_BLE': assign_BLE, **stats},
+    }
 
-  def _entropy(self, logits_TE: jax.Array,
-               valid_T: jax.Array | None) -> tuple[jax.Array, dict, dict]:
+  def _entropy(
+    self, logits_TE: jax.Array, valid_T: jax.Array | None
+  ) -> tuple[jax.Array, dict, dict]:
     """Normalised routing entropies H_tok, H_use of the full distribution (bias excluded), always
     logged; with `entropy.enabled` also the trigger's loss, state metrics and stats.
 
@@ -132,8 +155,9 @@ class MoE(nnx.Module):
       return jnp.zeros((), jnp.float32), {}
     metrics = {'moe/coupling_level': erc.coupling_level(r_DE, wg_EDF)}
     delta_ED = erc.erc_noise(self.erc_key[...], r_DE)
-    loss = erc.erc_loss(r_DE, wg_EDF, alpha=m.erc_alpha, delta_ED=delta_ED,
-                        grad_to_router=m.erc_grad_to_router)
+    loss = erc.erc_loss(
+      r_DE, wg_EDF, alpha=m.erc_alpha, delta_ED=delta_ED, grad_to_router=m.erc_grad_to_router
+    )
     metrics.update({'moe/erc_loss': loss, 'moe/erc_epsilon': erc.mean_epsilon(r_DE)})
     layers = sum(map(m.is_moe_layer, range(self.cfg.num_layers)))
     return m.erc_weight * loss / layers, metrics
@@ -149,22 +173,33 @@ class MoE(nnx.Module):
     c = formula(l)
     used_B = validity.slots_for(formula, valid_BL.sum(-1), l)
     out = jax.vmap(lambda z, v, u: router.route_expert_choice(z, c, valid_T=v, used_capacity=u))(
-        logits_BLE, valid_BL, used_B)
+      logits_BLE, valid_BL, used_B
+    )
     y_BLD = jax.vmap(moe.experts_choice, in_axes=(0, 0, 0, None, None, None))(
-        x_TD.reshape(b, l, -1), out.weights, out.indices, *ws)
+      x_TD.reshape(b, l, -1), out.weights, out.indices, *ws
+    )
     n_B = valid_BL.sum(-1).astype(jnp.float32)
     over_tokens = lambda v_B: jnp.sum(v_B * n_B) / jnp.maximum(n_B.sum(), 1.0)  # row -> token mean
-    out = out._replace(load_E=out.load_E.sum(0), z_loss=over_tokens(out.z_loss),
-                       entropy=over_tokens(out.entropy), balance_loss=out.balance_loss.mean(),
-                       dropped_fraction=over_tokens(out.dropped_fraction))
+    out = out._replace(
+      load_E=out.load_E.sum(0),
+      z_loss=over_tokens(out.z_loss),
+      entropy=over_tokens(out.entropy),
+      balance_loss=out.balance_loss.mean(),
+      dropped_fraction=over_tokens(out.dropped_fraction),
+    )
     return out, y_BLD.reshape(b * l, -1)
 
   def _metrics(self, out: router.RouterOutput) -> dict:
     load_E = out.load_E
     mean = jnp.maximum(load_E.mean(), 1e-9)
-    metrics = {'moe/load_max_mean': load_E.max() / mean, 'moe/load_cv': load_E.std() / mean,
-               'moe/dropped_fraction': out.dropped_fraction, 'moe/router_entropy': out.entropy,
-               'moe/z_loss': out.z_loss, 'moe/balance_loss': out.balance_loss}
+    metrics = {
+      'moe/load_max_mean': load_E.max() / mean,
+      'moe/load_cv': load_E.std() / mean,
+      'moe/dropped_fraction': out.dropped_fraction,
+      'moe/router_entropy': out.entropy,
+      'moe/z_loss': out.z_loss,
+      'moe/balance_loss': out.balance_loss,
+    }
     if self.bias is not None:
       metrics['moe/bias_norm'] = jnp.linalg.norm(self.bias[...])
     return {k: v.astype(jnp.float32) for k, v in metrics.items()}
@@ -172,8 +207,9 @@ class MoE(nnx.Module):
   def update_state(self, stats: dict) -> None:
     """Loss-free bias from this step's global loads; fresh noise keys; the entropy trigger."""
     if self.bias is not None:
-      self.bias[...] = router.update_bias(self.bias[...], stats['expert_counts'],
-                                          self.cfg.moe.bias_rate)
+      self.bias[...] = router.update_bias(
+        self.bias[...], stats['expert_counts'], self.cfg.moe.bias_rate
+      )
     if self.jitter_key is not None:
       self.jitter_key[...] = jax.random.fold_in(self.jitter_key[...], 1)
     if self.erc_key is not None:
@@ -182,8 +218,9 @@ class MoE(nnx.Module):
       self.entropy.update_state(stats[entropy_trigger.STATS_KEY])
 
 
-def topk_assignment(experts_TK: jax.Array, num_experts: int,
-                    kept_TK: jax.Array | None = None) -> jax.Array:
+def topk_assignment(
+  experts_TK: jax.Array, num_experts: int, kept_TK: jax.Array | None = None
+) -> jax.Array:
   """[T, E] bool: the experts each token was sent to; assignments not kept (capacity) excluded."""
   hot_TKE = jax.nn.one_hot(experts_TK, num_experts, dtype=jnp.bool_)
   if kept_TK is not None:
@@ -196,8 +233,9 @@ def expert_choice_assignment(tokens_EC: jax.Array, kept_EC: jax.Array, length: i
   tokens: no expert)."""
   e = tokens_EC.shape[0]
   experts_EC = jnp.broadcast_to(jnp.arange(e)[:, None], tokens_EC.shape)
-  return jnp.zeros((length, e), jnp.int32).at[tokens_EC, experts_EC].add(
-      kept_EC.astype(jnp.int32)) > 0
+  return (
+    jnp.zeros((length, e), jnp.int32).at[tokens_EC, experts_EC].add(kept_EC.astype(jnp.int32)) > 0
+  )
 
 
 def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:

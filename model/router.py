@@ -30,6 +30,7 @@ class RouterOutput(NamedTuple):
   assignments per expert (f32); `dropped_fraction` is the share of tokens that no expert processes
   (expert choice) and is filled in by capacity execution otherwise.
   """
+
   weights: jax.Array
   indices: jax.Array
   load_E: jax.Array
@@ -49,9 +50,14 @@ def scores(logits_TE: jax.Array, score: str) -> jax.Array:
   raise ValueError(f'score={score!r}: expected one of {SCORES}')
 
 
-def topk_route(logits_TE: jax.Array, k: int, *, score: str = 'softmax',
-               bias_E: jax.Array | None = None, renormalize: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
+def topk_route(
+  logits_TE: jax.Array,
+  k: int,
+  *,
+  score: str = 'softmax',
+  bias_E: jax.Array | None = None,
+  renormalize: bool = True,
+) -> tuple[jax.Array, jax.Array]:
   """Each token's top-k experts and their gate weights.
 
   `bias_E` (loss-free balancing) is added to the scores for the selection only; the weights are
@@ -72,8 +78,12 @@ def z_loss(logits_TE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
   return masked_mean(jnp.square(lse_T), valid_T)
 
 
-def balance_loss(probs_TE: jax.Array, experts_TK: jax.Array, valid_T: jax.Array | None = None,
-                 convention: str = 'assignments') -> jax.Array:
+def balance_loss(
+  probs_TE: jax.Array,
+  experts_TK: jax.Array,
+  valid_T: jax.Array | None = None,
+  convention: str = 'assignments',
+) -> jax.Array:
   """Switch loss E * sum_i f_i P_i over the (valid) tokens; f is not differentiable.
 
   P_i is the mean router probability of expert i. f_i is, with `convention='assignments'`, the
@@ -99,22 +109,35 @@ def _distribution(s_TE: jax.Array, score: str) -> jax.Array:
   return s_TE if score == 'softmax' else s_TE / jnp.maximum(s_TE.sum(-1, keepdims=True), 1e-9)
 
 
-def route_topk(logits_TE: jax.Array, k: int, *, score: str = 'softmax',
-               bias_E: jax.Array | None = None, renormalize: bool = True,
-               valid_T: jax.Array | None = None, convention: str = 'assignments') -> RouterOutput:
+def route_topk(
+  logits_TE: jax.Array,
+  k: int,
+  *,
+  score: str = 'softmax',
+  bias_E: jax.Array | None = None,
+  renormalize: bool = True,
+  valid_T: jax.Array | None = None,
+  convention: str = 'assignments',
+) -> RouterOutput:
   """Token-choice routing with its losses and statistics (over the valid tokens)."""
   logits_TE = logits_TE.astype(jnp.float32)
-  weights_TK, experts_TK = topk_route(logits_TE, k, score=score, bias_E=bias_E,
-                                      renormalize=renormalize)
+  weights_TK, experts_TK = topk_route(
+    logits_TE, k, score=score, bias_E=bias_E, renormalize=renormalize
+  )
   probs_TE = _distribution(scores(logits_TE, score), score)
   e = logits_TE.shape[-1]
   hot_TE = jax.nn.one_hot(experts_TK, e, dtype=jnp.float32).sum(1)
   if valid_T is not None:
     hot_TE = hot_TE * valid_T[:, None]
-  return RouterOutput(weights_TK, experts_TK, hot_TE.sum(0),
-                      balance_loss(probs_TE, experts_TK, valid_T, convention),
-                      z_loss(logits_TE, valid_T), entropy(probs_TE, valid_T),
-                      jnp.zeros((), jnp.float32))
+  return RouterOutput(
+    weights_TK,
+    experts_TK,
+    hot_TE.sum(0),
+    balance_loss(probs_TE, experts_TK, valid_T, convention),
+    z_loss(logits_TE, valid_T),
+    entropy(probs_TE, valid_T),
+    jnp.zeros((), jnp.float32),
+  )
 
 
 def expert_choice_capacity(tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -122,9 +145,13 @@ def expert_choice_capacity(tokens: int, num_experts: int, capacity_factor: float
   return max(1, min(tokens, -(-int(tokens * capacity_factor) // num_experts)))
 
 
-def route_expert_choice(logits_TE: jax.Array, capacity: int, *,
-                        valid_T: jax.Array | None = None,
-                        used_capacity: jax.Array | None = None) -> RouterOutput:
+def route_expert_choice(
+  logits_TE: jax.Array,
+  capacity: int,
+  *,
+  valid_T: jax.Array | None = None,
+  used_capacity: jax.Array | None = None,
+) -> RouterOutput:
   """Expert choice (Zhou et al. 2022): each expert takes its top-`capacity` tokens of the group.
 
   The selection compares tokens across the whole group, so in a causal LM it sees future tokens
@@ -142,12 +169,21 @@ def route_expert_choice(logits_TE: jax.Array, capacity: int, *,
   if used_capacity is not None:
     kept_EC = kept_EC & (jnp.arange(capacity)[None, :] < used_capacity)
   weights_EC = jnp.where(kept_EC, jnp.take_along_axis(probs_TE.T, tokens_EC, axis=-1), 0.0)
-  picked_T = jnp.zeros((t,), jnp.float32).at[tokens_EC.reshape(-1)].add(
-      kept_EC.reshape(-1).astype(jnp.float32))
-  return RouterOutput(weights_EC, tokens_EC.astype(jnp.int32),
-                      kept_EC.sum(-1).astype(jnp.float32), jnp.zeros((), jnp.float32),
-                      z_loss(logits_TE, valid_T), entropy(probs_TE, valid_T),
-                      masked_mean((picked_T == 0).astype(jnp.float32), valid_T), kept_EC)
+  picked_T = (
+    jnp.zeros((t,), jnp.float32)
+    .at[tokens_EC.reshape(-1)]
+    .add(kept_EC.reshape(-1).astype(jnp.float32))
+  )
+  return RouterOutput(
+    weights_EC,
+    tokens_EC.astype(jnp.int32),
+    kept_EC.sum(-1).astype(jnp.float32),
+    jnp.zeros((), jnp.float32),
+    z_loss(logits_TE, valid_T),
+    entropy(probs_TE, valid_T),
+    masked_mean((picked_T == 0).astype(jnp.float32), valid_T),
+    kept_EC,
+  )
 
 
 def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:

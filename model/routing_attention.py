@@ -26,15 +26,17 @@ def _to_bh(x_BLHK: jax.Array) -> jax.Array:
   return jnp.transpose(x_BLHK, (0, 2, 1, 3))
 
 
-def balanced_assignment(x_BHLK: jax.Array, means_HNK: jax.Array, window: int,
-                        valid_BL: jax.Array | None = None) -> jax.Array:
+def balanced_assignment(
+  x_BHLK: jax.Array, means_HNK: jax.Array, window: int, valid_BL: jax.Array | None = None
+) -> jax.Array:
   """[B, H, N, W] int32: per mean, the `window` positions with the highest dot product, in time order.
 
   Selection is a hard top-k in f32, so no gradient flows through it (neither to x nor to the
   means). Invalid positions rank below every valid one.
   """
-  x_BHLK, means_HNK = jax.lax.stop_gradient((x_BHLK.astype(jnp.float32),
-                                              means_HNK.astype(jnp.float32)))
+  x_BHLK, means_HNK = jax.lax.stop_gradient(
+    (x_BHLK.astype(jnp.float32), means_HNK.astype(jnp.float32))
+  )
   dots_BHNL = jnp.einsum('bhlk,hnk->bhnl', x_BHLK, means_HNK)
   if valid_BL is not None:
     dots_BHNL = jnp.where(valid_BL[:, None, None, :], dots_BHNL, -jnp.inf)
@@ -57,10 +59,18 @@ def _scatter_add(values_BHNW_: jax.Array, idx_BHNW: jax.Array, length: int) -> j
   return jax.vmap(jax.vmap(one))(values_BHNW_, idx_BHNW)
 
 
-def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                      means_HNK: jax.Array, *, window: int, causal: bool = True,
-                      scale: float | None = None, segment_ids_BL: jax.Array | None = None,
-                      return_picks: bool = False):
+def routing_attention(
+  q_BLHK: jax.Array,
+  k_BLHK: jax.Array,
+  v_BLHK: jax.Array,
+  means_HNK: jax.Array,
+  *,
+  window: int,
+  causal: bool = True,
+  scale: float | None = None,
+  segment_ids_BL: jax.Array | None = None,
+  return_picks: bool = False,
+):
   """Clustered attention; returns out_BLHK (and, with `return_picks`, picks_BHL: how many
   clusters picked each query).
 
@@ -75,7 +85,7 @@ def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
   b, l, h, kd = q_BLHK.shape
   if window > l:
     raise ValueError(f'window={window} exceeds the sequence length {l}')
-  scale = kd ** -0.5 if scale is None else scale
+  scale = kd**-0.5 if scale is None else scale
   q_BHLK, v_BHLK = _to_bh(q_BLHK), _to_bh(v_BLHK)
   k_BHLK = q_BHLK if k_BLHK is q_BLHK else _to_bh(k_BLHK)
   valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
@@ -93,13 +103,17 @@ def routing_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
     seg_BHL = jnp.broadcast_to(segment_ids_BL[:, None, :], (b, h, l))
     take = jax.vmap(jax.vmap(lambda s_L, i_NW: s_L[i_NW]))
     seg_k = take(seg_BHL, idx_k)
-    mask = mask & (take(seg_BHL, idx_q)[..., :, None] == seg_k[..., None, :]) & (
-        seg_k[..., None, :] != 0)
+    mask = (
+      mask
+      & (take(seg_BHL, idx_q)[..., :, None] == seg_k[..., None, :])
+      & (seg_k[..., None, :] != 0)
+    )
   probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
   seen_BHNW = jnp.any(mask, axis=-1)
   probs = jnp.where(seen_BHNW[..., None], probs, 0.0)
-  out_c = jnp.einsum('bhnij,bhnjk->bhnik', probs.astype(v_BLHK.dtype), vc,
-                     preferred_element_type=jnp.float32)
+  out_c = jnp.einsum(
+    'bhnij,bhnjk->bhnik', probs.astype(v_BLHK.dtype), vc, preferred_element_type=jnp.float32
+  )
 
   total_BHLK = _scatter_add(out_c, idx_q, l)
   count_BHL = _scatter_add(seen_BHNW.astype(jnp.float32), idx_q, l)
@@ -116,8 +130,9 @@ def nearest_mean(x_BLHK: jax.Array, means_HNK: jax.Array) -> jax.Array:
   return jnp.argmax(dots_BLHN, axis=-1).astype(jnp.int32)
 
 
-def kmeans_stats(x_BLHK: jax.Array, means_HNK: jax.Array,
-                 weights_BL: jax.Array | None = None) -> dict:
+def kmeans_stats(
+  x_BLHK: jax.Array, means_HNK: jax.Array, weights_BL: jax.Array | None = None
+) -> dict:
   """Sufficient statistics of one batch (no gradient): {'count_HN', 'sum_HNK'} of the assignment.
 
   Computed from the global batch under jit, so they are already reduced over data parallelism.
@@ -126,12 +141,20 @@ def kmeans_stats(x_BLHK: jax.Array, means_HNK: jax.Array,
   hot_BLHN = jax.nn.one_hot(nearest_mean(x_BLHK, means_HNK), means_HNK.shape[1], dtype=jnp.float32)
   if weights_BL is not None:
     hot_BLHN = hot_BLHN * weights_BL[:, :, None, None].astype(jnp.float32)
-  return {'count_HN': hot_BLHN.sum((0, 1)),
-          'sum_HNK': jnp.einsum('blhn,blhk->hnk', hot_BLHN, x_BLHK)}
+  return {
+    'count_HN': hot_BLHN.sum((0, 1)),
+    'sum_HNK': jnp.einsum('blhn,blhk->hnk', hot_BLHN, x_BLHK),
+  }
 
 
-def kmeans_ema_update(ema_sum_HNK: jax.Array, ema_count_HN: jax.Array, stats: dict, *,
-                      decay: float = 0.999, eps: float = 1e-5):
+def kmeans_ema_update(
+  ema_sum_HNK: jax.Array,
+  ema_count_HN: jax.Array,
+  stats: dict,
+  *,
+  decay: float = 0.999,
+  eps: float = 1e-5,
+):
   """One EMA step: returns (means_HNK, ema_sum_HNK, ema_count_HN).
 
   Counts are Laplace-smoothed (an empty cluster keeps a tiny count, never divides by zero); the
@@ -144,8 +167,9 @@ def kmeans_ema_update(ema_sum_HNK: jax.Array, ema_count_HN: jax.Array, stats: di
   return ema_sum / count[..., None], ema_sum, count
 
 
-def commitment_loss(x_BLHK: jax.Array, means_HNK: jax.Array,
-                    weights_BL: jax.Array | None = None) -> jax.Array:
+def commitment_loss(
+  x_BLHK: jax.Array, means_HNK: jax.Array, weights_BL: jax.Array | None = None
+) -> jax.Array:
   """mean((x - sg(means[nearest]))²) over tokens, heads and channels, in f32."""
   x32 = x_BLHK.astype(jnp.float32)
   means_HNK = jax.lax.stop_gradient(means_HNK.astype(jnp.float32))

@@ -22,8 +22,12 @@ from model import axes, validity
 from model.config import ModelConfig
 from model.layers import apply_rope, init_normal
 from model.local_attention import local_attention
-from model.routing_attention import (commitment_loss, kmeans_ema_update, kmeans_stats,
-                                     routing_attention)
+from model.routing_attention import (
+  commitment_loss,
+  kmeans_ema_update,
+  kmeans_stats,
+  routing_attention,
+)
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -45,21 +49,24 @@ class RoutingAttention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     a = cfg.attention
     if a.num_clusters <= 0:
-      raise ValueError('attention.num_clusters is unresolved (0); load the config with '
-                       'configs.schema.load, which derives it from train.seq_len // attention.window')
+      raise ValueError(
+        'attention.num_clusters is unresolved (0); load the config with '
+        'configs.schema.load, which derives it from train.seq_len // attention.window'
+      )
     self.dtype = jnp.dtype(cfg.dtype)
     self.rope_theta = cfg.rope_theta
     self.window, self.local_window = a.window, a.local_window
     self.decay, self.commitment_weight = a.kmeans_decay, a.commitment_weight
     # LN(q) has unit variance per channel, so q·k grows like K: K**-0.5 keeps logits O(1); the
     # google code uses no scale ('none'), sharper attention inside the clusters.
-    self.scale = cfg.head_dim ** -0.5 if a.routing_scale == 'rsqrt_dim' else 1.0
+    self.scale = cfg.head_dim**-0.5 if a.routing_scale == 'rsqrt_dim' else 1.0
     d, h, k, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
     self.r = r = a.resolved_routing_heads(h)
     self.g = g = cfg.num_kv_heads * (h - r) // h  # local kv heads keep the model's GQA ratio
     self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
-    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
-                         pd)
+    self.wo = axes.param(
+      rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
+    )
     self.wv_routing = axes.param(rngs, init_normal(cfg), (d, r, k), ('embed', None, 'kv'), pd)
     if g:
       self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', None, 'kv'), pd)
@@ -70,8 +77,9 @@ class RoutingAttention(nnx.Module):
     self.ema_sum = axes.routing_state(means, names)  # the init counts as one observation per mean
     self.ema_count = axes.routing_state(jnp.ones((r, a.num_clusters), jnp.float32), names[:2])
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     cast = lambda w: w[...].astype(self.dtype)
     x_BLD = x_BLD.astype(self.dtype)
     b, l, _ = x_BLD.shape
@@ -86,9 +94,16 @@ class RoutingAttention(nnx.Module):
     means_RNK = self.means[...]
     window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
     # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype
-    out_r, picks_BRL = routing_attention(qr_BLRK, qr_BLRK, vr_BLRK, means_RNK,
-                                         window=window, scale=self.scale,
-                                         segment_ids_BL=segment_ids_BL, return_picks=True)
+    out_r, picks_BRL = routing_attention(
+      qr_BLRK,
+      qr_BLRK,
+      vr_BLRK,
+      means_RNK,
+      window=window,
+      scale=self.scale,
+      segment_ids_BL=segment_ids_BL,
+      return_picks=True,
+    )
     outs.append(out_r)
 
     # local heads: RoPE, blocked causal sliding window
@@ -97,8 +112,11 @@ class RoutingAttention(nnx.Module):
       v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
       q_loc = apply_rope(q_BLHK[:, :, r:], positions_BL, self.rope_theta)
       k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
-      outs.append(local_attention(q_loc, k_BLGK, v_BLGK, window=min(self.local_window, l),
-                                  segment_ids_BL=segment_ids_BL))
+      outs.append(
+        local_attention(
+          q_loc, k_BLGK, v_BLGK, window=min(self.local_window, l), segment_ids_BL=segment_ids_BL
+        )
+      )
     o_BLHK = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     o_BLHK = axes.constrain(o_BLHK.astype(self.dtype), ('batch', 'length', 'act_heads', 'act_kv'))
     y_BLD = jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
@@ -106,21 +124,24 @@ class RoutingAttention(nnx.Module):
     valid_BL = validity.valid_tokens(segment_ids_BL, b, l)
     stats = kmeans_stats(qr_BLRK, means_RNK, valid_BL)
     commit = commitment_loss(qr_BLRK, means_RNK, valid_BL)
-    new_means = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats,
-                                  decay=self.decay)[0]
+    new_means = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats, decay=self.decay)[
+      0
+    ]
     # tokens nearest each mean per sequence, relative to the window (b * l valid tokens: b * window)
     valid_share = jnp.maximum(valid_BL.sum(), 1).astype(jnp.float32) / (b * l)
     occupancy_RN = stats['count_HN'] / (b * window * valid_share)
     valid_BRL = jnp.broadcast_to(valid_BL[:, None, :], picks_BRL.shape)
     metrics = {
-        'routing/occupancy_min': occupancy_RN.min(),
-        'routing/occupancy_max': occupancy_RN.max(),
-        'routing/unpicked_fraction': validity.masked_mean((picks_BRL == 0).reshape(-1),
-                                                          valid_BRL.reshape(-1)),
-        'routing/multi_picked_fraction': validity.masked_mean((picks_BRL > 1).reshape(-1),
-                                                              valid_BRL.reshape(-1)),
-        'routing/commitment_loss': commit,
-        'routing/centroid_drift': jnp.linalg.norm(new_means - means_RNK, axis=-1).mean(),
+      'routing/occupancy_min': occupancy_RN.min(),
+      'routing/occupancy_max': occupancy_RN.max(),
+      'routing/unpicked_fraction': validity.masked_mean(
+        (picks_BRL == 0).reshape(-1), valid_BRL.reshape(-1)
+      ),
+      'routing/multi_picked_fraction': validity.masked_mean(
+        (picks_BRL > 1).reshape(-1), valid_BRL.reshape(-1)
+      ),
+      'routing/commitment_loss': commit,
+      'routing/centroid_drift': jnp.linalg.norm(new_means - means_RNK, axis=-1).mean(),
     }
     return y_BLD, {'loss': self.commitment_weight * commit, 'metrics': metrics, 'stats': stats}
 
@@ -128,13 +149,16 @@ class RoutingAttention(nnx.Module):
   def reads_future(cfg: ModelConfig) -> str | None:
     """Why the output at t can depend on tokens after t (None: it cannot)."""
     del cfg
-    return ('routing attention: each k-means cluster takes the top-window tokens of the whole row, '
-            'so later tokens decide which earlier tokens share a cluster')
+    return (
+      'routing attention: each k-means cluster takes the top-window tokens of the whole row, '
+      'so later tokens decide which earlier tokens share a cluster'
+    )
 
   def update_state(self, stats: dict) -> None:
     """One EMA k-means step from this layer's forward statistics (called after the gradient)."""
-    means, ema_sum, ema_count = kmeans_ema_update(self.ema_sum[...], self.ema_count[...], stats,
-                                                  decay=self.decay)
+    means, ema_sum, ema_count = kmeans_ema_update(
+      self.ema_sum[...], self.ema_count[...], stats, decay=self.decay
+    )
     self.means[...] = means
     self.ema_sum[...] = ema_sum
     self.ema_count[...] = ema_count

@@ -28,10 +28,18 @@ def _rope_BHC(x_BHCK: jax.Array, positions_BHC: jax.Array, theta: float) -> jax.
   return out.reshape(b, h, c, k)
 
 
-def smha_selected(x_BLD: jax.Array, wq_DHK: jax.Array, wk_DGK: jax.Array, wv_DGK: jax.Array,
-                  wo_HKD: jax.Array, positions_BL: jax.Array, sel: Selection, *,
-                  rope_theta: float = 10000.0, segment_ids_BL: jax.Array | None = None
-                  ) -> jax.Array:
+def smha_selected(
+  x_BLD: jax.Array,
+  wq_DHK: jax.Array,
+  wk_DGK: jax.Array,
+  wv_DGK: jax.Array,
+  wo_HKD: jax.Array,
+  positions_BL: jax.Array,
+  sel: Selection,
+  *,
+  rope_theta: float = 10000.0,
+  segment_ids_BL: jax.Array | None = None,
+) -> jax.Array:
   """Attention of each head among its selected tokens `sel` ([B, H, C]); returns y_BLD.
 
   Softmax in f32, scale K**-0.5. Causal given `sel`: a slot sees only slots of earlier or equal
@@ -47,8 +55,9 @@ def smha_selected(x_BLD: jax.Array, wq_DHK: jax.Array, wk_DGK: jax.Array, wv_DGK
   positions_BHC = gather_tokens(positions_BL, sel.idx)
   q_BHCK = _rope_BHC(q_BHCK, positions_BHC, rope_theta)
   k_BHCK = _rope_BHC(k_BHCK, positions_BHC, rope_theta)
-  logits_BHCC = jnp.einsum('bhik,bhjk->bhij', q_BHCK, k_BHCK,
-                           preferred_element_type=jnp.float32) * kd ** -0.5
+  logits_BHCC = (
+    jnp.einsum('bhik,bhjk->bhij', q_BHCK, k_BHCK, preferred_element_type=jnp.float32) * kd**-0.5
+  )
   mask_BHCC = (sel.idx[..., :, None] >= sel.idx[..., None, :]) & sel.valid[..., None, :]
   if segment_ids_BL is not None:
     seg_BHC = gather_tokens(segment_ids_BL, sel.idx)
@@ -60,16 +69,36 @@ def smha_selected(x_BLD: jax.Array, wq_DHK: jax.Array, wk_DGK: jax.Array, wv_DGK
   return scatter_tokens(y_BHCD, sel.idx, l).astype(x_BLD.dtype)
 
 
-def smha(x_BLD: jax.Array, router_DH: jax.Array, wq_DHK: jax.Array, wk_DGK: jax.Array,
-         wv_DGK: jax.Array, wo_HKD: jax.Array, positions_BL: jax.Array, *, heads_per_token: int,
-         capacity_factor: float = 1.0, gate_outputs: bool = True, rope_theta: float = 10000.0,
-         segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, Gate, Selection]:
+def smha(
+  x_BLD: jax.Array,
+  router_DH: jax.Array,
+  wq_DHK: jax.Array,
+  wk_DGK: jax.Array,
+  wv_DGK: jax.Array,
+  wo_HKD: jax.Array,
+  positions_BL: jax.Array,
+  *,
+  heads_per_token: int,
+  capacity_factor: float = 1.0,
+  gate_outputs: bool = True,
+  rope_theta: float = 10000.0,
+  segment_ids_BL: jax.Array | None = None,
+) -> tuple[jax.Array, Gate, Selection]:
   """SMHA end to end: gate, per-head token selection (C = ceil(cap·L·heads_per_token/H), of which
   a sequence uses what its valid tokens alone would get; segment id 0 is never selected),
   attention among the selected tokens. Returns (y_BLD, gate, selection)."""
   g = gate(x_BLD, router_DH, heads_per_token)
   valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
   sel = select_valid(g, heads_per_token, capacity_factor, valid_BL, gate_outputs=gate_outputs)
-  y_BLD = smha_selected(x_BLD, wq_DHK, wk_DGK, wv_DGK, wo_HKD, positions_BL, sel,
-                        rope_theta=rope_theta, segment_ids_BL=segment_ids_BL)
+  y_BLD = smha_selected(
+    x_BLD,
+    wq_DHK,
+    wk_DGK,
+    wv_DGK,
+    wo_HKD,
+    positions_BL,
+    sel,
+    rope_theta=rope_theta,
+    segment_ids_BL=segment_ids_BL,
+  )
   return y_BLD, g, sel

@@ -14,9 +14,9 @@ from model.block import Block, LayerSpec
 from model.config import ModelConfig
 
 _POLICIES = {
-    'full': None,  # jax.checkpoint with no policy saves nothing: recompute the whole block
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-    'save_dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  'full': None,  # jax.checkpoint with no policy saves nothing: recompute the whole block
+  'save_dots': jax.checkpoint_policies.checkpoint_dots,
+  'save_dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -38,8 +38,7 @@ def _layer_metrics(metrics: dict, i: int) -> dict:
 class Stage(nnx.Module):
   """Layers `first .. first + count - 1`, all of `spec`; returns (x, aux) like a Block."""
 
-  def __init__(self, cfg: ModelConfig, spec: LayerSpec, first: int, count: int, *,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, spec: LayerSpec, first: int, count: int, *, rngs: nnx.Rngs):
     self.scan, self.first, self.count, self.remat = cfg.scan_layers, first, count, cfg.remat
     if cfg.scan_layers:
       # Graph mode (flax's default in 0.12.8 and 0.12.12) is needed: in tree mode nnx.vmap ignores
@@ -69,16 +68,18 @@ class Stage(nnx.Module):
     # Inside a scan, CSE cannot merge the recomputation with the forward pass; see jax.checkpoint.
     block_fn = _block_fn(self.remat, prevent_cse=False)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-              transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    @nnx.scan(
+      in_axes=(nnx.Carry, 0),
+      out_axes=(nnx.Carry, 0),
+      transform_metadata={nnx.PARTITION_NAME: 'layers'},
+    )
     def step(x_BLD, block):
       return block_fn(block, x_BLD, positions_BL, segment_ids_BL)
 
     x_BLD, aux_L = step(x_BLD, self.blocks)
     metrics = {}
     for i in range(self.count):
-      metrics.update(_layer_metrics({k: v[i] for k, v in aux_L['metrics'].items()},
-                                    self.first + i))
+      metrics.update(_layer_metrics({k: v[i] for k, v in aux_L['metrics'].items()}, self.first + i))
     return x_BLD, {'loss': jnp.sum(aux_L['loss']), 'metrics': metrics, 'stats': aux_L['stats']}
 
   def update_state(self, stats) -> None:
@@ -86,6 +87,7 @@ class Stage(nnx.Module):
     if not jax.tree.leaves(stats):
       return
     if self.scan:
+
       @nnx.vmap(in_axes=(0, 0), out_axes=None, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def update(block, layer_stats):
         block.update_state(layer_stats)

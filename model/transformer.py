@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, entropy_trigger
-from model import moe_layer  # noqa: F401  (registers block.FEED_FORWARD['moe'])
-from model import uoe_layer  # noqa: F401  (registers block.ATTENTION['smha'], FEED_FORWARD['uome'])
+from model import (
+  axes,
+  entropy_trigger,
+  moe_layer,  # noqa: F401  (registers block.FEED_FORWARD['moe'])
+  uoe_layer,  # noqa: F401  (registers block.ATTENTION['smha'], FEED_FORWARD['uome'])
+)
 from model.block import ATTENTION, FEED_FORWARD, RESIDUAL, layer_specs
 from model.config import ModelConfig
 from model.layers import Embedding, RMSNorm, init_normal
@@ -45,22 +48,34 @@ class Transformer(nnx.Module):
     self.stages = nnx.List(stages)
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = axes.param(rngs, init_normal(cfg), (cfg.d_model, cfg.vocab_size),
-                             ('embed', 'vocab'), cfg.param_dtype)
+      self.head = axes.param(
+        rngs, init_normal(cfg), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype
+      )
 
   @property
   def causal(self) -> bool:
     """Whether the logits at t depend on tokens <= t only (derived from the layer kinds)."""
     return is_causal(self.cfg)
 
-  def __call__(self, tokens_BL: jax.Array, *, positions_BL: jax.Array | None = None,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self,
+    tokens_BL: jax.Array,
+    *,
+    positions_BL: jax.Array | None = None,
+    segment_ids_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict]:
     """Logits [B, L, V] in f32 and the aux dict; positions default to 0..L-1 in every row."""
-    return self.from_embeddings(self.embed(tokens_BL), positions_BL=positions_BL,
-                                segment_ids_BL=segment_ids_BL)
+    return self.from_embeddings(
+      self.embed(tokens_BL), positions_BL=positions_BL, segment_ids_BL=segment_ids_BL
+    )
 
-  def from_embeddings(self, x_BLD: jax.Array, *, positions_BL: jax.Array | None = None,
-                      segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def from_embeddings(
+    self,
+    x_BLD: jax.Array,
+    *,
+    positions_BL: jax.Array | None = None,
+    segment_ids_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict]:
     """Everything after the token lookup; a float entry point (gradients w.r.t. the input)."""
     b, l = x_BLD.shape[:2]
     if positions_BL is None:
@@ -76,8 +91,12 @@ class Transformer(nnx.Module):
     if self.cfg.tie_embeddings:
       logits_BLV = self.embed.attend(x_BLD)
     else:
-      logits_BLV = jnp.einsum('bld,dv->blv', x_BLD, self.head[...].astype(self.cfg.dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BLV = jnp.einsum(
+        'bld,dv->blv',
+        x_BLD,
+        self.head[...].astype(self.cfg.dtype),
+        preferred_element_type=jnp.float32,
+      )
     logits_BLV = axes.constrain(logits_BLV.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
     return logits_BLV, aux
 
@@ -107,8 +126,9 @@ def future_dependence(cfg: ModelConfig) -> list[str]:
   for spec in layer_specs(cfg):
     for kind in (ATTENTION[spec.attention], FEED_FORWARD[spec.feed_forward]):
       if not hasattr(kind, 'reads_future'):
-        raise TypeError(f'layer kind {kind.__name__} does not declare reads_future(cfg) '
-                        '(see model/block.py)')
+        raise TypeError(
+          f'layer kind {kind.__name__} does not declare reads_future(cfg) (see model/block.py)'
+        )
       reason = kind.reads_future(cfg)
       if reason and reason not in reasons:
         reasons.append(reason)
@@ -138,8 +158,9 @@ def matmul_params(cfg: ModelConfig) -> int:
   routed = d * m.num_experts + 3 * d * f * (m.top_k + m.shared_experts)  # router + active experts
   num_moe = sum(m.is_moe_layer(i) for i in range(cfg.num_layers))
   routing = cfg.attention.routing_layers_resolved(cfg.num_layers)
-  attn = (len(routing) * _routing_attention_params(cfg) +
-          (cfg.num_layers - len(routing)) * _attention_params(cfg))
+  attn = len(routing) * _routing_attention_params(cfg) + (
+    cfg.num_layers - len(routing)
+  ) * _attention_params(cfg)
   return attn + (cfg.num_layers - num_moe) * mlp + num_moe * routed + d * cfg.vocab_size
 
 
@@ -201,7 +222,7 @@ def _uoe_selection(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
   for i in range(n):
     if u.is_smha_layer(i, n):
       params += attn * (1 - head_share) - d * cfg.num_heads
-      scores += 12.0 * d * s * (1 - head_share ** 2)
+      scores += 12.0 * d * s * (1 - head_share**2)
     if u.is_uome_layer(i, n):
       params += 3 * d * cfg.mlp_dim * (1 - mlp_share) - d * u.num_experts
   return params, scores

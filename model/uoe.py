@@ -46,11 +46,12 @@ import jax.numpy as jnp
 
 from model import moe, router, validity
 
-
 # ----------------------------------------------------------------------------- decomposition
 
-def mlp_to_experts(w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
-                   num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+
+def mlp_to_experts(
+  w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Dense SwiGLU weights -> E experts: (w_gate_EDf, w_up_EDf, w_down_EfD), f = F / E."""
   d, f = w_gate_DF.shape
   if f % num_experts:
@@ -59,8 +60,9 @@ def mlp_to_experts(w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Arra
   return cols(w_gate_DF), cols(w_up_DF), w_down_FD.reshape(num_experts, f // num_experts, d)
 
 
-def experts_to_mlp(w_gate_EDf: jax.Array, w_up_EDf: jax.Array, w_down_EfD: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def experts_to_mlp(
+  w_gate_EDf: jax.Array, w_up_EDf: jax.Array, w_down_EfD: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The inverse of `mlp_to_experts`: (w_gate_DF, w_up_DF, w_down_FD)."""
   e, d, f = w_gate_EDf.shape
   cols = lambda w_EDf: w_EDf.transpose(1, 0, 2).reshape(d, e * f)
@@ -70,6 +72,7 @@ def experts_to_mlp(w_gate_EDf: jax.Array, w_up_EDf: jax.Array, w_down_EfD: jax.A
 def _layer_trees(state: dict, cfg) -> list[dict]:
   """The per-layer block trees of a Transformer's pure-dict state, in layer order."""
   from model.block import layer_specs  # pylint: disable=g-import-not-at-top  (block imports us)
+
   layers = []
   for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
     blocks = state['stages'][s]['blocks']
@@ -81,12 +84,16 @@ def _layer_trees(state: dict, cfg) -> list[dict]:
 def _stage_trees(layers: list[dict], cfg) -> dict:
   """Per-layer trees grouped into the stages of `cfg` (stacked when layers are scanned)."""
   from model.block import layer_specs  # pylint: disable=g-import-not-at-top
+
   stages, first = {}, 0
   for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
-    group = layers[first:first + len(list(run))]
+    group = layers[first : first + len(list(run))]
     first += len(group)
-    stages[s] = {'blocks': (jax.tree.map(lambda *a: jnp.stack(a), *group) if cfg.scan_layers
-                            else dict(enumerate(group)))}
+    stages[s] = {
+      'blocks': (
+        jax.tree.map(lambda *a: jnp.stack(a), *group) if cfg.scan_layers else dict(enumerate(group))
+      )
+    }
   return stages
 
 
@@ -96,8 +103,9 @@ def dense_config(cfg):
   return dataclasses.replace(cfg, uoe=uoe)
 
 
-def convert_dense_state(state: dict, cfg, key: jax.Array | None = None,
-                        gate_std: float = 0.0) -> dict:
+def convert_dense_state(
+  state: dict, cfg, key: jax.Array | None = None, gate_std: float = 0.0
+) -> dict:
   """A dense model's `nnx.to_pure_dict` state -> the state of the UoE model of ModelConfig `cfg`.
 
   Attention weights keep their layout (heads are already the expert axis); MLPs are split by
@@ -113,16 +121,20 @@ def convert_dense_state(state: dict, cfg, key: jax.Array | None = None,
   for i, layer in enumerate(layers):
     layer = dict(layer)
     k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
-    draw = lambda k, e: (gate_std * jax.random.normal(k, (cfg.d_model, e))).astype(
-        cfg.param_dtype)
+    draw = lambda k, e: (gate_std * jax.random.normal(k, (cfg.d_model, e))).astype(cfg.param_dtype)
     if u.is_smha_layer(i, n):
       layer['attn'] = {**layer['attn'], 'router': draw(k_attn, cfg.num_heads)}
     if u.is_uome_layer(i, n):
       mlp = layer['mlp']
-      w_gate, w_up, w_down = mlp_to_experts(mlp['w_gate'], mlp['w_up'], mlp['w_down'],
-                                            u.num_experts)
-      layer['mlp'] = {'router': draw(k_mlp, u.num_experts), 'w_gate': w_gate, 'w_up': w_up,
-                      'w_down': w_down}
+      w_gate, w_up, w_down = mlp_to_experts(
+        mlp['w_gate'], mlp['w_up'], mlp['w_down'], u.num_experts
+      )
+      layer['mlp'] = {
+        'router': draw(k_mlp, u.num_experts),
+        'w_gate': w_gate,
+        'w_up': w_up,
+        'w_down': w_down,
+      }
     out.append(layer)
   return {**state, 'stages': _stage_trees(out, cfg)}
 
@@ -145,8 +157,10 @@ def convert_uoe_state(state: dict, cfg) -> dict:
 
 # ----------------------------------------------------------------------------- routing
 
+
 class Gate(NamedTuple):
   """A token-level gate: f32 logits and softmax probabilities [B, L, E], each token's top-k [B, L, K]."""
+
   logits: jax.Array
   probs: jax.Array
   experts: jax.Array
@@ -158,6 +172,7 @@ class Selection(NamedTuple):
   `valid` is False on padding slots (the token did not choose the expert); `weight` multiplies the
   slot's output (E·gate with gate_outputs, else 1; always 0 on padding).
   """
+
   idx: jax.Array
   valid: jax.Array
   weight: jax.Array
@@ -180,9 +195,14 @@ def _weight(probs, num_experts: int, gate_outputs: bool):
   return num_experts * probs if gate_outputs else jnp.ones_like(probs)
 
 
-def select_tokens(g: Gate, capacity_: int, *, gate_outputs: bool = True,
-                  valid_BL: jax.Array | None = None,
-                  used_capacity_B: jax.Array | None = None) -> Selection:
+def select_tokens(
+  g: Gate,
+  capacity_: int,
+  *,
+  gate_outputs: bool = True,
+  valid_BL: jax.Array | None = None,
+  used_capacity_B: jax.Array | None = None,
+) -> Selection:
   """Each expert's top-`capacity_` tokens per sequence among those that chose it, in time order.
 
   Invalid tokens (`valid_BL` False) never count as having chosen; with `used_capacity_B` (traced,
@@ -198,7 +218,8 @@ def select_tokens(g: Gate, capacity_: int, *, gate_outputs: bool = True,
   keep_BEC = jnp.ones(idx_BEC.shape, bool)
   if used_capacity_B is not None:  # top_k's order is the rank: keep the first `used` picks
     keep_BEC = jnp.broadcast_to(
-        jnp.arange(capacity_)[None, None, :] < used_capacity_B[:, None, None], idx_BEC.shape)
+      jnp.arange(capacity_)[None, None, :] < used_capacity_B[:, None, None], idx_BEC.shape
+    )
   order_BEC = jnp.argsort(idx_BEC, axis=-1)
   idx_BEC = jnp.take_along_axis(idx_BEC, order_BEC, axis=-1).astype(jnp.int32)
   keep_BEC = jnp.take_along_axis(keep_BEC, order_BEC, axis=-1)
@@ -229,8 +250,9 @@ def scatter_tokens(y_BEC_: jax.Array, idx_BEC: jax.Array, length: int) -> jax.Ar
   return jax.vmap(one)(y_BEC_, idx_BEC)
 
 
-def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array,
-                    valid_BL: jax.Array | None = None) -> dict:
+def routing_metrics(
+  g: Gate, load_E: jax.Array, selected_BL: jax.Array, valid_BL: jax.Array | None = None
+) -> dict:
   """Losses and load statistics of one gate over the valid tokens (f32 scalars, unprefixed names).
 
   `load_E`: share of the (valid) tokens each expert processes; `selected_BL`: how many experts
@@ -246,14 +268,14 @@ def routing_metrics(g: Gate, load_E: jax.Array, selected_BL: jax.Array,
   valid_f = jnp.ones_like(selected_T) if valid_T is None else valid_T.astype(jnp.float32)
   choices = k * jnp.maximum(valid_f.sum(), 1.0)
   return {
-      'balance_loss': router.balance_loss(probs_TE, g.experts.reshape(b * l, k), valid_T),
-      'z_loss': router.z_loss(g.logits.reshape(b * l, e), valid_T),
-      'gate_entropy': router.entropy(probs_TE, valid_T),
-      'load_cv': load_E.std() / mean,
-      'load_min': load_E.min(),
-      'load_max': load_E.max(),
-      'unselected_fraction': validity.masked_mean((selected_T == 0).astype(jnp.float32), valid_T),
-      'dropped_fraction': (choices - jnp.sum(selected_T * valid_f)) / choices,
+    'balance_loss': router.balance_loss(probs_TE, g.experts.reshape(b * l, k), valid_T),
+    'z_loss': router.z_loss(g.logits.reshape(b * l, e), valid_T),
+    'gate_entropy': router.entropy(probs_TE, valid_T),
+    'load_cv': load_E.std() / mean,
+    'load_min': load_E.min(),
+    'load_max': load_E.max(),
+    'unselected_fraction': validity.masked_mean((selected_T == 0).astype(jnp.float32), valid_T),
+    'dropped_fraction': (choices - jnp.sum(selected_T * valid_f)) / choices,
   }
 
 
@@ -267,8 +289,14 @@ def selection_metrics(g: Gate, sel: Selection, valid_BL: jax.Array | None = None
 
 # ----------------------------------------------------------------------------- UoME
 
-def uome_selected(x_BLD: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
-                  w_down_EfD: jax.Array, sel: Selection) -> jax.Array:
+
+def uome_selected(
+  x_BLD: jax.Array,
+  w_gate_EDf: jax.Array,
+  w_up_EDf: jax.Array,
+  w_down_EfD: jax.Array,
+  sel: Selection,
+) -> jax.Array:
   """UoME data selection: expert e's SwiGLU block on its selected tokens, weighted, summed back.
 
   The experts run as one expert-major batched matmul [E, B·C, D] (as `moe._swiglu_E`): XLA:CPU
@@ -277,16 +305,18 @@ def uome_selected(x_BLD: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
   b, l, d = x_BLD.shape
   e, c = sel.idx.shape[1:]
   x_ETD = jnp.moveaxis(gather_tokens(x_BLD, sel.idx), 1, 0).reshape(e, b * c, d)
-  h_ETf = (jax.nn.silu(jnp.einsum('etd,edf->etf', x_ETD, w_gate_EDf)) *
-           jnp.einsum('etd,edf->etf', x_ETD, w_up_EDf))
+  h_ETf = jax.nn.silu(jnp.einsum('etd,edf->etf', x_ETD, w_gate_EDf)) * jnp.einsum(
+    'etd,edf->etf', x_ETD, w_up_EDf
+  )
   y_ETD = jnp.einsum('etf,efd->etd', h_ETf, w_down_EfD)
   y_BECD = jnp.moveaxis(y_ETD.reshape(e, b, c, d), 0, 1).astype(jnp.float32)
   y_BECD = y_BECD * sel.weight[..., None]
   return scatter_tokens(y_BECD, sel.idx, l).astype(x_BLD.dtype)
 
 
-def select_valid(g: Gate, per_token: int, factor: float, valid_BL: jax.Array | None, *,
-                 gate_outputs: bool = True) -> Selection:
+def select_valid(
+  g: Gate, per_token: int, factor: float, valid_BL: jax.Array | None, *, gate_outputs: bool = True
+) -> Selection:
   """`select_tokens` with C = `capacity(L, ...)` slots, of which each sequence uses as many as its
   valid tokens alone would get: a padded prefix selects what the prefix selects alone."""
   b, l, e = g.probs.shape
@@ -294,14 +324,23 @@ def select_valid(g: Gate, per_token: int, factor: float, valid_BL: jax.Array | N
   used_B = None
   if valid_BL is not None:
     used_B = validity.slots_for(formula, valid_BL.sum(-1), l)
-  return select_tokens(g, formula(l), gate_outputs=gate_outputs, valid_BL=valid_BL,
-                       used_capacity_B=used_B)
+  return select_tokens(
+    g, formula(l), gate_outputs=gate_outputs, valid_BL=valid_BL, used_capacity_B=used_B
+  )
 
 
-def uome(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array, w_up_EDf: jax.Array,
-         w_down_EfD: jax.Array, *, k: int, capacity_factor: float = 1.0,
-         gate_outputs: bool = True, valid_BL: jax.Array | None = None
-         ) -> tuple[jax.Array, Gate, Selection]:
+def uome(
+  x_BLD: jax.Array,
+  router_DE: jax.Array,
+  w_gate_EDf: jax.Array,
+  w_up_EDf: jax.Array,
+  w_down_EfD: jax.Array,
+  *,
+  k: int,
+  capacity_factor: float = 1.0,
+  gate_outputs: bool = True,
+  valid_BL: jax.Array | None = None,
+) -> tuple[jax.Array, Gate, Selection]:
   """UoME data selection end to end: gate, per-expert token selection, experts. (y, gate, sel)."""
   g = gate(x_BLD, router_DE, k)
   sel = select_valid(g, k, capacity_factor, valid_BL, gate_outputs=gate_outputs)
@@ -320,10 +359,19 @@ def prefix_mean(x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None) -> ja
   return validity.segment_cumsum(x32, segment_ids_BL) / counts_BL[..., None]
 
 
-def uome_expert_selection(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: jax.Array,
-                          w_up_EDf: jax.Array, w_down_EfD: jax.Array, *, k: int,
-                          gate_outputs: bool = True, impl: str = 'auto', block_size: int = 256,
-                          segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, Gate]:
+def uome_expert_selection(
+  x_BLD: jax.Array,
+  router_DE: jax.Array,
+  w_gate_EDf: jax.Array,
+  w_up_EDf: jax.Array,
+  w_down_EfD: jax.Array,
+  *,
+  k: int,
+  gate_outputs: bool = True,
+  impl: str = 'auto',
+  block_size: int = 256,
+  segment_ids_BL: jax.Array | None = None,
+) -> tuple[jax.Array, Gate]:
   """UoME expert selection for a causal LM: the gate reads the prefix mean (of the token's
   segment), so position t's k experts depend on x_0..x_t only; executed dropless by the MoE core
   (`moe.experts_dropless`)."""
@@ -331,9 +379,16 @@ def uome_expert_selection(x_BLD: jax.Array, router_DE: jax.Array, w_gate_EDf: ja
   e = router_DE.shape[-1]
   g = gate(prefix_mean(x_BLD, segment_ids_BL), router_DE, k)
   weights_TK = _weight(jnp.take_along_axis(g.probs, g.experts, axis=-1), e, gate_outputs)
-  y_TD = moe.experts_dropless(x_BLD.reshape(b * l, d), weights_TK.reshape(b * l, k),
-                              g.experts.reshape(b * l, k), w_gate_EDf, w_up_EDf, w_down_EfD,
-                              impl=impl, block_size=block_size)
+  y_TD = moe.experts_dropless(
+    x_BLD.reshape(b * l, d),
+    weights_TK.reshape(b * l, k),
+    g.experts.reshape(b * l, k),
+    w_gate_EDf,
+    w_up_EDf,
+    w_down_EfD,
+    impl=impl,
+    block_size=block_size,
+  )
   return y_TD.reshape(b, l, d), g
 
 

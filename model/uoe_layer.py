@@ -28,8 +28,9 @@ def _monitor(cfg: ModelConfig) -> entropy_trigger.EntropyMonitor | None:
   return entropy_trigger.EntropyMonitor(cfg.entropy) if cfg.entropy.enabled else None
 
 
-def _aux(cfg: ModelConfig, prefix: str, metrics: dict, monitor=None, probs_BLE=None,
-         valid_BL=None) -> dict:
+def _aux(
+  cfg: ModelConfig, prefix: str, metrics: dict, monitor=None, probs_BLE=None, valid_BL=None
+) -> dict:
   """Gate losses, `uoe/{prefix}_...` metrics and, with a monitor, the entropy trigger's share
   (over the valid tokens)."""
   u = cfg.uoe
@@ -37,13 +38,15 @@ def _aux(cfg: ModelConfig, prefix: str, metrics: dict, monitor=None, probs_BLE=N
   stats = {}
   if monitor is not None:
     entropy_loss, entropy_metrics, entropy_stats = monitor(
-        probs_BLE.reshape(-1, probs_BLE.shape[-1]),
-        None if valid_BL is None else valid_BL.reshape(-1))
+      probs_BLE.reshape(-1, probs_BLE.shape[-1]), None if valid_BL is None else valid_BL.reshape(-1)
+    )
     loss, metrics = loss + entropy_loss, {**metrics, **entropy_metrics}
     stats = {entropy_trigger.STATS_KEY: entropy_stats}
-  return {'loss': loss.astype(jnp.float32),
-          'metrics': {f'uoe/{prefix}_{k}': v.astype(jnp.float32) for k, v in metrics.items()},
-          'stats': stats}
+  return {
+    'loss': loss.astype(jnp.float32),
+    'metrics': {f'uoe/{prefix}_{k}': v.astype(jnp.float32) for k, v in metrics.items()},
+    'stats': stats,
+  }
 
 
 class _Gated(nnx.Module):
@@ -65,8 +68,9 @@ class SelectiveAttention(_Gated):
     self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
     self.wk = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
     self.wv = axes.param(rngs, init_normal(cfg), (d, g, k), ('embed', 'kv_heads', 'kv'), pd)
-    self.wo = axes.param(rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'),
-                         pd)
+    self.wo = axes.param(
+      rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
+    )
     self.entropy = _monitor(cfg)
 
   @staticmethod
@@ -75,22 +79,35 @@ class SelectiveAttention(_Gated):
     u = cfg.uoe
     if u.head_capacity * u.resolved_heads_per_token(cfg.num_heads) >= cfg.num_heads:
       return None  # every token that chose a head gets a slot: no competition
-    return ('SMHA: each head takes its top-C tokens of the whole sequence '
-            '(uoe.head_capacity * heads_per_token < num_heads)')
+    return (
+      'SMHA: each head takes its top-C tokens of the whole sequence '
+      '(uoe.head_capacity * heads_per_token < num_heads)'
+    )
 
-  def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     cfg, u = self.cfg, self.cfg.uoe
     cast = lambda w: w[...].astype(self.dtype)
     y_BLD, g, sel = smha.smha(
-        x_BLD.astype(self.dtype), self.router[...], cast(self.wq), cast(self.wk), cast(self.wv),
-        cast(self.wo), positions_BL, heads_per_token=u.resolved_heads_per_token(cfg.num_heads),
-        capacity_factor=u.head_capacity, gate_outputs=u.gate_outputs, rope_theta=cfg.rope_theta,
-        segment_ids_BL=segment_ids_BL)
+      x_BLD.astype(self.dtype),
+      self.router[...],
+      cast(self.wq),
+      cast(self.wk),
+      cast(self.wv),
+      cast(self.wo),
+      positions_BL,
+      heads_per_token=u.resolved_heads_per_token(cfg.num_heads),
+      capacity_factor=u.head_capacity,
+      gate_outputs=u.gate_outputs,
+      rope_theta=cfg.rope_theta,
+      segment_ids_BL=segment_ids_BL,
+    )
     y_BLD = axes.constrain(y_BLD, block.RESIDUAL)
     valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
-    return y_BLD, _aux(cfg, 'attn', uoe.selection_metrics(g, sel, valid_BL), self.entropy, g.probs,
-                       valid_BL)
+    return y_BLD, _aux(
+      cfg, 'attn', uoe.selection_metrics(g, sel, valid_BL), self.entropy, g.probs, valid_BL
+    )
 
 
 class UnionMLP(_Gated):
@@ -104,8 +121,9 @@ class UnionMLP(_Gated):
     self.router = axes.param(rngs, init_normal(cfg), (d, e), ('embed', None), pd)
     self.w_gate = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
     self.w_up = axes.param(rngs, init_normal(cfg), (e, d, f), ('expert', 'embed', 'mlp'), pd)
-    self.w_down = axes.param(rngs, init_normal(cfg, output=True), (e, f, d),
-                             ('expert', 'mlp', 'embed'), pd)
+    self.w_down = axes.param(
+      rngs, init_normal(cfg, output=True), (e, f, d), ('expert', 'mlp', 'embed'), pd
+    )
     self.entropy = _monitor(cfg)
 
   @staticmethod
@@ -114,28 +132,44 @@ class UnionMLP(_Gated):
     u = cfg.uoe
     if u.paradigm == 'expert_selection' or u.expert_capacity * u.experts_per_token >= u.num_experts:
       return None
-    return ('UoME data selection: each expert takes its top-C tokens of the whole sequence '
-            '(uoe.expert_capacity * experts_per_token < num_experts)')
+    return (
+      'UoME data selection: each expert takes its top-C tokens of the whole sequence '
+      '(uoe.expert_capacity * experts_per_token < num_experts)'
+    )
 
-  def __call__(self, x_BLD: jax.Array,
-               segment_ids_BL: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+    self, x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     cfg, u = self.cfg, self.cfg.uoe
     x_BLD = x_BLD.astype(self.dtype)
     valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
     ws = [w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down)]
     if u.paradigm == 'expert_selection':
       y_BLD, g = uoe.uome_expert_selection(
-          x_BLD, self.router[...], *ws, k=u.experts_per_token, gate_outputs=u.gate_outputs,
-          impl=cfg.moe.dropless_impl, block_size=cfg.moe.block_size,
-          segment_ids_BL=segment_ids_BL)
+        x_BLD,
+        self.router[...],
+        *ws,
+        k=u.experts_per_token,
+        gate_outputs=u.gate_outputs,
+        impl=cfg.moe.dropless_impl,
+        block_size=cfg.moe.block_size,
+        segment_ids_BL=segment_ids_BL,
+      )
       metrics = uoe.expert_selection_metrics(g, valid_BL)
     else:
-      y_BLD, g, sel = uoe.uome(x_BLD, self.router[...], *ws, k=u.experts_per_token,
-                               capacity_factor=u.expert_capacity, gate_outputs=u.gate_outputs,
-                               valid_BL=valid_BL)
+      y_BLD, g, sel = uoe.uome(
+        x_BLD,
+        self.router[...],
+        *ws,
+        k=u.experts_per_token,
+        capacity_factor=u.expert_capacity,
+        gate_outputs=u.gate_outputs,
+        valid_BL=valid_BL,
+      )
       metrics = uoe.selection_metrics(g, sel, valid_BL)
-    return axes.constrain(y_BLD, block.RESIDUAL), _aux(cfg, 'mlp', metrics, self.entropy, g.probs,
-                                                       valid_BL)
+    return axes.constrain(y_BLD, block.RESIDUAL), _aux(
+      cfg, 'mlp', metrics, self.entropy, g.probs, valid_BL
+    )
 
 
 block.ATTENTION['smha'] = SelectiveAttention

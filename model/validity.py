@@ -52,13 +52,13 @@ def segment_cumsum(x_BL_: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
   sums are computed from its own values alone: bitwise independent of every other segment.
   """
   b, l = segment_ids_BL.shape
-  start_BL = jnp.concatenate([jnp.ones((b, 1), bool),
-                              segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  start_BL = jnp.concatenate(
+    [jnp.ones((b, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1
+  )
   start = start_BL.reshape(b, l, *([1] * (x_BL_.ndim - 2)))
 
   def combine(left, right):
     (sum_l, start_l), (sum_r, start_r) = left, right
     return jnp.where(start_r, sum_r, sum_l + sum_r), start_l | start_r
 
-  return jax.lax.associative_scan(combine, (x_BL_, jnp.broadcast_to(start, x_BL_.shape)),
-                                  axis=1)[0]
+  return jax.lax.associative_scan(combine, (x_BL_, jnp.broadcast_to(start, x_BL_.shape)), axis=1)[0]

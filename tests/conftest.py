@@ -3,8 +3,9 @@
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # A persistent compilation cache: the tests compile the same tiny programs many times (every run
 # of a tiny config, in this process and in the subprocesses it starts). Set before jax is imported.
@@ -14,7 +15,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, _ROOT)
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  (the environment above must be set before any import of jax)
 
 
 @pytest.fixture(scope='session')
@@ -29,6 +30,7 @@ def uninterrupted(tmp_path_factory, cache_dir):  # pylint: disable=redefined-out
   resumed, interrupted and damaged runs must reproduce exactly."""
   from tests.tiny_runs import tiny_train_config  # pylint: disable=g-import-not-at-top
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path_factory.mktemp('straight')
   cfg = tiny_train_config(cache_dir, steps=16, log_every=1)
   train_and_evaluate(cfg, str(workdir))

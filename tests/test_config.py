@@ -16,9 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _experiment_files():
-  return sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                if os.path.basename(p) not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py',
-                                                 'sweeps.py'))
+  return sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+    if os.path.basename(p) not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py', 'sweeps.py')
+  )
 
 
 def _load_module(path):
@@ -54,7 +56,9 @@ def _with(**overrides):
   return c
 
 
-@pytest.mark.parametrize('overrides, field', [
+@pytest.mark.parametrize(
+  'overrides, field',
+  [
     ({'model__num_heads': 3}, 'model.num_heads'),
     ({'model__num_kv_heads': 3}, 'model.num_kv_heads'),
     ({'model__remat': 'sometimes'}, 'model.remat'),
@@ -74,7 +78,10 @@ def _with(**overrides):
     ({'moe__num_experts': 4, 'moe__top_k': 5}, 'moe.top_k'),
     ({'moe__num_experts': 4, 'moe__capacity_factor': 0.0}, 'moe.capacity_factor'),
     ({'moe__num_experts': 4, 'moe__router': 'hash'}, 'moe.router'),
-    ({'moe__num_experts': 6, 'mesh__shape': (1, 2, 1, 4), 'mesh__rules': 'fsdp_ep'}, 'moe.num_experts'),
+    (
+      {'moe__num_experts': 6, 'mesh__shape': (1, 2, 1, 4), 'mesh__rules': 'fsdp_ep'},
+      'moe.num_experts',
+    ),
     ({'train__steps': 'ten'}, 'train.steps'),
     ({'model__scan_layers': 1}, 'model.scan_layers'),
     # nan passes every range check (`nan < 0` is False): refused as not finite, naming the field
@@ -97,7 +104,8 @@ def _with(**overrides):
     ({'train__seed': -1}, 'train.seed=-1'),
     ({'train__on_nonfinite': 'ignore'}, 'train.on_nonfinite'),
     ({'train__nonfinite_patience': 0}, 'train.nonfinite_patience=0'),
-])
+  ],
+)
 def test_validation_names_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:
     schema.load(_with(**overrides), num_devices=8)
@@ -130,20 +138,41 @@ def test_base_defaults_are_the_dataclass_defaults():
 def _run_train(tmp_path, *extra):
   workdir = tmp_path / 'run'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'train.train', '--config=configs/tiny.py',
-                         f'--workdir={workdir}', *extra], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'train.train',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      *extra,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   return proc, workdir
 
 
-@pytest.mark.parametrize('flag, expected', [
-    ('--config.train.stepz=5', "--config.train.stepz: no such config field (did you mean 'steps'?)"),
+@pytest.mark.parametrize(
+  'flag, expected',
+  [
+    (
+      '--config.train.stepz=5',
+      "--config.train.stepz: no such config field (did you mean 'steps'?)",
+    ),
     ('--config.train.steps=abc', '--config.train.steps=abc'),
     ('--config.model.num_heads=3', 'model.num_heads=3 must divide model.d_model=64'),
     ('--config.mesh.shape=(4,4,1,1)', 'mesh.shape=(4, 4, 1, 1) needs 16 devices'),
-    ('--config.optimizer.learning_rate=nan', 'optimizer.learning_rate=nan: expected a finite number'),
+    (
+      '--config.optimizer.learning_rate=nan',
+      'optimizer.learning_rate=nan: expected a finite number',
+    ),
     ('--config.data.seed=-1', 'data.seed=-1: expected a value >= 0'),
-])
+  ],
+)
 def test_cli_errors_are_one_line_and_start_nothing(tmp_path, flag, expected):
   proc, workdir = _run_train(tmp_path, flag)
   _assert_one_line_error(proc, workdir, expected)
@@ -159,15 +188,24 @@ def _assert_one_line_error(proc, workdir, expected):
 
 @pytest.mark.parametrize('path', _experiment_files(), ids=os.path.basename)
 def test_unknown_variant_lists_the_accepted_ones(path):
-  with pytest.raises(ValueError, match=r"configs/\w+\.py: unknown variant 'tinny'; expected one "
-                                       r'of: tiny'):
+  with pytest.raises(
+    ValueError,
+    match=r"configs/\w+\.py: unknown variant 'tinny'; expected one "
+    r'of: tiny',
+  ):
     _load_module(path).get_config('tinny')
 
 
 def test_cli_unknown_variant_is_one_line(tmp_path):
   workdir = tmp_path / 'run'
-  proc = subprocess.run([sys.executable, '-m', 'train.train', '--config=configs/demo.py:tinny',
-                         f'--workdir={workdir}'], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=120)
-  _assert_one_line_error(proc, workdir, "configs/demo.py: unknown variant 'tinny'; expected one of: "
-                                        'tiny, dense')
+  proc = subprocess.run(
+    [sys.executable, '-m', 'train.train', '--config=configs/demo.py:tinny', f'--workdir={workdir}'],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  _assert_one_line_error(
+    proc, workdir, "configs/demo.py: unknown variant 'tinny'; expected one of: tiny, dense"
+  )

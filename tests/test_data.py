@@ -27,8 +27,15 @@ def take(it, n):
 
 
 def make(seed=0, process_index=0, process_count=1, batch=8, **kw):
-  return pipeline.train_dataset(TOKENS, seq_len=L, global_batch_size=batch, seed=seed,
-                                process_index=process_index, process_count=process_count, **kw)
+  return pipeline.train_dataset(
+    TOKENS,
+    seq_len=L,
+    global_batch_size=batch,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    **kw,
+  )
 
 
 @pytest.fixture(scope='session')
@@ -49,7 +56,7 @@ def test_tokenizer_round_trip():
   assert tok.decode(ids) == text
   assert tok.decode(tok.encode(text.encode('utf-8'))) == text
   assert list(tok.encode(b'\x00\xff')) == [0, 255]
-  assert tok.decode(np.array([0xff, 65])) == '\ufffdA'  # invalid UTF-8 is replaced, not raised
+  assert tok.decode(np.array([0xFF, 65])) == '\ufffdA'  # invalid UTF-8 is replaced, not raised
   assert tok.num_bytes(ids) == len(text.encode('utf-8'))
   np.testing.assert_array_equal(tok.bytes_per_token(np.array([1, 256, 7])), [1, 0, 1])
   assert tok.bytes_per_token(jax.numpy.array([256, 3])).sum() == 1
@@ -105,8 +112,10 @@ def test_default_corpus(stdlib_dir, stdlib_cfg):
 
 
 def test_corpus_cache_is_reused_and_incomplete_dirs_rebuilt(stdlib_dir, stdlib_cfg):
-  files = [os.path.join(stdlib_dir, n) for n in ('train/offsets.npy', 'heldout/offsets.npy',
-                                                 'metadata.json')]
+  files = [
+    os.path.join(stdlib_dir, n)
+    for n in ('train/offsets.npy', 'heldout/offsets.npy', 'metadata.json')
+  ]
   before = [os.stat(f).st_mtime_ns for f in files]
   assert corpus.prepare_default_corpus(stdlib_cfg) == stdlib_dir
   assert [os.stat(f).st_mtime_ns for f in files] == before
@@ -135,8 +144,9 @@ def test_train_pipeline_deterministic_per_seed():
 
 def test_process_shards_are_disjoint_and_cover_the_single_process_stream():
   single = sum(map(window_ids, take(iter(make()), 8)), [])  # one epoch: 8 x 8 windows
-  shards = [sum(map(window_ids, take(iter(make(process_index=p, process_count=2)), 8)), [])
-            for p in (0, 1)]
+  shards = [
+    sum(map(window_ids, take(iter(make(process_index=p, process_count=2)), 8)), []) for p in (0, 1)
+  ]
   assert all(len(s) == 32 for s in shards) and not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == sorted(single) == list(range(64))
   assert shards[0] == single[0::2] and shards[1] == single[1::2]
@@ -172,8 +182,9 @@ def test_train_pipeline_rejects_bad_arguments():
   with pytest.raises(ValueError, match='process_count'):
     make(batch=7, process_count=2)
   with pytest.raises(corpus.DataError, match='seq_len'):
-    pipeline.train_dataset(TOKENS[:L], seq_len=L, global_batch_size=2, seed=0,
-                           process_index=0, process_count=1)
+    pipeline.train_dataset(
+      TOKENS[:L], seq_len=L, global_batch_size=2, seed=0, process_index=0, process_count=1
+    )
 
 
 def test_eval_batches():
@@ -202,6 +213,7 @@ def test_make_global_batch():
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_resume():
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (docs/design.md §8)
   expected = take(iter(make()), 6)
@@ -219,8 +231,10 @@ def test_worker_processes_give_the_same_batches_and_resume():
 
 # --- prepare under bad input (one line, nothing written) ---
 
+
 def _prepare(pattern, out, **kw):
   from data import prepare
+
   return prepare.prepare_dataset(str(pattern), str(out), processes=1, **kw)
 
 
@@ -237,11 +251,13 @@ def test_prepare_repairs_lone_surrogates(tmp_path):
   assert meta['repaired'] == {'lone_surrogate': 1} and sum(meta['skipped'].values()) == 0
   docs = sum(meta['documents'].values())
   assert docs == 2 and meta['text_bytes']['train'] + meta['text_bytes']['heldout'] == len(
-      'ab\ufffdcd'.encode()) + len('ok \U0001f680'.encode())
+    'ab\ufffdcd'.encode()
+  ) + len('ok \U0001f680'.encode())
 
 
 def test_prepare_skips_unreadable_files(tmp_path, monkeypatch):
   from data import prepare
+
   (tmp_path / 'in').mkdir()
   for name in ('a.txt', 'b.txt', 'c.txt'):
     (tmp_path / 'in' / name).write_text(f'text of {name}')
@@ -257,8 +273,12 @@ def test_prepare_skips_unreadable_files(tmp_path, monkeypatch):
   meta = _prepare(tmp_path / 'in' / '*.txt', tmp_path / 'out')
   assert meta['skipped_files'] == {'permission_denied': ['b.txt']}
   assert sum(meta['documents'].values()) == 2 and meta['files'] == 3
-  monkeypatch.setattr(prepare, 'open', lambda p, *a, **kw: denying_open(
-      'b.txt' if str(p).endswith('.txt') else p, *a, **kw), raising=False)  # every input denied
+  monkeypatch.setattr(
+    prepare,
+    'open',
+    lambda p, *a, **kw: denying_open('b.txt' if str(p).endswith('.txt') else p, *a, **kw),
+    raising=False,
+  )  # every input denied
   _fails(tmp_path / 'in' / '*.txt', tmp_path / 'out2', 'none of the 3 files.*permission_denied')
   _fails(tmp_path / 'in' / 'd.txt', tmp_path / 'out3', 'only directories')
 
@@ -268,7 +288,9 @@ def test_prepare_absent_field_and_mostly_skipped(tmp_path):
   assert "'text'" in _fails(tmp_path / 'a.jsonl', tmp_path / 'out', 'absent')
   (tmp_path / 'b.jsonl').write_text('{"text": "good"}\n' + 'not json\n' * 9)
   _fails(tmp_path / 'b.jsonl', tmp_path / 'out', r'9 of the 10 records.*bad_json 9.*more than 80%')
-  assert sum(_prepare(tmp_path / 'a.jsonl', tmp_path / 'ok', field='body')['documents'].values()) == 2
+  assert (
+    sum(_prepare(tmp_path / 'a.jsonl', tmp_path / 'ok', field='body')['documents'].values()) == 2
+  )
 
 
 def test_prepare_output_that_is_a_file(tmp_path):
@@ -289,7 +311,9 @@ def _split_docs(out):
   for split in corpus.SPLITS:
     s = sources.open_split(str(out), split)
     arr = corpus.load_split(str(out), split)
-    result[split] = sorted(tok.decode(arr[a:b - 1]) for a, b in zip(s.offsets[:-1], s.offsets[1:]))
+    result[split] = sorted(
+      tok.decode(arr[a : b - 1]) for a, b in zip(s.offsets[:-1], s.offsets[1:])
+    )
   return result
 
 
@@ -301,9 +325,11 @@ def test_prepare_heldout_never_empty_and_path_independent(tmp_path, n):
     d.mkdir(parents=True)
     for i in range(n):
       (d / f'doc{i:02d}.txt').write_text(f'document {i} ' * 50)
-    meta = _prepare(d / '*.txt', tmp_path / f'out-{where.replace("/", "-")}', heldout_fraction=0.001)
+    meta = _prepare(
+      d / '*.txt', tmp_path / f'out-{where.replace("/", "-")}', heldout_fraction=0.001
+    )
     assert meta['documents']['heldout'] == 1 and meta['documents']['train'] == n - 1
-    assert meta['split']['forced'] and meta['text_bytes']['heldout'] == len(f'document 0 ' * 50)
+    assert meta['split']['forced'] and meta['text_bytes']['heldout'] == len('document 0 ' * 50)
     splits.append(_split_docs(tmp_path / f'out-{where.replace("/", "-")}'))
   assert splits[0] == splits[1] and len(splits[0]['heldout']) == 1
 
@@ -312,7 +338,9 @@ def test_prepare_cli_failed_write_is_one_line_and_resumable(tmp_path, monkeypatc
   """ENOSPC while writing the split arrays: one line, exit 1, finished pieces kept; a rerun
   after space is freed resumes and completes."""
   import errno  # pylint: disable=g-import-not-at-top
+
   from data import prepare  # pylint: disable=g-import-not-at-top
+
   (tmp_path / 'in').mkdir()
   for i in range(4):
     (tmp_path / 'in' / f'{i}.txt').write_text(f'document number {i} ' * 20)

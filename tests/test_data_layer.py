@@ -20,21 +20,32 @@ from data.tokenizer import get_tokenizer
 from tests.tokenizer_files import write_bpe_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = [f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs; café number {i}.'
-        for i in range(24)] + ['Short one.', 'x']
+DOCS = [
+  f'Document {i}: the quick brown fox jumps over {i * 7} lazy dogs; café number {i}.'
+  for i in range(24)
+] + ['Short one.', 'x']
 
 
 @pytest.fixture(scope='module')
 def tokenizer_files(tmp_path_factory):
   """A tiny SentencePiece model and a tiny HF byte-level BPE, trained here on DOCS (no downloads)."""
   import sentencepiece as spm
+
   d = tmp_path_factory.mktemp('tok')
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 4), model_prefix=str(d / 'sp'),
-                                 vocab_size=60, hard_vocab_limit=False, character_coverage=1.0,
-                                 minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(DOCS * 4),
+    model_prefix=str(d / 'sp'),
+    vocab_size=60,
+    hard_vocab_limit=False,
+    character_coverage=1.0,
+    minloglevel=2,
+  )
   write_bpe_tokenizer(DOCS, str(d / 'tokenizer.json'))
-  return {'byte': 'byte', 'sentencepiece': f'sentencepiece:{d / "sp.model"}',
-          'hf': f'hf:{d / "tokenizer.json"}'}
+  return {
+    'byte': 'byte',
+    'sentencepiece': f'sentencepiece:{d / "sp.model"}',
+    'hf': f'hf:{d / "tokenizer.json"}',
+  }
 
 
 def write_inputs(directory, fmt, docs=DOCS, field='text'):
@@ -54,9 +65,11 @@ def write_inputs(directory, fmt, docs=DOCS, field='text'):
     elif fmt == 'parquet':
       import pyarrow as pa
       import pyarrow.parquet as pq
+
       pq.write_table(pa.table({field: half}), path)
     else:
       from array_record.python.array_record_module import ArrayRecordWriter
+
       writer = ArrayRecordWriter(path, 'group_size:1')
       for doc in half:
         writer.write(doc.encode('utf-8'))
@@ -97,7 +110,9 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
   parallel = prepare.prepare_dataset(pattern, str(tmp_path / 'parallel'), processes=2)
   assert parallel['fingerprint'] == serial['fingerprint']
   for split in prepare.SPLITS:
-    for a, b in zip(documents(str(tmp_path / 'serial'), split), documents(str(tmp_path / 'parallel'), split)):
+    for a, b in zip(
+      documents(str(tmp_path / 'serial'), split), documents(str(tmp_path / 'parallel'), split)
+    ):
       np.testing.assert_array_equal(a, b)
   real, calls = prepare.tokenize_file, []
 
@@ -133,8 +148,10 @@ def test_bad_input(tmp_path, tokenizer_files):
   (tmp_path / 'txt' / 'bad.txt').write_bytes(b'caf\xe9 latin-1')
   meta = prepare.prepare_dataset(str(tmp_path / 'txt' / '*.txt'), str(tmp_path / 'o2'))
   assert meta['skipped']['non_utf8'] == 1 and meta['documents']['train'] == 1
-  (tmp_path / 'bad.jsonl').write_bytes(b'{"text": "ok"}\nnot json\n{"other": 1}\n{"text": 5}\n'
-                                       b'{"text": ""}\n\xff\xfe\n{"text": "also ok"}\n')
+  (tmp_path / 'bad.jsonl').write_bytes(
+    b'{"text": "ok"}\nnot json\n{"other": 1}\n{"text": 5}\n'
+    b'{"text": ""}\n\xff\xfe\n{"text": "also ok"}\n'
+  )
   meta = prepare.prepare_dataset(str(tmp_path / 'bad.jsonl'), str(tmp_path / 'o3'))
   assert meta['skipped'] == {'non_utf8': 1, 'bad_json': 1, 'missing_field': 2, 'empty': 1}
   assert meta['documents']['train'] + meta['documents']['heldout'] == 2
@@ -146,8 +163,11 @@ def test_bad_input(tmp_path, tokenizer_files):
   assert prepare.prepare_dataset(pattern, str(tmp_path / 'o5'), field='body')['documents']['train']
   (tmp_path / 'garbage.model').write_bytes(b'not a model')
   (tmp_path / 'garbage.json').write_text('{"version": "nope"}')
-  for spec in (f'sentencepiece:{tmp_path / "garbage.model"}', f'hf:{tmp_path / "garbage.json"}',
-               f'hf:{tmp_path / "missing.json"}'):
+  for spec in (
+    f'sentencepiece:{tmp_path / "garbage.model"}',
+    f'hf:{tmp_path / "garbage.json"}',
+    f'hf:{tmp_path / "missing.json"}',
+  ):
     with pytest.raises(DataError, match='does not load|cannot read') as e:
       prepare.prepare_dataset(str(tmp_path / 'bad.jsonl'), str(tmp_path / 'o6'), tokenizer=spec)
     assert one_line(e)
@@ -182,8 +202,11 @@ def test_packed_rows_cover_every_pair_once_per_epoch():
   tokens, offsets = packed_data()
   src = sources.PackedSource(tokens, offsets, 16, seed=3)
   rows = src.read_batch(np.arange(len(src)))  # epoch 0
-  expected = [(int(tokens[a + i]), int(tokens[a + i + 1]))
-              for a, b in zip(offsets[:-1], offsets[1:]) for i in range(b - a - 1)]
+  expected = [
+    (int(tokens[a + i]), int(tokens[a + i + 1]))
+    for a, b in zip(offsets[:-1], offsets[1:])
+    for i in range(b - a - 1)
+  ]
   assert sorted(pairs_of([rows])) == sorted(expected)
   seg, pos, w = rows['segment_ids'], rows['positions'], rows['weights']
   assert ((seg == 0) == (w == 0)).all() and (w == 0).sum() == len(src) * 16 - len(expected)
@@ -198,12 +221,16 @@ def test_packing_never_attends_across_documents():
   """Through the model: a segment's logits equal the model run on it alone, and perturbing one
   document's tokens leaves the other documents' logits unchanged (in both directions)."""
   from flax import nnx
+
   from model.transformer import Transformer
+
   cfg = schema.load(tiny.get_config(), jax.device_count())
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   tokens, offsets = packed_data(vocab=257)
   batch = sources.PackedSource(tokens, offsets, 32, seed=0).read_batch([0, 1])
-  fwd = nnx.jit(lambda m, inputs, seg: m(inputs, positions_BL=batch['positions'], segment_ids_BL=seg)[0])
+  fwd = nnx.jit(
+    lambda m, inputs, seg: m(inputs, positions_BL=batch['positions'], segment_ids_BL=seg)[0]
+  )
   logits = fwd(model, batch['inputs'], batch['segment_ids'])
   seg = batch['segment_ids'][0]
   one, two = np.flatnonzero(seg == 1), np.flatnonzero(seg == 2)
@@ -219,15 +246,23 @@ def test_packing_never_attends_across_documents():
   perturbed = batch['inputs'].copy()
   perturbed[0, one] = (perturbed[0, one] + 17) % 257
   no_mask = np.ones_like(batch['segment_ids'])  # one segment per row: the test has power
-  assert not np.allclose(fwd(model, perturbed, no_mask)[0, two],
-                         fwd(model, batch['inputs'], no_mask)[0, two])
+  assert not np.allclose(
+    fwd(model, perturbed, no_mask)[0, two], fwd(model, batch['inputs'], no_mask)[0, two]
+  )
 
 
 def test_packed_process_shards_are_disjoint_and_cover():
   tokens, offsets = packed_data()
-  make = lambda p, n, b: pipeline.train_dataset(tokens, offsets=offsets, packing=True, seq_len=16,
-                                                global_batch_size=b, seed=1, process_index=p,
-                                                process_count=n)
+  make = lambda p, n, b: pipeline.train_dataset(
+    tokens,
+    offsets=offsets,
+    packing=True,
+    seq_len=16,
+    global_batch_size=b,
+    seed=1,
+    process_index=p,
+    process_count=n,
+  )
   rows = len(sources.PackedSource(tokens, offsets, 16, 0))
   single = [next(it) for it in [iter(make(0, 1, 4))] for _ in range(rows // 4)]
   shards = [[next(it) for it in [iter(make(p, 2, 4))] for _ in range(rows // 4)] for p in (0, 1)]
@@ -249,9 +284,21 @@ def prepared(tmp_path_factory):
     with open(os.path.join(root, f), 'rb') as fh:
       (src / f.replace('/', '_')).write_bytes(fh.read())
   out = tmp / 'ds'
-  proc = subprocess.run([sys.executable, '-m', 'data.prepare', f'--input={src}/*.py', f'--output={out}',
-                         '--processes=2', '--heldout_fraction=0.1'], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'data.prepare',
+      f'--input={src}/*.py',
+      f'--output={out}',
+      '--processes=2',
+      '--heldout_fraction=0.1',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert 'prepare: 1/1 pieces' in proc.stderr and json.loads(proc.stdout.splitlines()[-1])['tokens']
   return str(out)
@@ -260,8 +307,17 @@ def prepared(tmp_path_factory):
 @pytest.mark.parametrize('packing', [False, True])
 def test_resume_mid_epoch_through_orbax_on_tensorstore(tmp_path, prepared, packing):
   split = sources.open_split(prepared, 'train')
-  make = lambda: iter(pipeline.train_dataset(split, seq_len=64, global_batch_size=4, seed=5,
-                                             process_index=0, process_count=1, packing=packing))
+  make = lambda: iter(
+    pipeline.train_dataset(
+      split,
+      seq_len=64,
+      global_batch_size=4,
+      seed=5,
+      process_index=0,
+      process_count=1,
+      packing=packing,
+    )
+  )
   it = make()
   [next(it) for _ in range(3)]
   with ocp.CheckpointManager(tmp_path / 'ckpt') as mngr:
@@ -280,13 +336,27 @@ def test_resume_mid_epoch_through_orbax_on_tensorstore(tmp_path, prepared, packi
 def test_trains_on_prepared_dataset_and_refuses_a_switch(tmp_path, prepared, tokenizer_files):
   from model.config import ConfigError
   from train.train import train_and_evaluate
+
   data = str(tmp_path / 'data')
   shutil.copytree(prepared, data)
   workdir = tmp_path / 'run'
   proc = subprocess.run(
-      [sys.executable, '-m', 'train.train', '--config=configs/tiny.py', f'--workdir={workdir}',
-       f'--config.data.path={data}', '--config.data.packing=True', '--config.train.steps=16',
-       '--config.train.log_every=4'], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      '-m',
+      'train.train',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      f'--config.data.path={data}',
+      '--config.data.packing=True',
+      '--config.train.steps=16',
+      '--config.train.log_every=4',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(workdir / 'metrics.jsonl') as f:
     losses = [r['loss'] for r in map(json.loads, f) if 'loss' in r]
@@ -297,9 +367,15 @@ def test_trains_on_prepared_dataset_and_refuses_a_switch(tmp_path, prepared, tok
   c.data.path, c.data.packing = data, True
   cfg = schema.load(c, jax.device_count())
   shutil.rmtree(data)  # the same path, re-prepared with another tokenizer
-  prepare.prepare_dataset(os.path.join(prepared, '..', 'src', '*.py'), data,
-                          tokenizer=tokenizer_files['hf'], heldout_fraction=0.1)
-  with pytest.raises(DataError, match=r'trained with tokenizer byte-v1 .* hf-.*use a new --workdir'):
+  prepare.prepare_dataset(
+    os.path.join(prepared, '..', 'src', '*.py'),
+    data,
+    tokenizer=tokenizer_files['hf'],
+    heldout_fraction=0.1,
+  )
+  with pytest.raises(
+    DataError, match=r'trained with tokenizer byte-v1 .* hf-.*use a new --workdir'
+  ):
     train_and_evaluate(cfg, str(workdir))
   c.data.path = prepared  # another dataset (same tokenizer)
   with pytest.raises((DataError, ConfigError), match='use a new --workdir'):

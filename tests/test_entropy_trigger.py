@@ -1,9 +1,6 @@
 """Entropy-triggered routing (docs/methods.md §4): entropies, the latched trigger, the ramp, the
 loss's gradient directions, config errors, and in training: exact resume, 1 vs 8 devices."""
 
-import dataclasses
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +15,8 @@ from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.step import make_step_fns
 
-
 # --- entropies -----------------------------------------------------------------------------------
+
 
 def test_uniform_is_one_and_one_hot_is_zero():
   h_tok, h_use = et.routing_entropies(jnp.full((6, 8), 1 / 8))
@@ -40,19 +37,23 @@ def test_entropies_match_numpy_and_sigmoid_scores_are_normalised():
   h_tok = -np.mean(np.sum(p * np.log(p), -1)) / np.log(8)
   pbar = p.mean(0)
   h_use = -np.sum(pbar * np.log(pbar)) / np.log(8)
-  np.testing.assert_allclose(et.routing_entropies(et.routing_probs(logits)), [h_tok, h_use],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    et.routing_entropies(et.routing_probs(logits)), [h_tok, h_use], rtol=1e-5
+  )
   probs = et.routing_probs(logits, 'sigmoid')
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(probs, jax.nn.sigmoid(logits) / jax.nn.sigmoid(logits).sum(
-      -1, keepdims=True), rtol=1e-6)
+  np.testing.assert_allclose(
+    probs, jax.nn.sigmoid(logits) / jax.nn.sigmoid(logits).sum(-1, keepdims=True), rtol=1e-6
+  )
 
 
 def test_loss_is_the_ramped_mix_of_coverage_and_specialisation():
   h_tok, h_use, bt, bu = 0.6, 0.9, 1e-3, 1e-2
   np.testing.assert_allclose(et.entropy_loss(h_tok, h_use, 0.0, bt, bu), -bu * h_use - bt * h_tok)
   np.testing.assert_allclose(et.entropy_loss(h_tok, h_use, 1.0, bt, bu), -bu * h_use + bt * h_tok)
-  np.testing.assert_allclose(et.entropy_loss(h_tok, h_use, 0.25, bt, bu), -bu * h_use - 0.5 * bt * h_tok)
+  np.testing.assert_allclose(
+    et.entropy_loss(h_tok, h_use, 0.25, bt, bu), -bu * h_use - 0.5 * bt * h_tok
+  )
 
 
 def test_gradient_direction_of_each_regime():
@@ -78,19 +79,24 @@ def test_gradient_direction_of_each_regime():
 
 # --- the trigger state machine -------------------------------------------------------------------
 
+
 def _cfg(**kw):
-  return EntropyConfig(enabled=True, **{'tau': 0.5, 'plateau': 0.0, 'plateau_window': 5,
-                                        'ema_decay': 0.0, 'ramp_steps': 4, **kw})
+  return EntropyConfig(
+    enabled=True,
+    **{'tau': 0.5, 'plateau': 0.0, 'plateau_window': 5, 'ema_decay': 0.0, 'ramp_steps': 4, **kw},
+  )
 
 
 def _run(trace, cfg):
   """States after each value of `trace` (a jitted lax.scan: the update is jit-safe)."""
+
   def body(state, h):
     state = et.update_trigger(state, h, cfg)
     return state, (state, et.ramp_weight(state, cfg.ramp_steps))
 
-  _, (states, ramps) = jax.jit(lambda t: jax.lax.scan(body, et.init_trigger(cfg.plateau_window),
-                                                      t))(jnp.asarray(trace, jnp.float32))
+  _, (states, ramps) = jax.jit(
+    lambda t: jax.lax.scan(body, et.init_trigger(cfg.plateau_window), t)
+  )(jnp.asarray(trace, jnp.float32))
   return jax.device_get(states), np.asarray(ramps)
 
 
@@ -123,7 +129,7 @@ def test_plateau_fires_when_the_ema_stops_moving():
   expected = int(np.argmax(change < 0.015)) + 6
   assert expected == 16
   assert states.trigger_step[-1] == expected
-  assert np.all(states.trigger_step[:expected - 1] == -1)
+  assert np.all(states.trigger_step[: expected - 1] == -1)
   # The window must have filled: a flat start does not fire before update W + 1 = 6.
   states, _ = _run(np.full(8, 0.9), _cfg(plateau=0.02))
   np.testing.assert_array_equal(states.trigger_step, [-1] * 5 + [6] * 3)
@@ -147,8 +153,10 @@ def test_noisy_dip_latches_and_the_ramp_is_exact():
 
 def test_global_mode_shares_the_mean_over_layers():
   # Model stats: a scanned stage (layers stacked) and a looped one, as Transformer.update_state sees.
-  stats = [{'mlp': {'expert_counts': jnp.ones((2, 8)), 'entropy': {'h_tok': jnp.array([0.2, 0.6])}}},
-           [{'mlp': {'expert_counts': jnp.ones(8), 'entropy': {'h_tok': jnp.array(1.0)}}}]]
+  stats = [
+    {'mlp': {'expert_counts': jnp.ones((2, 8)), 'entropy': {'h_tok': jnp.array([0.2, 0.6])}}},
+    [{'mlp': {'expert_counts': jnp.ones(8), 'entropy': {'h_tok': jnp.array(1.0)}}}],
+  ]
   shared = et.share_across_layers(stats)
   np.testing.assert_allclose(shared[0]['mlp']['entropy']['h_tok'], [0.6, 0.6], rtol=1e-6)
   np.testing.assert_allclose(shared[1][0]['mlp']['entropy']['h_tok'], 0.6, rtol=1e-6)
@@ -158,8 +166,10 @@ def test_global_mode_shares_the_mean_over_layers():
   cfg = _cfg()
   a, b = np.linspace(0.95, 0.15, 9), np.linspace(0.75, 0.55, 9)
   per_layer = [_run(t, cfg)[0].trigger_step[-1] for t in (a, b)]
-  shared_trace = [float(et.share_across_layers({'entropy': {'h_tok': jnp.array([x, y])}})
-                        ['entropy']['h_tok'][0]) for x, y in zip(a, b)]
+  shared_trace = [
+    float(et.share_across_layers({'entropy': {'h_tok': jnp.array([x, y])}})['entropy']['h_tok'][0])
+    for x, y in zip(a, b)
+  ]
   together = _run(shared_trace, cfg)[0].trigger_step[-1]
   assert per_layer[0] == 6 and per_layer[1] == -1
   assert together == 7  # mean 0.85 - 0.0625 (t - 1) < 0.5 first at update 7
@@ -197,8 +207,11 @@ def test_uoe_gates_are_monitored_too():
     for gate in ('attn', 'mlp'):
       p = f'layer_{i}/uoe/{gate}_'
       assert 0 < float(m[p + 'h_tok']) <= 1 and float(m[p + 'trigger_step']) == -1
-      expected += (cfg.uoe.balance_weight * m[p + 'balance_loss'] +
-                   cfg.uoe.z_loss_weight * m[p + 'z_loss'] + m[p + 'entropy_loss'])
+      expected += (
+        cfg.uoe.balance_weight * m[p + 'balance_loss']
+        + cfg.uoe.z_loss_weight * m[p + 'z_loss']
+        + m[p + 'entropy_loss']
+      )
       np.testing.assert_allclose(m[p + 'entropy_loss'], -1e-2 * m[p + 'h_tok'], rtol=1e-6)
   np.testing.assert_allclose(aux['loss'], expected, rtol=1e-5)
   model.update_state(jax.lax.stop_gradient(aux['stats']))
@@ -207,16 +220,31 @@ def test_uoe_gates_are_monitored_too():
     monitor = getattr(model.stages[0].blocks, gate).entropy  # every layer, stacked
     np.testing.assert_array_equal(monitor.step[...][:, 0], [1] * cfg.num_layers)
     # The EMA starts at the first step's H_tok.
-    np.testing.assert_allclose(monitor.ema[...][:, 0], [m[f'layer_{i}/uoe/{gate}_h_tok']
-                                                        for i in range(cfg.num_layers)], rtol=1e-6)
+    np.testing.assert_allclose(
+      monitor.ema[...][:, 0],
+      [m[f'layer_{i}/uoe/{gate}_h_tok'] for i in range(cfg.num_layers)],
+      rtol=1e-6,
+    )
 
 
 # --- configuration -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('field, value', [
-    ('tau', 0.0), ('tau', 1.0), ('tau', 1.5), ('beta_tok', -1e-3), ('beta_use', -1.0),
-    ('ramp_steps', 0), ('plateau_window', 0), ('plateau', -1e-3), ('ema_decay', 1.0),
-    ('mode', 'sometimes')])
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('tau', 0.0),
+    ('tau', 1.0),
+    ('tau', 1.5),
+    ('beta_tok', -1e-3),
+    ('beta_use', -1.0),
+    ('ramp_steps', 0),
+    ('plateau_window', 0),
+    ('plateau', -1e-3),
+    ('ema_decay', 1.0),
+    ('mode', 'sometimes'),
+  ],
+)
 def test_bad_entropy_config_is_a_one_line_error(field, value):
   c = moe_entropy.get_config('tiny')
   c.entropy[field] = value
@@ -315,7 +343,10 @@ def test_trigger_fires_at_the_same_step_on_one_and_eight_devices(eight_devices):
   tau = _train_cfg(1).model.entropy.tau
   for layer in (0, 1):
     fired = int(trig8['trigger_step'][...][layer, 0])
-    emas = [float(m[f'layer_{layer}/moe/h_tok_ema']) for m in history8[1:fired + 1]]
+    emas = [float(m[f'layer_{layer}/moe/h_tok_ema']) for m in history8[1 : fired + 1]]
     assert 0 < fired and min(abs(e - tau) for e in emas) > 1e-3, emas
-    np.testing.assert_allclose([float(m[f'layer_{layer}/moe/h_tok']) for m in history1],
-                               [float(m[f'layer_{layer}/moe/h_tok']) for m in history8], rtol=1e-5)
+    np.testing.assert_allclose(
+      [float(m[f'layer_{layer}/moe/h_tok']) for m in history1],
+      [float(m[f'layer_{layer}/moe/h_tok']) for m in history8],
+      rtol=1e-5,
+    )

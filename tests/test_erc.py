@@ -32,7 +32,7 @@ def _numpy_eq3(router_DE, w_gate_EDF, alpha, delta_ED):
     for j in range(n):
       if j != i:
         total += max(m[i, j] - alpha * m[i, i], 0.0) + max(m[j, i] - alpha * m[i, i], 0.0)
-  return total / n ** 2
+  return total / n**2
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.5, 1.0, 1.5])
@@ -43,8 +43,9 @@ def test_loss_matches_numpy_eq3(alpha):
   assert got.dtype == jnp.float32 and got.shape == ()
   np.testing.assert_allclose(got, _numpy_eq3(router_DE, w_gate_EDF, alpha, delta_ED), rtol=1e-5)
   clean = erc.erc_loss(router_DE, w_gate_EDF, alpha=alpha)  # delta None = no noise
-  np.testing.assert_allclose(clean, _numpy_eq3(router_DE, w_gate_EDF, alpha, np.ones((8, 12))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    clean, _numpy_eq3(router_DE, w_gate_EDF, alpha, np.ones((8, 12))), rtol=1e-5
+  )
 
 
 def test_large_alpha_gives_exactly_zero():
@@ -65,7 +66,7 @@ def test_hand_built_case():
   assert float(erc.erc_loss(router_DE, w_gate_EDF, alpha=1.0)) == 0.0
   np.testing.assert_allclose(erc.coupling_level(router_DE, w_gate_EDF), 0.5, rtol=1e-6)
   # Nearest row of either is at distance sqrt(2), each has norm 1: eps = sqrt(2) / 2.
-  np.testing.assert_allclose(erc.epsilon(router_DE), [2 ** -0.5] * 2, rtol=1e-6)
+  np.testing.assert_allclose(erc.epsilon(router_DE), [2**-0.5] * 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize('spread', [1.0, 0.05])
@@ -77,7 +78,8 @@ def test_noisy_rows_stay_closest_to_their_own_row(spread):
   r_ED = np.asarray(router_DE).T
   eps_E = np.asarray(erc.epsilon(router_DE))
   deltas = jax.vmap(erc.erc_noise, in_axes=(0, None))(
-      jax.random.split(jax.random.PRNGKey(0), 500), router_DE)
+    jax.random.split(jax.random.PRNGKey(0), 500), router_DE
+  )
   assert np.all(np.abs(np.asarray(deltas) - 1) <= eps_E[None, :, None] + 1e-6)
   noisy = np.asarray(deltas) * r_ED[None]  # [draws, E, D]
   dist = np.linalg.norm(noisy[:, :, None, :] - r_ED[None, None, :, :], axis=-1)  # [draws, i, j]
@@ -92,8 +94,9 @@ def test_noisy_rows_stay_closest_to_their_own_row(spread):
 def test_gradient_paths(grad_to_router):
   router_DE, w_gate_EDF = _problem(seed=2)
   delta_ED = erc.erc_noise(jax.random.PRNGKey(1), router_DE)
-  loss = lambda r, w: erc.erc_loss(r, w, alpha=0.5, delta_ED=delta_ED,
-                                   grad_to_router=grad_to_router)
+  loss = lambda r, w: erc.erc_loss(
+    r, w, alpha=0.5, delta_ED=delta_ED, grad_to_router=grad_to_router
+  )
   assert float(loss(router_DE, w_gate_EDF)) > 0
   g_r, g_w = jax.grad(loss, argnums=(0, 1))(router_DE, w_gate_EDF)
   assert float(jnp.abs(g_w).max()) > 0
@@ -104,8 +107,9 @@ def test_gradient_paths(grad_to_router):
 def test_gradient_is_finite_when_activations_vanish():
   router_DE = jnp.eye(2)
   w_gate_EDF = jnp.stack([jnp.diag(jnp.array([2.0, 0.0])), jnp.diag(jnp.array([0.0, 3.0]))])
-  g = jax.grad(lambda r, w: erc.erc_loss(r, w, alpha=0.0, grad_to_router=True),
-               argnums=(0, 1))(router_DE, w_gate_EDF)  # off-diagonal M entries are exactly 0
+  g = jax.grad(lambda r, w: erc.erc_loss(r, w, alpha=0.0, grad_to_router=True), argnums=(0, 1))(
+    router_DE, w_gate_EDF
+  )  # off-diagonal M entries are exactly 0
   assert all(np.all(np.isfinite(x)) for x in g)
 
 
@@ -124,8 +128,11 @@ def _tiny_erc(**moe_fields):
   return schema.load(c, 1)
 
 
-@pytest.mark.parametrize('moe_fields', [{}, {'execution': 'capacity', 'shared_experts': 1}],
-                         ids=['dropless', 'capacity_shared_experts'])
+@pytest.mark.parametrize(
+  'moe_fields',
+  [{}, {'execution': 'capacity', 'shared_experts': 1}],
+  ids=['dropless', 'capacity_shared_experts'],
+)
 def test_moe_layer_adds_erc_loss_and_reports_metrics(moe_fields):
   cfg = _tiny_erc(**moe_fields).model
   model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -139,8 +146,11 @@ def test_moe_layer_adds_erc_loss_and_reports_metrics(moe_fields):
     p = f'layer_{i}/moe/'
     for name in ('erc_loss', 'erc_epsilon', 'coupling_level'):
       assert jnp.ndim(metrics[p + name]) == 0 and float(metrics[p + name]) > 0
-    expected += (m.balance_weight * metrics[p + 'balance_loss'] + m.z_loss_weight *
-                 metrics[p + 'z_loss'] + m.erc_weight * metrics[p + 'erc_loss'] / len(layers))
+    expected += (
+      m.balance_weight * metrics[p + 'balance_loss']
+      + m.z_loss_weight * metrics[p + 'z_loss']
+      + m.erc_weight * metrics[p + 'erc_loss'] / len(layers)
+    )
   np.testing.assert_allclose(aux['loss'], expected, rtol=1e-5)
   # update_state draws a fresh noise key; the clean-row alpha* does not depend on it.
   model.update_state(aux['stats'])
@@ -158,21 +168,32 @@ def test_no_erc_cost_without_erc():
   assert not any('erc' in k or 'coupling' in k for k in aux['metrics'])
 
 
-@pytest.mark.parametrize('fields, field', [
-    ({'erc_alpha': -0.5}, 'moe.erc_alpha'), ({'erc_weight': -1.0}, 'moe.erc_weight'),
-    ({'num_experts': 0}, 'moe.erc_weight'), ({'every': 8}, 'moe.erc_weight')])
+@pytest.mark.parametrize(
+  'fields, field',
+  [
+    ({'erc_alpha': -0.5}, 'moe.erc_alpha'),
+    ({'erc_weight': -1.0}, 'moe.erc_weight'),
+    ({'num_experts': 0}, 'moe.erc_weight'),
+    ({'every': 8}, 'moe.erc_weight'),
+  ],
+)
 def test_validation_names_the_field(fields, field):
   with pytest.raises(ConfigError, match=re.escape(field)) as info:
     _tiny_erc(**fields)
   assert '\n' not in str(info.value)
 
 
-_COLLECTIVE = re.compile(r'= (\w+)\[([\d,]*)\][^=]* (all-gather|all-reduce|reduce-scatter|all-to-all|'
-                         r'collective-permute)(-start)?\(')
+_COLLECTIVE = re.compile(
+  r'= (\w+)\[([\d,]*)\][^=]* (all-gather|all-reduce|reduce-scatter|all-to-all|'
+  r'collective-permute)(-start)?\('
+)
 
 
-@pytest.mark.parametrize('shape, rules', [((1, 1, 1, 8), 'fsdp_ep'), ((1, 2, 1, 4), 'fsdp_ep')],
-                         ids=['expert8', 'fsdp2_expert4'])
+@pytest.mark.parametrize(
+  'shape, rules',
+  [((1, 1, 1, 8), 'fsdp_ep'), ((1, 2, 1, 4), 'fsdp_ep')],
+  ids=['expert8', 'fsdp2_expert4'],
+)
 def test_expert_sharded_loss_equals_unsharded_and_never_moves_expert_weights(shape, rules):
   """Loss and gradients (router and W_g) on an expert-sharded mesh equal the unsharded ones, and
   XLA's collectives stay far below one expert shard of W_g: the loss is computed where the experts
@@ -181,8 +202,10 @@ def test_expert_sharded_loss_equals_unsharded_and_never_moves_expert_weights(sha
   e, d, f = 16, 64, 32
   router_DE, w_gate_EDF = _problem(e, d, f, seed=3)
   delta_ED = erc.erc_noise(jax.random.PRNGKey(4), router_DE)
-  fn = jax.value_and_grad(lambda r, w: erc.erc_loss(r, w, alpha=0.8, delta_ED=delta_ED,
-                                                    grad_to_router=True), argnums=(0, 1))
+  fn = jax.value_and_grad(
+    lambda r, w: erc.erc_loss(r, w, alpha=0.8, delta_ED=delta_ED, grad_to_router=True),
+    argnums=(0, 1),
+  )
   ref_loss, ref_grads = jax.jit(fn)(router_DE, w_gate_EDF)
   assert float(ref_loss) > 0
 
@@ -198,8 +221,10 @@ def test_expert_sharded_loss_equals_unsharded_and_never_moves_expert_weights(sha
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
-  sizes = [math.prod(int(n) for n in dims.split(',') if n)
-           for _, dims, _, _ in _COLLECTIVE.findall(compiled.as_text())]
+  sizes = [
+    math.prod(int(n) for n in dims.split(',') if n)
+    for _, dims, _, _ in _COLLECTIVE.findall(compiled.as_text())
+  ]
   assert sizes, 'expected some communication on a sharded mesh'
   expert_shard = e // mesh.shape['expert'] * d * f
   assert max(sizes) <= e * (e // mesh.shape['expert']) * f < expert_shard, sizes

@@ -23,14 +23,15 @@ from configs import schema, tiny
 from data import corpus, pipeline, prepare, sources, verify
 from data.errors import DataError
 from tests.tiny_runs import checkpoint_state, metrics_rows, tiny_train_config
-from train.checkpoint import Checkpointer
 from train import train as train_lib
+from train.checkpoint import Checkpointer
 from train.train import TrainingError, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DOCS = [f'document {i}: ' + 'the quick brown fox jumps over the lazy dog. ' * (40 + i)
-        for i in range(30)]
+DOCS = [
+  f'document {i}: ' + 'the quick brown fox jumps over the lazy dog. ' * (40 + i) for i in range(30)
+]
 
 
 @pytest.fixture
@@ -64,9 +65,14 @@ def _flip_byte(path, at):
 def test_prepare_records_every_file_and_an_intact_store_passes(prepared):
   meta = corpus.load_metadata(prepared)
   assert meta['format_version'] == 2
-  assert set(meta['checksums']) == {'train/offsets.npy', 'train/tokens/zarr.json', 'train/tokens/c/0',
-                                'heldout/offsets.npy', 'heldout/tokens/zarr.json',
-                                'heldout/tokens/c/0'}
+  assert set(meta['checksums']) == {
+    'train/offsets.npy',
+    'train/tokens/zarr.json',
+    'train/tokens/c/0',
+    'heldout/offsets.npy',
+    'heldout/tokens/zarr.json',
+    'heldout/tokens/c/0',
+  }
   for mode, ran in (('auto', 'full'), ('full', 'full'), ('sizes', 'sizes'), ('off', 'off')):
     assert verify.check(prepared, meta, mode) == ran
   assert _resolve(prepared, 'auto') == prepared
@@ -93,7 +99,9 @@ def test_an_altered_byte_is_refused_by_full_and_by_every_read(prepared):
     _resolve(prepared, 'full')
   assert _resolve(prepared, 'sizes') == prepared  # sizes cannot see it; the read's crc32c does
   split = sources.open_split(prepared, 'train')
-  with pytest.raises(DataError, match=f'cannot read tokens.*{shard}.*re-run python -m data.prepare'):
+  with pytest.raises(
+    DataError, match=f'cannot read tokens.*{shard}.*re-run python -m data.prepare'
+  ):
     split.tokens.read_many([0], [10])
   assert split.tokens[5000:5010].shape == (10,)  # other chunks still read
 
@@ -101,14 +109,21 @@ def test_an_altered_byte_is_refused_by_full_and_by_every_read(prepared):
 def test_a_missing_chunk_is_never_read_as_zeros(prepared):
   os.remove(_shard(prepared))
   _resolve(prepared, 'off')  # no file check: the read itself must refuse
-  batches = pipeline.train_dataset(sources.open_split(prepared, 'train'), seq_len=16,
-                                   global_batch_size=2, seed=0, process_index=0, process_count=1)
+  batches = pipeline.train_dataset(
+    sources.open_split(prepared, 'train'),
+    seq_len=16,
+    global_batch_size=2,
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   with pytest.raises(DataError, match='cannot read tokens.*missing'):
     next(iter(batches))
 
 
-def test_training_on_a_damaged_store_stops_in_one_line_before_compiling(prepared, tmp_path,
-                                                                         monkeypatch):
+def test_training_on_a_damaged_store_stops_in_one_line_before_compiling(
+  prepared, tmp_path, monkeypatch
+):
   _flip_byte(_shard(prepared), 200)
   corpus._VERIFIED.clear()  # pylint: disable=protected-access
   c = tiny.get_config()
@@ -134,13 +149,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_exactly(tmp_pat
   straight_dir, cfg = uninterrupted
   workdir = tmp_path / 'damaged'
   for stop_after in (4, 3):
-    train_and_evaluate(dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, stop_after=stop_after)), str(workdir))
+    train_and_evaluate(
+      dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=stop_after)),
+      str(workdir),
+    )
   assert Checkpointer(str(workdir), cfg.checkpoint, read_only=True).all_steps() == [4, 7]
-  files = sorted(p for p in (workdir / 'checkpoints' / '7').rglob('*') if p.is_file() and
-                 p.stat().st_size > 100)
+  files = sorted(
+    p for p in (workdir / 'checkpoints' / '7').rglob('*') if p.is_file() and p.stat().st_size > 100
+  )
   for f in files:
-    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # truncated: a full disk, a crash
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated: a full disk, a crash
   train_and_evaluate(cfg, str(workdir))
   assert [p.name.split('-')[0] for p in (workdir / 'checkpoints_damaged').iterdir()] == ['7']
   _, state_a = checkpoint_state(straight_dir, cfg)
@@ -153,13 +171,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_exactly(tmp_pat
   assert all(losses[step] == loss for step, loss in resumed)
 
 
-def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(tmp_path, cache_dir,
-                                                                        monkeypatch):
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(
+  tmp_path, cache_dir, monkeypatch
+):
   """ENOSPC injected into the metrics write at step 5 (checkpoint at 4): the error names the
   file and the last good checkpoint, which restores."""
   import errno  # pylint: disable=g-import-not-at-top
+
   from train import train as train_lib  # pylint: disable=g-import-not-at-top
   from train.metrics import MetricsLogger  # pylint: disable=g-import-not-at-top
+
   cfg = tiny_train_config(cache_dir, steps=16, log_every=1)
   cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=4))
   path = str(tmp_path / 'metrics.jsonl')
@@ -184,9 +205,12 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, cache_dir):
   workdir = tmp_path / 'nan'
   cfg = tiny_train_config(cache_dir, steps=16, stop_after=4)
   train_and_evaluate(cfg, str(workdir))
-  explode = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=0),
-                                optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e30),
-                                checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1))
+  explode = dataclasses.replace(
+    cfg,
+    train=dataclasses.replace(cfg.train, stop_after=0),
+    optimizer=dataclasses.replace(cfg.optimizer, learning_rate=1e30),
+    checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1),
+  )
   with pytest.raises(TrainingError, match='non-finite loss, gradient or updated state at step'):
     train_and_evaluate(explode, str(workdir))
   step, state = checkpoint_state(workdir, cfg)
@@ -205,12 +229,18 @@ def test_overflowing_update_is_never_applied_nor_saved(tmp_path, cache_dir, mode
   guard on the new state refuses it; 'skip' goes on until nonfinite_patience steps in a row."""
   cfg = tiny_train_config(cache_dir, steps=6, on_nonfinite=mode, nonfinite_patience=2)
   cfg = dataclasses.replace(
-      cfg, optimizer=dataclasses.replace(cfg.optimizer, learning_rate=3.4e38, warmup_steps=0,
-                                         decay='constant'),
-      checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1))
+    cfg,
+    optimizer=dataclasses.replace(
+      cfg.optimizer, learning_rate=3.4e38, warmup_steps=0, decay='constant'
+    ),
+    checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1),
+  )
   workdir = tmp_path / mode
-  match = r'updated state at step 1 .*the update was not applied' if mode == 'stop' else \
-      r'updated state at step 2 .*\(2 in a row\) and training stopped; last good checkpoint'
+  match = (
+    r'updated state at step 1 .*the update was not applied'
+    if mode == 'stop'
+    else r'updated state at step 2 .*\(2 in a row\) and training stopped; last good checkpoint'
+  )
   with pytest.raises(TrainingError, match=match):
     train_and_evaluate(cfg, str(workdir))
   for step in Checkpointer(str(workdir), cfg.checkpoint, read_only=True).all_steps():
@@ -222,26 +252,41 @@ def test_a_resumed_run_keeps_one_metrics_record_per_step(tmp_path):
   """Records written after the checkpoint a run resumes from are dropped (and a torn last line
   of a killed run with them); earlier ones and other files stay."""
   from train.metrics import MetricsLogger  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'metrics.jsonl'
-  path.write_text(''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in range(1, 8)) +
-                  '{"step": 8, "lo')
-  MetricsLogger(str(tmp_path), total_steps=10, tokens_per_step=1, flops_per_token=0,
-                peak_flops=0, resume_step=5).close()
+  path.write_text(
+    ''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in range(1, 8)) + '{"step": 8, "lo'
+  )
+  MetricsLogger(
+    str(tmp_path), total_steps=10, tokens_per_step=1, flops_per_token=0, peak_flops=0, resume_step=5
+  ).close()
   assert [r['step'] for r in metrics_rows(tmp_path)] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize('sig,code', [
+@pytest.mark.parametrize(
+  'sig,code',
+  [
     (signal.SIGTERM, 0),
     pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # Ctrl-C: same path, exit 130
-])
+  ],
+)
 def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
   workdir = tmp_path / 'preempt'
-  args = [sys.executable, '-m', 'train.train', '--config=configs/tiny.py', f'--workdir={workdir}',
-          f'--config.data.cache_dir={cache_dir}', '--config.train.steps=100000',
-          '--config.checkpoint.every_steps=100000', '--config.train.log_every=1']
+  args = [
+    sys.executable,
+    '-m',
+    'train.train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    f'--config.data.cache_dir={cache_dir}',
+    '--config.train.steps=100000',
+    '--config.checkpoint.every_steps=100000',
+    '--config.train.log_every=1',
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 180
   while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
@@ -253,16 +298,25 @@ def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
   steps = Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).all_steps()
   assert len(steps) == 1 and 0 < steps[0] < 100000
   # Same flags (so the same compiled step, from the persistent cache) and 2 more steps.
-  resume = subprocess.run(args + ['--config.train.stop_after=2'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+  resume = subprocess.run(
+    args + ['--config.train.stop_after=2'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert resume.returncode == 0, resume.stderr[-2000:]
   assert 'Resuming from checkpoint step' in resume.stderr
   # Quiet by default: the run's own lines only (no library INFO), the compile announced and timed.
   assert 'compiling the train step' in resume.stderr and 'compiled in' in resume.stderr
   assert 'checkpoint_manager.py' not in resume.stderr + err and len(resume.stderr.splitlines()) < 12
-  assert Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).latest_step() == steps[0] + 2
+  assert (
+    Checkpointer(str(workdir), schema.CheckpointConfig(), read_only=True).latest_step()
+    == steps[0] + 2
+  )
   logged = [r['step'] for r in metrics_rows(workdir) if 'loss' in r]
-  assert logged[:steps[0]] == list(range(1, steps[0] + 1)) and logged[-1] == steps[0] + 2
+  assert logged[: steps[0]] == list(range(1, steps[0] + 1)) and logged[-1] == steps[0] + 2
   assert logged == sorted(set(logged))  # each step once across the two processes
 
 
@@ -270,7 +324,9 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tm
   """The lock names its holder; a live holder (this process here) or one on another host refuses
   the second trainer before anything is written; a dead holder's lock is taken over."""
   import socket  # pylint: disable=g-import-not-at-top
+
   from train.lock import LOCK_NAME, WorkdirLocked  # pylint: disable=g-import-not-at-top
+
   cfg = tiny_train_config(cache_dir, steps=16, stop_after=3)  # the compiled step of `uninterrupted`
   lock = tmp_path / LOCK_NAME
   holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': 'earlier'}
@@ -281,8 +337,12 @@ def test_a_second_trainer_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tm
   lock.write_text(json.dumps({**holder, 'host': 'elsewhere'}))
   with pytest.raises(WorkdirLocked, match='on host elsewhere .*remove the lock file'):
     train_and_evaluate(cfg, str(tmp_path))
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
-                        capture_output=True, text=True, check=True)
+  dead = subprocess.run(
+    [sys.executable, '-c', 'import os; print(os.getpid())'],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   lock.write_text(json.dumps({**holder, 'pid': int(dead.stdout)}))  # kill -9 leaves this behind
   assert train_and_evaluate(cfg, str(tmp_path))['step'] == 3
   assert not lock.exists()  # given back at the end
@@ -292,7 +352,10 @@ def test_a_model_beyond_the_machines_memory_is_refused_before_anything_is_writte
   c = tiny.get_config()
   c.model.update(d_model=1 << 16, num_layers=16)
   cfg = schema.load(c, jax.device_count())
-  with pytest.raises(schema.ConfigError, match=r'training needs at least .* GiB per device .* '
-                     r'set --config.train.check_memory=False to try anyway') as e:
+  with pytest.raises(
+    schema.ConfigError,
+    match=r'training needs at least .* GiB per device .* '
+    r'set --config.train.check_memory=False to try anyway',
+  ) as e:
     train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert '\n' not in str(e.value) and not (tmp_path / 'run').exists()

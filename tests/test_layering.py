@@ -9,10 +9,10 @@ LAYERS = ('configs', 'data', 'model', 'train', 'eval', 'benchmarks')
 # Layer -> the layers it may not import. Among the bottom three anything goes (configs.schema
 # builds on model.config); eval/ and benchmarks/ may import everything below them.
 FORBIDDEN = {
-    'configs': {'train', 'eval', 'benchmarks'},
-    'data': {'train', 'eval', 'benchmarks'},
-    'model': {'train', 'eval', 'benchmarks'},
-    'train': {'eval', 'benchmarks'},
+  'configs': {'train', 'eval', 'benchmarks'},
+  'data': {'train', 'eval', 'benchmarks'},
+  'model': {'train', 'eval', 'benchmarks'},
+  'train': {'eval', 'benchmarks'},
 }
 
 
@@ -26,13 +26,19 @@ def imported_modules(tree: ast.AST, package: str) -> list[tuple[int, str]]:
       out += [(node.lineno, alias.name) for alias in node.names]
     elif isinstance(node, ast.ImportFrom):
       parts = package.split('.')
-      base = parts[:len(parts) - node.level + 1] if node.level else []
+      base = parts[: len(parts) - node.level + 1] if node.level else []
       module = base + ([node.module] if node.module else [])
       out += [(node.lineno, '.'.join(module + [alias.name])) for alias in node.names]
-    elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-          and isinstance(node.args[0].value, str)
-          and ((isinstance(node.func, ast.Attribute) and node.func.attr == 'import_module')
-               or (isinstance(node.func, ast.Name) and node.func.id == '__import__'))):
+    elif (
+      isinstance(node, ast.Call)
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+      and isinstance(node.args[0].value, str)
+      and (
+        (isinstance(node.func, ast.Attribute) and node.func.attr == 'import_module')
+        or (isinstance(node.func, ast.Name) and node.func.id == '__import__')
+      )
+    ):
       out.append((node.lineno, node.args[0].value))
   return sorted(out)
 
@@ -69,22 +75,25 @@ def test_imports_go_downward_only():
 
 
 def test_the_check_sees_nested_relative_and_dynamic_imports():
-  source = ('import os\n'
-            'from model import axes\n'
-            'def f():\n'
-            '  from eval import evaluate\n'
-            '  import benchmarks.common\n'
-            'class C:\n'
-            '  def g(self):\n'
-            '    importlib.import_module("eval.sample")\n'
-            'from .. import eval as e\n'
-            'from . import step\n')
+  source = (
+    'import os\n'
+    'from model import axes\n'
+    'def f():\n'
+    '  from eval import evaluate\n'
+    '  import benchmarks.common\n'
+    'class C:\n'
+    '  def g(self):\n'
+    '    importlib.import_module("eval.sample")\n'
+    'from .. import eval as e\n'
+    'from . import step\n'
+  )
   assert violations_in(source, os.path.join('train', 'x.py')) == [
-      'train/x.py:4 imports eval.evaluate (layer train may not import layer eval)',
-      'train/x.py:5 imports benchmarks.common (layer train may not import layer benchmarks)',
-      'train/x.py:8 imports eval.sample (layer train may not import layer eval)',
-      'train/x.py:9 imports eval (layer train may not import layer eval)',  # `from .. import eval`
+    'train/x.py:4 imports eval.evaluate (layer train may not import layer eval)',
+    'train/x.py:5 imports benchmarks.common (layer train may not import layer benchmarks)',
+    'train/x.py:8 imports eval.sample (layer train may not import layer eval)',
+    'train/x.py:9 imports eval (layer train may not import layer eval)',  # `from .. import eval`
   ]
   assert violations_in('from train.step import make_step_fns\n', 'model/x.py') == [
-      'model/x.py:1 imports train.step.make_step_fns (layer model may not import layer train)']
+    'model/x.py:1 imports train.step.make_step_fns (layer model may not import layer train)'
+  ]
   assert violations_in('from model import axes\nfrom train import step\n', 'eval/x.py') == []

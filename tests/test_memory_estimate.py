@@ -21,7 +21,7 @@ def _cfg(num_devices: int = 1, **model):
   """The tiny dense config (f32, 2 layers, batch 8 x 64 tokens), with `model` fields changed;
   `train.*` keys go to the train group."""
   c = tiny.get_config()
-  c.train.update({k[len('train_'):]: model.pop(k) for k in list(model) if k.startswith('train_')})
+  c.train.update({k[len('train_') :]: model.pop(k) for k in list(model) if k.startswith('train_')})
   c.model.update(model)
   return schema.load(c, num_devices)
 
@@ -48,23 +48,30 @@ def test_estimate_is_below_what_xla_allocates_for_the_train_step(remat):
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
   b, l = cfg.train.batch_size, cfg.train.seq_len
-  batch = {k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=fns.batch_sharding)
-           for k in ('inputs', 'targets')}
+  batch = {
+    k: jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=fns.batch_sharding)
+    for k in ('inputs', 'targets')
+  }
   stats = fns.train_step.lower(fns.abstract_state(), batch).compile().memory_analysis()
   if stats is None:
     pytest.skip('memory_analysis() is not available on this backend')
   batch_bytes = 2 * b * l * 4
   assert stats.argument_size_in_bytes == est.params + est.optimizer + batch_bytes
   # The donated state's outputs alias its arguments: count those bytes once.
-  xla_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes -
-               stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  xla_bytes = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
   assert est.total <= xla_bytes, (est.describe(), xla_bytes)
 
 
 def test_activations_follow_remat_and_batch():
   none, full = (memory.activation_bytes(_cfg(remat=r)) for r in ('none', 'full'))
-  dots, no_batch = (memory.activation_bytes(_cfg(remat=r))
-                    for r in ('save_dots', 'save_dots_no_batch'))
+  dots, no_batch = (
+    memory.activation_bytes(_cfg(remat=r)) for r in ('save_dots', 'save_dots_no_batch')
+  )
   assert full < no_batch < dots <= none
   assert memory.activation_bytes(_cfg(train_batch_size=16)) == 2 * none
   # Activations are per micro-batch; the accumulated gradient then lives alongside them.
@@ -98,6 +105,7 @@ def test_a_huge_model_is_refused_before_anything_is_allocated():
   assert seconds < 1.0, seconds
   assert sum(a.nbytes for a in jax.live_arrays()) - live_before < 1 << 20
 
-  unchecked = schema.from_dict({**cfg.to_dict(), 'train': {**cfg.to_dict()['train'],
-                                                           'check_memory': False}})
+  unchecked = schema.from_dict(
+    {**cfg.to_dict(), 'train': {**cfg.to_dict()['train'], 'check_memory': False}}
+  )
   assert memory.check(unchecked, 8) is None

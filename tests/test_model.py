@@ -95,8 +95,9 @@ def test_causal():
   model = make(cfg)
   toks = tokens(cfg, b=1, l=8)
   w_V = normal((cfg.vocab_size,), 1)
-  perturbed = jnp.concatenate([toks] + [toks.at[0, t].set((toks[0, t] + 1) % cfg.vocab_size)
-                                       for t in (1, 5)])
+  perturbed = jnp.concatenate(
+    [toks] + [toks.at[0, t].set((toks[0, t] + 1) % cfg.vocab_size) for t in (1, 5)]
+  )
 
   @jax.jit
   def check(state):
@@ -125,8 +126,11 @@ def test_scan_equals_loop(monkeypatch):
 
   def with_aux(self, x, *args):
     y, _ = call(self, x, *args)
-    return y, {'loss': jnp.mean(y**2).astype(jnp.float32), 'metrics': {'mean': jnp.mean(y)},
-               'stats': {}}
+    return y, {
+      'loss': jnp.mean(y**2).astype(jnp.float32),
+      'metrics': {'mean': jnp.mean(y)},
+      'stats': {},
+    }
 
   monkeypatch.setattr(Block, '__call__', with_aux)
   cfg = tiny(num_layers=3)
@@ -192,8 +196,9 @@ def test_packed_segments_equal_separate_documents():
   segments = jnp.repeat(jnp.arange(1, 3), 8)[None]
   out, _ = forward(model, packed, positions, segments)
   alone, _ = forward(model, docs)  # each document in its own row, positions 0..7
-  np.testing.assert_allclose(out.reshape(2, 8, -1), alone, rtol=1e-5,
-                             atol=1e-5 * np.abs(alone).max())
+  np.testing.assert_allclose(
+    out.reshape(2, 8, -1), alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max()
+  )
   # With one segment the second document sees the first: the test can tell them apart.
   leaky, _ = forward(model, packed, positions, jnp.ones_like(segments))
   assert not np.allclose(leaky[0, 8:], alone[1], rtol=1e-3, atol=1e-3 * np.abs(alone).max())
@@ -218,8 +223,11 @@ def test_attention_matches_reference_with_segments():
 
 def test_rope_is_relative():
   q, k = normal((1, 1, 1, 16), 0), normal((1, 1, 1, 16), 1)
-  rope_dot = jax.jit(lambda m, n: jnp.sum(apply_rope(q, jnp.array([[m]]), 1e4) *
-                                           apply_rope(k, jnp.array([[n]]), 1e4)))
+  rope_dot = jax.jit(
+    lambda m, n: jnp.sum(
+      apply_rope(q, jnp.array([[m]]), 1e4) * apply_rope(k, jnp.array([[n]]), 1e4)
+    )
+  )
   dot = lambda m, n: float(rope_dot(m, n))
   np.testing.assert_allclose(dot(3, 1), dot(10, 8), rtol=1e-5)
   np.testing.assert_allclose(dot(0, 0), float(jnp.sum(q * k)), rtol=1e-5)
@@ -238,8 +246,9 @@ def test_param_sharding_metadata(scan):
     assert len(names) == p.ndim, (jax.tree_util.keystr(path), names, p.shape)
     in_block = jax.tree_util.keystr(path).startswith("['stages'][0]['blocks']")
     assert (names[0] == 'layers') == (scan and in_block), (jax.tree_util.keystr(path), names)
-  for spec in jax.tree.leaves(nnx.get_partition_spec(state),
-                              is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+  for spec in jax.tree.leaves(
+    nnx.get_partition_spec(state), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  ):
     assert isinstance(spec, jax.sharding.PartitionSpec)
 
 
@@ -248,8 +257,9 @@ def test_sharded_forward_equals_unsharded():
   model = make(cfg)
   toks = tokens(cfg, b=4)
   expected, _ = forward(model, toks)
-  mesh = jax.make_mesh((2, 2, 2, 1), configs.sharding.MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  mesh = jax.make_mesh(
+    (2, 2, 2, 1), configs.sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
+  )
   rules = configs.sharding.rules('fsdp_tp')
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, axes.state_shardings(state, mesh, rules))
@@ -303,6 +313,7 @@ def test_matmul_params_of_routing_attention_layers_match_the_model():
   """Routing heads have no K projection (their keys are their queries): the parameter difference
   to the dense model is exactly the matmul-weight difference."""
   from configs import routing_transformer, schema  # pylint: disable=g-import-not-at-top
+
   c = routing_transformer.get_config('tiny')
   c.model.num_kv_heads = c.model.num_heads  # without GQA the routing layers are smaller
   routed = schema.load(c, 1).model

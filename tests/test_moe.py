@@ -18,10 +18,15 @@ def test_topk_route_selects_and_weighs():
   weights, experts = router.topk_route(logits, 2)
   np.testing.assert_array_equal(experts, [[0, 2], [1, 3]])
   e = np.exp
-  np.testing.assert_allclose(weights, [[e(3) / (e(3) + e(2)), e(2) / (e(3) + e(2))],
-                                       [e(5) / (e(5) + e(4)), e(4) / (e(5) + e(4))]], rtol=1e-6)
+  np.testing.assert_allclose(
+    weights,
+    [[e(3) / (e(3) + e(2)), e(2) / (e(3) + e(2))], [e(5) / (e(5) + e(4)), e(4) / (e(5) + e(4))]],
+    rtol=1e-6,
+  )
   raw, _ = router.topk_route(logits, 2, renormalize=False)
-  np.testing.assert_allclose(raw, jnp.take_along_axis(jax.nn.softmax(logits), experts, 1), rtol=1e-6)
+  np.testing.assert_allclose(
+    raw, jnp.take_along_axis(jax.nn.softmax(logits), experts, 1), rtol=1e-6
+  )
   sig, sig_experts = router.topk_route(logits, 1, score='sigmoid', renormalize=False)
   np.testing.assert_array_equal(sig_experts, [[0], [1]])
   np.testing.assert_allclose(sig, jax.nn.sigmoid(jnp.array([[3.0], [5.0]])), rtol=1e-6)
@@ -61,8 +66,9 @@ def test_balance_conventions_and_invalid_tokens_on_a_hand_built_case():
   experts = jnp.array([[0, 1], [3, 2], [0, 1]])
   # f = (2, 2, 1, 1) / 6 per assignment; P = (1.2, 0.6, 0.6, 0.6) / 3; E * sum f P = 4 * 4.8 / 18
   np.testing.assert_allclose(router.balance_loss(probs, experts), 4 * 4.8 / 18, rtol=1e-6)
-  np.testing.assert_allclose(router.balance_loss(probs, experts, convention='tokens'),
-                             2 * 4 * 4.8 / 18, rtol=1e-6)
+  np.testing.assert_allclose(
+    router.balance_loss(probs, experts, convention='tokens'), 2 * 4 * 4.8 / 18, rtol=1e-6
+  )
   valid = jnp.array([True, True, False])
   out = router.route_topk(logits, 2, valid_T=valid)
   alone = router.route_topk(logits[:2], 2)
@@ -83,8 +89,11 @@ def _problem(t, e, k, d=16, f=24, seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), 5)
   x = jax.random.normal(keys[0], (t, d))
   logits = jax.random.normal(keys[1], (t, e)) * 2.0
-  ws = (jax.random.normal(keys[2], (e, d, f)) * 0.2, jax.random.normal(keys[3], (e, d, f)) * 0.2,
-        jax.random.normal(keys[4], (e, f, d)) * 0.2)
+  ws = (
+    jax.random.normal(keys[2], (e, d, f)) * 0.2,
+    jax.random.normal(keys[3], (e, d, f)) * 0.2,
+    jax.random.normal(keys[4], (e, f, d)) * 0.2,
+  )
   return x, logits, ws
 
 
@@ -94,6 +103,7 @@ def _value_and_grads(fn, k, x, logits, ws):
     weights, experts = router.topk_route(logits, k, renormalize=k > 1)
     y = fn(x, weights, experts, *ws)
     return jnp.sum(y * jnp.sin(y)), y
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, logits, *ws)
 
 
@@ -105,7 +115,8 @@ def test_dropless_equals_reference(impl, t, e, k):
     assert len(set(np.asarray(router.topk_route(logits, k)[1]).ravel())) < e  # empty experts
   (_, y_ref), g_ref = _value_and_grads(moe.experts_reference, k, x, logits, ws)
   (_, y), g = _value_and_grads(
-      lambda *a: moe.experts_dropless(*a, impl=impl, block_size=4), k, x, logits, ws)
+    lambda *a: moe.experts_dropless(*a, impl=impl, block_size=4), k, x, logits, ws
+  )
   _close(y, y_ref)
   for a, b in zip(g, g_ref):
     _close(a, b)
@@ -134,8 +145,9 @@ def test_capacity_dropped_fraction_is_exact():
   y, dropped = moe.experts_capacity(x, weights, experts, *ws, 0.5)
   assert float(dropped) == 0.5
   keep = jnp.array([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
-  np.testing.assert_allclose(y, moe.experts_reference(x, weights * keep, experts, *ws),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    y, moe.experts_reference(x, weights * keep, experts, *ws), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_single_expert_equals_dense_swiglu():
@@ -173,15 +185,22 @@ def _layer(**moe_fields):
   return MoE(cfg, rngs=nnx.Rngs(0)), cfg
 
 
-@pytest.mark.parametrize('fields', [{}, {'execution': 'capacity'}, {'router': 'expert_choice'},
-                                    {'score': 'sigmoid', 'bias_rate': 1e-3, 'shared_experts': 1}])
+@pytest.mark.parametrize(
+  'fields',
+  [
+    {},
+    {'execution': 'capacity'},
+    {'router': 'expert_choice'},
+    {'score': 'sigmoid', 'bias_rate': 1e-3, 'shared_experts': 1},
+  ],
+)
 def test_router_receives_gradient_and_metrics_are_scalars(fields):
   layer, cfg = _layer(**fields)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, cfg.d_model))
 
   def loss(layer):
     y, aux = layer(x)
-    return jnp.sum(y ** 2) + aux['loss'], aux
+    return jnp.sum(y**2) + aux['loss'], aux
 
   grads, aux = nnx.jit(nnx.grad(loss, has_aux=True))(layer)
   assert float(jnp.abs(grads.router[...]).max()) > 0
@@ -190,7 +209,8 @@ def test_router_receives_gradient_and_metrics_are_scalars(fields):
   assert aux['stats']['expert_counts'].shape == (cfg.moe.num_experts,)
   k = 1 if fields.get('router') == 'expert_choice' else cfg.moe.top_k
   assert float(aux['stats']['expert_counts'].sum()) == pytest.approx(
-      32 * k if k > 1 else cfg.moe.num_experts * router.expert_choice_capacity(16, 8, 1.25) * 2)
+    32 * k if k > 1 else cfg.moe.num_experts * router.expert_choice_capacity(16, 8, 1.25) * 2
+  )
   if 'bias_rate' in fields:
     layer.update_state(aux['stats'])
     counts = np.asarray(aux['stats']['expert_counts'])

@@ -10,8 +10,15 @@ def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
   assert [r['step'] for r in records] == [4, 8, 12, 16]
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
   for layer in (0, 1):
-    for name in ('load_max_mean', 'load_cv', 'dropped_fraction', 'router_entropy', 'z_loss',
-                 'balance_loss', 'dead_experts'):
+    for name in (
+      'load_max_mean',
+      'load_cv',
+      'dropped_fraction',
+      'router_entropy',
+      'z_loss',
+      'balance_loss',
+      'dead_experts',
+    ):
       assert f'layer_{layer}/moe/{name}' in records[-1], name
     assert 0 <= records[-1][f'layer_{layer}/moe/dead_experts'] <= 8
   assert not any('expert_counts' in key for key in records[-1])

@@ -29,16 +29,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def clean_env(monkeypatch):
-  for name in (*distributed.ENV.values(), 'TPU_WORKER_HOSTNAMES', 'SLURM_STEP_NUM_TASKS',
-               'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+  for name in (
+    *distributed.ENV.values(),
+    'TPU_WORKER_HOSTNAMES',
+    'SLURM_STEP_NUM_TASKS',
+    'SLURM_NTASKS',
+    'OMPI_COMM_WORLD_SIZE',
+  ):
     monkeypatch.delenv(name, raising=False)
   return monkeypatch
 
 
 def test_parameters_from_flags_environment_and_cluster(clean_env):
   assert distributed.parameters() is None  # a plain single-process run starts nothing
-  assert distributed.parameters('h:1', 2, 0) == {'coordinator_address': 'h:1', 'num_processes': 2,
-                                                 'process_id': 0}
+  assert distributed.parameters('h:1', 2, 0) == {
+    'coordinator_address': 'h:1',
+    'num_processes': 2,
+    'process_id': 0,
+  }
   assert distributed.parameters('h:1', 1, 0) is None
   clean_env.setenv(distributed.ENV['coordinator_address'], 'h:2')
   clean_env.setenv(distributed.ENV['num_processes'], '4')
@@ -70,8 +78,11 @@ def test_processes_go_on_the_outermost_axis_they_divide():
 
 def test_every_process_count_sees_the_same_global_stream_and_seek_repositions():
   tokens = np.arange(20000, dtype=np.int32)
-  make = lambda p, n: iter(pipeline.train_dataset(tokens, seq_len=16, global_batch_size=8, seed=3,
-                                                  process_index=p, process_count=n))
+  make = lambda p, n: iter(
+    pipeline.train_dataset(
+      tokens, seq_len=16, global_batch_size=8, seed=3, process_index=p, process_count=n
+    )
+  )
   one = make(0, 1)
   batches = [next(one)['inputs'] for _ in range(5)]
   two = [make(p, 2) for p in range(2)]
@@ -95,10 +106,12 @@ def test_checkpoint_knows_how_many_processes_wrote_it(tmp_path):
 
 
 def test_launcher_stops_the_others_and_reports_the_first_failure(capfd):
-  script = ('import os, sys, time\n'
-            'if os.environ["ROUTED_PROCESS_ID"] == "1":\n'
-            '  print("error: process one broke", flush=True); sys.exit(3)\n'
-            'time.sleep(600)\n')
+  script = (
+    'import os, sys, time\n'
+    'if os.environ["ROUTED_PROCESS_ID"] == "1":\n'
+    '  print("error: process one broke", flush=True); sys.exit(3)\n'
+    'time.sleep(600)\n'
+  )
   t0 = time.monotonic()
   code = launch.launch([sys.executable, '-c', script], num_processes=2, grace=1.0)
   assert code == 3 and time.monotonic() - t0 < 30
@@ -106,6 +119,7 @@ def test_launcher_stops_the_others_and_reports_the_first_failure(capfd):
 
 
 # ----------------------------------------------------------------------------- real processes
+
 
 def _cfg(cache_dir, **train):
   c = tiny.get_config()
@@ -115,8 +129,16 @@ def _cfg(cache_dir, **train):
 
 
 def _train_args(workdir, cache_dir, *extra):
-  return [sys.executable, '-m', 'train.train', '--config=configs/tiny.py', f'--workdir={workdir}',
-          f'--config.data.cache_dir={cache_dir}', '--config.train.log_every=1', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'train.train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    f'--config.data.cache_dir={cache_dir}',
+    '--config.train.log_every=1',
+    *extra,
+  ]
 
 
 def _launch(args, **kw):
@@ -151,7 +173,8 @@ def reference(tmp_path_factory, cache_dir):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_across_process_counts(
-    tmp_path, cache_dir, reference):
+  tmp_path, cache_dir, reference
+):
   workdir = tmp_path / 'two'
   # 2 processes stop at step 10 (checkpoint), then 2 processes resume to 20.
   assert _launch(_train_args(workdir, cache_dir, '--config.train.stop_after=10')) == 0
@@ -177,12 +200,25 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_within_bounded_time(tmp_path, cache_dir):
   workdir = tmp_path / 'killed'
-  args = _train_args(workdir, cache_dir, '--config.train.steps=100000',
-                     '--config.checkpoint.every_steps=100000', '--heartbeat_timeout=10')
+  args = _train_args(
+    workdir,
+    cache_dir,
+    '--config.train.steps=100000',
+    '--config.checkpoint.every_steps=100000',
+    '--heartbeat_timeout=10',
+  )
   port = launch.free_port()
-  procs = [subprocess.Popen(args, cwd=ROOT, env=launch.process_env(i, 2, port, 4),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      args,
+      cwd=ROOT,
+      env=launch.process_env(i, 2, port, 4),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 300
   while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
@@ -203,13 +239,21 @@ def test_a_killed_process_stops_the_other_within_bounded_time(tmp_path, cache_di
 def test_a_failing_process_stops_the_other_with_its_message(tmp_path, cache_dir):
   """Process 1 alone gets a bad config: it exits with its one-line error, and process 0, which
   then fails in a collective, stops with that message instead of hanging."""
-  args = _train_args(tmp_path / 'failing', cache_dir, '--config.train.steps=200',
-                     '--heartbeat_timeout=10')
+  args = _train_args(
+    tmp_path / 'failing', cache_dir, '--config.train.steps=200', '--heartbeat_timeout=10'
+  )
   port = launch.free_port()
-  procs = [subprocess.Popen(args + (['--config.optimizer.learning_rate=-1.0'] if i else []),
-                            cwd=ROOT, env=launch.process_env(i, 2, port, 4),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      args + (['--config.optimizer.learning_rate=-1.0'] if i else []),
+      cwd=ROOT,
+      env=launch.process_env(i, 2, port, 4),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     errs = [p.communicate(timeout=240)[1] for p in procs]
   finally:
@@ -217,8 +261,9 @@ def test_a_failing_process_stops_the_other_with_its_message(tmp_path, cache_dir)
       p.kill()
   assert [p.returncode for p in procs] == [1, 1]
   assert 'error: optimizer.learning_rate=-1.0: expected a positive value' in errs[1]
-  assert ('error: stopped because process 1: optimizer.learning_rate=-1.0: expected a positive '
-          'value') in errs[0]
+  assert (
+    'error: stopped because process 1: optimizer.learning_rate=-1.0: expected a positive value'
+  ) in errs[0]
 
 
 @pytest.mark.slow

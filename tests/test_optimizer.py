@@ -49,12 +49,14 @@ def _one_step(cfg):
 def test_gradient_accumulation_equals_one_big_batch():
   cfg = _cfg(batch_size=16)
   params_1, metrics_1 = _one_step(cfg)
-  params_4, metrics_4 = _one_step(dataclasses.replace(
-      cfg, train=dataclasses.replace(cfg.train, grad_accum=2)))
+  params_4, metrics_4 = _one_step(
+    dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=2))
+  )
   np.testing.assert_allclose(metrics_4['loss'], metrics_1['loss'], rtol=1e-6)
   np.testing.assert_allclose(metrics_4['grad_norm'], metrics_1['grad_norm'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               params_4, params_1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_4, params_1
+  )
 
 
 def test_half_written_checkpoint_is_never_chosen(tmp_path):

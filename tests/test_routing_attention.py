@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from model.local_attention import local_attention
-from model.routing_attention import (balanced_assignment, commitment_loss, kmeans_ema_update,
-                                     kmeans_stats, routing_attention)
+from model.routing_attention import (
+  balanced_assignment,
+  commitment_loss,
+  kmeans_ema_update,
+  kmeans_stats,
+  routing_attention,
+)
 
 
 def normal(shape, seed):
@@ -15,7 +20,9 @@ def normal(shape, seed):
 
 
 def dense(q, k, v, causal=True, segment_ids=None):
-  mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  mask = (
+    None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  )
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='xla')
 
 
@@ -37,8 +44,9 @@ def test_segment_ids_never_cross_documents():
   b, l, h, kd = 2, 12, 2, 4
   q, k, v = normal((b, l, h, kd), 5), normal((b, l, h, kd), 6), normal((b, l, h, kd), 7)
   seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
-  out = jax.jit(lambda q, k, v: routing_attention(q, k, v, normal((h, 1, kd), 8), window=l,
-                                                  segment_ids_BL=seg))(q, k, v)
+  out = jax.jit(
+    lambda q, k, v: routing_attention(q, k, v, normal((h, 1, kd), 8), window=l, segment_ids_BL=seg)
+  )(q, k, v)
   np.testing.assert_allclose(out, dense(q, k, v, True, seg), rtol=1e-5, atol=1e-6)
 
 
@@ -60,9 +68,11 @@ def test_segment_zero_is_invisible_and_never_outranks_a_valid_token():
 
 def _hand_built():
   """Clusters known by construction: mean 0 takes tokens {0, 1}, mean 1 takes {0, 2}; 3 is unpicked."""
-  x = jnp.asarray([[1., 1.], [2., 0.], [0., 2.], [-1., -1.]])[None, :, None, :]  # [1, 4, 1, 2]
-  means = jnp.asarray([[[1., 0.], [0., 1.]]])  # [H=1, N=2, K=2]
-  v = jnp.asarray([[1., 0.], [0., 1.], [3., 3.], [5., -5.]])[None, :, None, :]
+  x = jnp.asarray([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [-1.0, -1.0]])[
+    None, :, None, :
+  ]  # [1, 4, 1, 2]
+  means = jnp.asarray([[[1.0, 0.0], [0.0, 1.0]]])  # [H=1, N=2, K=2]
+  v = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [5.0, -5.0]])[None, :, None, :]
   return x, means, v
 
 
@@ -78,17 +88,23 @@ def test_hand_built_clusters_average_and_zero(causal):
   np.testing.assert_array_equal(idx[0, 0], [[0, 1], [0, 2]])
   out, picks = routing_attention(x, x, v, means, window=2, causal=causal, return_picks=True)
   np.testing.assert_array_equal(picks[0, 0], [2, 1, 1, 0])
-  s = 2 ** -0.5
+  s = 2**-0.5
   xs, vs = np.asarray(x[0, :, 0]), np.asarray(v[0, :, 0])
   if causal:
     want0 = vs[0]  # in both clusters token 0 sees only itself: the average of v0 and v0
   else:
-    want0 = 0.5 * (_softmax_attend(xs[0], xs[[0, 1]], vs[[0, 1]], s)
-                   + _softmax_attend(xs[0], xs[[0, 2]], vs[[0, 2]], s))
-  want = np.stack([want0,
-                   _softmax_attend(xs[1], xs[[0, 1]], vs[[0, 1]], s),
-                   _softmax_attend(xs[2], xs[[0, 2]], vs[[0, 2]], s),
-                   np.zeros(2)])
+    want0 = 0.5 * (
+      _softmax_attend(xs[0], xs[[0, 1]], vs[[0, 1]], s)
+      + _softmax_attend(xs[0], xs[[0, 2]], vs[[0, 2]], s)
+    )
+  want = np.stack(
+    [
+      want0,
+      _softmax_attend(xs[1], xs[[0, 1]], vs[[0, 1]], s),
+      _softmax_attend(xs[2], xs[[0, 2]], vs[[0, 2]], s),
+      np.zeros(2),
+    ]
+  )
   np.testing.assert_allclose(out[0, :, 0], want, rtol=1e-5, atol=1e-6)
 
 
@@ -100,38 +116,40 @@ def test_values_of_the_future_never_reach_the_past():
   f = jax.jit(lambda v: routing_attention(x, x, v, means, window=w))
   base = f(v)
   for t in (0, 7, 20, 30):
-    changed = f(v.at[:, t + 1:].add(normal((b, l - t - 1, h, kd), 13 + t)))
-    np.testing.assert_array_equal(changed[:, :t + 1], base[:, :t + 1])
-    assert not np.allclose(changed[:, t + 1:], base[:, t + 1:])
+    changed = f(v.at[:, t + 1 :].add(normal((b, l - t - 1, h, kd), 13 + t)))
+    np.testing.assert_array_equal(changed[:, : t + 1], base[:, : t + 1])
+    assert not np.allclose(changed[:, t + 1 :], base[:, t + 1 :])
 
 
 def test_kmeans_stats_and_ema_update_by_hand():
-  x = jnp.asarray([[[3., 0.]], [[0., 2.]], [[1., 0.]]])[None]  # [1, 3, 1, 2]; token 1 -> mean 1
-  means = jnp.asarray([[[1., 0.], [0., 1.], [-1., 0.]]])  # [1, 3, 2]; mean 2 gets nothing
+  x = jnp.asarray([[[3.0, 0.0]], [[0.0, 2.0]], [[1.0, 0.0]]])[
+    None
+  ]  # [1, 3, 1, 2]; token 1 -> mean 1
+  means = jnp.asarray([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])  # [1, 3, 2]; mean 2 gets nothing
   stats = kmeans_stats(x, means)
-  np.testing.assert_allclose(stats['count_HN'], [[2., 1., 0.]])
-  np.testing.assert_allclose(stats['sum_HNK'], [[[4., 0.], [0., 2.], [0., 0.]]])
+  np.testing.assert_allclose(stats['count_HN'], [[2.0, 1.0, 0.0]])
+  np.testing.assert_allclose(stats['sum_HNK'], [[[4.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
   ema_sum, ema_count = means, jnp.ones((1, 3))
   new_means, new_sum, new_count = kmeans_ema_update(ema_sum, ema_count, stats, decay=0.9)
-  count = 0.9 * np.ones(3) + 0.1 * np.array([2., 1., 0.])
+  count = 0.9 * np.ones(3) + 0.1 * np.array([2.0, 1.0, 0.0])
   n = count.sum()
   count = (count + 1e-5) / (n + 3e-5) * n
-  total = 0.9 * np.asarray(means[0]) + 0.1 * np.array([[4., 0.], [0., 2.], [0., 0.]])
+  total = 0.9 * np.asarray(means[0]) + 0.1 * np.array([[4.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
   np.testing.assert_allclose(new_count[0], count, rtol=1e-6)
   np.testing.assert_allclose(new_sum[0], total, rtol=1e-6)
   np.testing.assert_allclose(new_means[0], total / count[:, None], rtol=1e-6)
   # weights drop a token from the statistics
-  weighted = kmeans_stats(x, means, jnp.asarray([[1., 0., 1.]]))
-  np.testing.assert_allclose(weighted['count_HN'], [[2., 0., 0.]])
+  weighted = kmeans_stats(x, means, jnp.asarray([[1.0, 0.0, 1.0]]))
+  np.testing.assert_allclose(weighted['count_HN'], [[2.0, 0.0, 0.0]])
 
 
 def test_commitment_loss_by_hand_and_its_gradient_reaches_only_x():
-  x = jnp.asarray([[[3., 0.]], [[0., 2.]]])[None]
-  means = jnp.asarray([[[1., 0.], [0., 1.]]])
-  want = np.mean([[(3 - 1) ** 2, 0.], [0., (2 - 1) ** 2]])
+  x = jnp.asarray([[[3.0, 0.0]], [[0.0, 2.0]]])[None]
+  means = jnp.asarray([[[1.0, 0.0], [0.0, 1.0]]])
+  want = np.mean([[(3 - 1) ** 2, 0.0], [0.0, (2 - 1) ** 2]])
   np.testing.assert_allclose(commitment_loss(x, means), want, rtol=1e-6)
   g_x, g_m = jax.grad(commitment_loss, argnums=(0, 1))(x, means)
-  np.testing.assert_allclose(g_x[0, :, 0], [[1., 0.], [0., 0.5]], rtol=1e-6)
+  np.testing.assert_allclose(g_x[0, :, 0], [[1.0, 0.0], [0.0, 0.5]], rtol=1e-6)
   np.testing.assert_array_equal(g_m, 0.0)
 
 
@@ -147,6 +165,7 @@ def test_local_attention_equals_dense_with_banded_mask(l, window, g, segments):
   if segments:
     mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
   want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
-  got = jax.jit(lambda q, k, v: local_attention(q, k, v, window=window,
-                                                segment_ids_BL=segment_ids))(q, k, v)
+  got = jax.jit(
+    lambda q, k, v: local_attention(q, k, v, window=window, segment_ids_BL=segment_ids)
+  )(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

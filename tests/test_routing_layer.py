@@ -34,7 +34,9 @@ def _config(**attention):
   return c
 
 
-@pytest.mark.parametrize('attention,train,match', [
+@pytest.mark.parametrize(
+  'attention,train,match',
+  [
     ({'window': 24}, {}, r'attention.window=24 must divide train.seq_len=64'),
     ({'num_clusters': 65}, {}, r'attention.num_clusters=65: more clusters than'),
     ({'window': 128}, {}, r'attention.window=128 exceeds train.seq_len=64'),
@@ -43,7 +45,8 @@ def _config(**attention):
     ({'kmeans_decay': 1.0}, {}, r'attention.kmeans_decay=1.0'),
     ({'non_routing': 'sparse'}, {}, r"attention.non_routing='sparse': expected one of"),
     ({'routing_scale': 'sqrt'}, {}, r"attention.routing_scale='sqrt': expected one of"),
-])
+  ],
+)
 def test_bad_routing_configs_name_the_field(attention, train, match):
   c = _config(**attention)
   c.train.update(**train)
@@ -51,7 +54,7 @@ def test_bad_routing_configs_name_the_field(attention, train, match):
     schema.load(c, 8)
 
 
-@pytest.mark.parametrize('routing_scale,scale', [('rsqrt_dim', 16 ** -0.5), ('none', 1.0)])
+@pytest.mark.parametrize('routing_scale,scale', [('rsqrt_dim', 16**-0.5), ('none', 1.0)])
 def test_routing_scale_option(routing_scale, scale):
   """'rsqrt_dim': K**-0.5 on the in-cluster logits; 'none': 1, as the paper's code."""
   cfg = schema.load(_config(routing_scale=routing_scale), 8)
@@ -81,7 +84,9 @@ def _numpy_model(cfg):
     if path[-1].key == 'ema_count':
       return jnp.ones(a.shape, a.dtype)
     scale = 1.0 if path[-1].key in ('means', 'ema_sum') else 0.1
-    return jnp.asarray((1.0 if a.ndim == 1 else 0.0) + scale * rng.standard_normal(a.shape), a.dtype)
+    return jnp.asarray(
+      (1.0 if a.ndim == 1 else 0.0) + scale * rng.standard_normal(a.shape), a.dtype
+    )
 
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
   nnx.update(model, state)
@@ -103,15 +108,21 @@ def test_update_is_identical_when_the_batch_is_split_across_8_devices():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(toks, NamedSharding(mesh, PartitionSpec('data')))
   assert len(sharded.sharding.device_set) == 8
-  one, metrics_one = step(jax.device_put(state, jax.devices()[0]), jax.device_put(toks, jax.devices()[0]))
+  one, metrics_one = step(
+    jax.device_put(state, jax.devices()[0]), jax.device_put(toks, jax.devices()[0])
+  )
   eight, metrics_eight = step(jax.device_put(state, NamedSharding(mesh, PartitionSpec())), sharded)
   before = state['stages'][0]['blocks']['attn']['means'][...]
   after = one['stages'][0]['blocks']['attn']['means'][...]
   assert not np.allclose(before, after)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               nnx.to_pure_dict(one), nnx.to_pure_dict(eight))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               metrics_one, metrics_eight)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    nnx.to_pure_dict(one),
+    nnx.to_pure_dict(eight),
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), metrics_one, metrics_eight
+  )
 
 
 def _train_cfg(cache_dir, **train):
@@ -125,6 +136,7 @@ def _restore(workdir, cfg):
   from configs import sharding
   from train import mesh as mesh_lib
   from train.step import make_step_fns
+
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   ckpt = Checkpointer(str(workdir), cfg.checkpoint, read_only=True)
   return jax.device_get(ckpt.restore(ckpt.latest_step(), fns.abstract_state()))
@@ -145,8 +157,14 @@ def test_tiny_routing_transformer_trains(straight):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
-  for key in ('occupancy_min', 'occupancy_max', 'unpicked_fraction', 'multi_picked_fraction',
-              'commitment_loss', 'centroid_drift'):
+  for key in (
+    'occupancy_min',
+    'occupancy_max',
+    'unpicked_fraction',
+    'multi_picked_fraction',
+    'commitment_loss',
+    'centroid_drift',
+  ):
     assert f'layer_1/routing/{key}' in records[-1]
   assert records[-1]['aux_loss'] > 0
   means = _restore(workdir, cfg)['model']['stages'][0]['blocks']['attn']['means']
@@ -158,8 +176,9 @@ def test_tiny_routing_transformer_trains(straight):
 def test_kmeans_state_survives_checkpoint_and_resume(straight, tmp_path):
   straight_dir, cfg, _ = straight
   workdir = tmp_path / 'resumed'
-  train_and_evaluate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=5)),
-                     str(workdir))
+  train_and_evaluate(
+    dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stop_after=5)), str(workdir)
+  )
   train_and_evaluate(cfg, str(workdir))
   a, b = _restore(straight_dir, cfg), _restore(workdir, cfg)
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -207,16 +226,18 @@ def test_local_layer_equals_dense_attention_with_the_block_local_mask(l, segment
   segment_ids = jnp.asarray(seg, jnp.int32) if segments else None
   run = jax.jit(lambda x: layer(x, positions, segment_ids))
   got = run(x)
-  np.testing.assert_allclose(got, _local_reference(layer, x, positions, 8, segment_ids),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, _local_reference(layer, x, positions, 8, segment_ids), rtol=1e-5, atol=1e-6
+  )
   t = 17
-  changed = run(x.at[:, t + 1:].add(1.0))
-  np.testing.assert_array_equal(changed[:, :t + 1], got[:, :t + 1])
-  assert not np.allclose(changed[:, t + 1:], got[:, t + 1:])
+  changed = run(x.at[:, t + 1 :].add(1.0))
+  np.testing.assert_array_equal(changed[:, : t + 1], got[:, : t + 1])
+  assert not np.allclose(changed[:, t + 1 :], got[:, t + 1 :])
 
 
 def test_non_routing_local_layer_specs_and_parameters():
   """Local layers between the routing layers; the same parameters (and matmul weights) as dense."""
+
   def model_cfg(**attention):
     c = _config(**attention)
     c.model.num_layers = 4
@@ -228,7 +249,8 @@ def test_non_routing_local_layer_specs_and_parameters():
   assert layer_specs(model_cfg(non_routing='dense')) == spec('dense', 'dense', 'routing', 'routing')
   assert layer_specs(model_cfg(kind='dense', non_routing='local')) == spec(*['dense'] * 4)
   assert layer_specs(model_cfg(non_routing='local', routing_layers=(1,))) == spec(
-      'local', 'routing', 'local', 'local')
+    'local', 'routing', 'local', 'local'
+  )
   assert routing_transformer.get_config().attention.non_routing == 'local'
 
   dense = model_cfg(non_routing='dense')

@@ -15,16 +15,29 @@ from eval import routing_report
 from train.metrics import MetricsLogger
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_PLOTS = ['loss.png', 'expert_load.png', 'dead_experts.png', 'entropy.png',
-             'trigger_timeline.png', 'cluster_occupancy.png', 'coupling.png']
+ALL_PLOTS = [
+  'loss.png',
+  'expert_load.png',
+  'dead_experts.png',
+  'entropy.png',
+  'trigger_timeline.png',
+  'cluster_occupancy.png',
+  'coupling.png',
+]
 
 
 def _routed_config(steps: int = 16):
   """configs/moe_entropy.py:tiny with ERC on and routing attention in the last layer."""
   c = moe_entropy.get_config('tiny')
   c.moe.erc_weight = 1.0
-  c.attention.update(kind='routing', routing_layers=(-1,), window=16, local_window=16,
-                     num_clusters=0, routing_heads=-1)
+  c.attention.update(
+    kind='routing',
+    routing_layers=(-1,),
+    window=16,
+    local_window=16,
+    num_clusters=0,
+    routing_heads=-1,
+  )
   c.entropy.update(tau=0.99)
   c.train.update(steps=steps, log_every=4)
   return c
@@ -65,8 +78,10 @@ def _write_metrics(workdir, routed: bool = True):
 
 def _assert_pngs(out, names):
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   for name in names:
     path = os.path.join(out, name)
     with open(path, 'rb') as f:
@@ -86,8 +101,9 @@ def test_report_from_metrics(tmp_path):
   assert steps[-1] == 100 and values[-1] == 1.0
   assert routing_report.trigger_steps(records) == {0: 40, 1: None}
   assert routing_report.trigger_phases(records, ramp_steps=5) == {
-      0: [('coverage', 10, 40), ('ramp', 40, 45), ('specialisation', 45, 100)],
-      1: [('coverage', 10, 100)]}
+    0: [('coverage', 10, 40), ('ramp', 40, 45), ('specialisation', 45, 100)],
+    1: [('coverage', 10, 100)],
+  }
   steps, share_TN = routing_report.share_series(records, 'cluster_load', 'routing')[1]
   assert share_TN.shape == (10, 4) and np.allclose(share_TN.sum(1), 1.0)
   data = routing_report.report(str(tmp_path), checkpoint=False)
@@ -106,8 +122,10 @@ def test_report_from_metrics(tmp_path):
   markdown = (out / 'routing_report.md').read_text()
   assert '| 0 | 40 |' in markdown and '![expert_load](expert_load.png)' in markdown
   assert 'fired in 1/2 monitored layers' in markdown
-  assert json.loads((out / 'routing_report.json').read_text())['layers']['entropy']['0'][
-      'trigger_step'] == 40
+  assert (
+    json.loads((out / 'routing_report.json').read_text())['layers']['entropy']['0']['trigger_step']
+    == 40
+  )
 
 
 def test_dense_run_gets_the_loss_plot_only(tmp_path):
@@ -115,16 +133,28 @@ def test_dense_run_gets_the_loss_plot_only(tmp_path):
   _write_config(tmp_path, tiny.get_config())
   data = routing_report.report(str(tmp_path), checkpoint=False)
   assert [p['file'] for p in data['plots']] == ['loss.png']
-  assert sorted(os.listdir(tmp_path / 'report')) == ['loss.png', 'routing_report.json',
-                                                     'routing_report.md']
+  assert sorted(os.listdir(tmp_path / 'report')) == [
+    'loss.png',
+    'routing_report.json',
+    'routing_report.md',
+  ]
   assert data['layers'] == {'entropy': {}, 'moe': {}, 'routing': {}, 'uoe': {}}
 
 
 def test_uoe_run_gets_its_gate_plot_and_table(tmp_path):
-  records = [{'step': step, 'loss': 3.0 - step / 100,
-              **{f'layer_{layer}/uoe/{gate}_{name}': 0.1 * layer + step / 1000
-                 for layer in (0, 1) for gate in ('attn', 'mlp')
-                 for name in routing_report.UOE_HEALTH}} for step in range(10, 60, 10)]
+  records = [
+    {
+      'step': step,
+      'loss': 3.0 - step / 100,
+      **{
+        f'layer_{layer}/uoe/{gate}_{name}': 0.1 * layer + step / 1000
+        for layer in (0, 1)
+        for gate in ('attn', 'mlp')
+        for name in routing_report.UOE_HEALTH
+      },
+    }
+    for step in range(10, 60, 10)
+  ]
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   _write_config(tmp_path, uoe.get_config('tiny'))
@@ -145,9 +175,14 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.json not found'):
     routing_report.report(str(tmp_path))
   _write_config(tmp_path, tiny.get_config())
-  result = subprocess.run([sys.executable, '-m', 'eval.routing_report', f'--workdir={tmp_path}'],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = subprocess.run(
+    [sys.executable, '-m', 'eval.routing_report', f'--workdir={tmp_path}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f'error: no complete checkpoint in {tmp_path}/checkpoints'), result.stderr
@@ -155,11 +190,17 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
 
 
 def test_logger_writes_expert_and_cluster_load(tmp_path):
-  logger = MetricsLogger(str(tmp_path), total_steps=2, tokens_per_step=1, flops_per_token=0,
-                         peak_flops=0)
+  logger = MetricsLogger(
+    str(tmp_path), total_steps=2, tokens_per_step=1, flops_per_token=0, peak_flops=0
+  )
   for counts_E, counts_HN in (([3, 1, 0, 0], [[2, 2], [4, 0]]), ([1, 3, 0, 0], [[0, 4], [4, 0]])):
-    logger.add({'loss': 1.0, 'layer_0/moe/expert_counts': np.array(counts_E),
-                'layer_1/routing/cluster_counts': np.array(counts_HN, np.float32)})
+    logger.add(
+      {
+        'loss': 1.0,
+        'layer_0/moe/expert_counts': np.array(counts_E),
+        'layer_1/routing/cluster_counts': np.array(counts_HN, np.float32),
+      }
+    )
   record = logger.write(2)
   logger.close()
   assert record['layer_0/moe/dead_experts'] == 2
@@ -176,7 +217,9 @@ def test_report_of_a_real_routed_run(tmp_path_factory):
   """16 steps of MoE + ERC + entropy trigger + routing attention, held-out eval every 8 steps,
   then the CLI: every plot, the checkpoint's alpha*, expert and cluster load in metrics.jsonl."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
   c = _routed_config()
   c.eval.update(every_steps=8)
   c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
@@ -187,9 +230,14 @@ def test_report_of_a_real_routed_run(tmp_path_factory):
     assert sum(last[f'layer_{layer}/moe/expert_load']) == pytest.approx(1.0)
   cluster_load = np.asarray(last['layer_1/routing/cluster_load'])
   assert cluster_load.shape == (2, 4) and np.allclose(cluster_load.sum(1), 1.0)
-  result = subprocess.run([sys.executable, '-m', 'eval.routing_report', f'--workdir={workdir}'],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = subprocess.run(
+    [sys.executable, '-m', 'eval.routing_report', f'--workdir={workdir}'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   data = json.loads(result.stdout.strip().splitlines()[-1])
   out = os.path.join(workdir, 'report')

@@ -26,8 +26,10 @@ class EmaMLP(MLP):
 
   def __call__(self, x_BLD, segment_ids_BL=None):
     mean_D = x_BLD.astype(jnp.float32).mean((0, 1))
-    return super().__call__(x_BLD, segment_ids_BL), {'stats': {'mean': mean_D},
-                                     'metrics': {'ema_norm': jnp.linalg.norm(self.ema[...])}}
+    return super().__call__(x_BLD, segment_ids_BL), {
+      'stats': {'mean': mean_D},
+      'metrics': {'ema_norm': jnp.linalg.norm(self.ema[...])},
+    }
 
   def update_state(self, stats):
     self.ema[...] = 0.5 * self.ema[...] + 0.5 * stats['mean']
@@ -37,16 +39,20 @@ class EmaMLP(MLP):
 @pytest.fixture
 def toy_layers(monkeypatch):
   monkeypatch.setitem(block.FEED_FORWARD, 'ema', EmaMLP)
-  specs = [block.LayerSpec(), block.LayerSpec(feed_forward='ema'),
-           block.LayerSpec(feed_forward='ema')]
-  monkeypatch.setattr(transformer_lib, 'layer_specs', lambda cfg: specs[:cfg.num_layers])
+  specs = [
+    block.LayerSpec(),
+    block.LayerSpec(feed_forward='ema'),
+    block.LayerSpec(feed_forward='ema'),
+  ]
+  monkeypatch.setattr(transformer_lib, 'layer_specs', lambda cfg: specs[: cfg.num_layers])
 
 
 @pytest.mark.parametrize('scan', [True, pytest.param(False, marks=pytest.mark.slow)])  # loop: slow
 def test_stats_update_state_after_the_step(toy_layers, scan):
   cfg = schema.load(tiny.get_config(), 8)
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=3,
-                                                           scan_layers=scan))
+  cfg = dataclasses.replace(
+    cfg, model=dataclasses.replace(cfg.model, num_layers=3, scan_layers=scan)
+  )
   mesh = mesh_lib.make_mesh(cfg.mesh)
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
   state = fns.init()
@@ -67,8 +73,9 @@ def test_stats_update_state_after_the_step(toy_layers, scan):
   else:
     for i, layer in layers.items():
       assert float(layer['updates'][...][0]) == 1.0
-      np.testing.assert_allclose(layer['ema'][...], 0.5 * np.asarray(aux['stats'][1][i]['mlp']['mean']),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(
+        layer['ema'][...], 0.5 * np.asarray(aux['stats'][1][i]['mlp']['mean']), rtol=1e-5
+      )
   assert 'layer_1/ema_norm' in metrics and 'layer_2/ema_norm' in metrics
   state, _ = fns.train_step(state, batch)
   ema_state = state['model']['stages'][1]['blocks']

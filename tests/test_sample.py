@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import (moe_entropy, moe_erc, moe_expert_choice, moe_lossfree, moe_topk,
-                     routing_transformer, schema, tiny, uoe)
+from configs import (
+  moe_entropy,
+  moe_erc,
+  moe_expert_choice,
+  moe_lossfree,
+  moe_topk,
+  routing_transformer,
+  schema,
+  tiny,
+  uoe,
+)
 from eval.sample import filter_logits, sample, sample_checkpoint
 from tests.tiny_runs import random_model
 from train.train import train_and_evaluate
@@ -37,18 +46,25 @@ def _moe_capacity(arg):
 
 
 # Every model type: its config's get_config (moe_capacity: top-k with capacity execution).
-MODEL_TYPES = {'dense': tiny.get_config, 'moe_topk': moe_topk.get_config,
-               'moe_capacity': _moe_capacity, 'moe_lossfree': moe_lossfree.get_config,
-               'moe_expert_choice': moe_expert_choice.get_config, 'moe_erc': moe_erc.get_config,
-               'moe_entropy': moe_entropy.get_config,
-               'routing_transformer': routing_transformer.get_config, 'uoe': uoe.get_config}
+MODEL_TYPES = {
+  'dense': tiny.get_config,
+  'moe_topk': moe_topk.get_config,
+  'moe_capacity': _moe_capacity,
+  'moe_lossfree': moe_lossfree.get_config,
+  'moe_expert_choice': moe_expert_choice.get_config,
+  'moe_erc': moe_erc.get_config,
+  'moe_entropy': moe_entropy.get_config,
+  'routing_transformer': routing_transformer.get_config,
+  'uoe': uoe.get_config,
+}
 CAUSAL = {'dense', 'moe_topk', 'moe_lossfree', 'moe_erc', 'moe_entropy'}
 
 
 def _types(fast):
   """Every model type; those not in `fast` are marked slow (each costs 3 to 6 compilations)."""
-  return [name if name in fast else pytest.param(name, marks=pytest.mark.slow)
-          for name in MODEL_TYPES]
+  return [
+    name if name in fast else pytest.param(name, marks=pytest.mark.slow) for name in MODEL_TYPES
+  ]
 
 
 def _greedy_exact_prefix(model, prompt, steps):
@@ -67,8 +83,9 @@ def test_sampling_is_deterministic_per_seed_and_exact(name):
   model = random_model(c)
   assert model.causal == (name in CAUSAL)
   prompt = [72, 105, 32]
-  run = lambda seed, temperature=2.0: sample(model, prompt, max_new_tokens=3, vocab_size=257,
-                                             temperature=temperature, seed=seed)
+  run = lambda seed, temperature=2.0: sample(
+    model, prompt, max_new_tokens=3, vocab_size=257, temperature=temperature, seed=seed
+  )
   a = run(3)
   assert a[:3] == prompt and len(a) == 6 and max(a) < 257
   assert a == run(3)
@@ -104,9 +121,21 @@ def test_sample_cli_on_a_checkpoint(tmp_path_factory):
   out = sample_checkpoint(str(workdir), 'def ', max_new_tokens=4, seed=1, top_k=20)
   assert out['step'] == 4 and len(out['tokens']) <= 4
   proc = subprocess.run(
-      [sys.executable, '-m', 'eval.sample', f'--workdir={workdir}', '--prompt=def ',
-       '--max_new_tokens=4', '--seed=1', '--top_k=20'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    [
+      sys.executable,
+      '-m',
+      'eval.sample',
+      f'--workdir={workdir}',
+      '--prompt=def ',
+      '--max_new_tokens=4',
+      '--seed=1',
+      '--top_k=20',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1])['tokens'] == out['tokens']

@@ -8,8 +8,12 @@ import pytest
 from flax import nnx
 
 from configs import moe_expert_choice, moe_topk, schema
-from eval.segment_cache import (checkpoint_segment_cache, model_segment_cache,
-                                segment_best_hit_rate, segment_cache_hit)
+from eval.segment_cache import (
+  checkpoint_segment_cache,
+  model_segment_cache,
+  segment_best_hit_rate,
+  segment_cache_hit,
+)
 from model.config import ConfigError
 from model.moe_layer import expert_choice_assignment, topk_assignment
 from tests.tiny_runs import random_model, train_tiny
@@ -72,20 +76,24 @@ def test_bad_input_is_refused():
 def test_assignments_exclude_capacity_drops_and_follow_expert_choice():
   experts_TK = jnp.asarray([[0, 1], [2, 1]])
   kept_TK = jnp.asarray([[True, False], [True, True]])
-  np.testing.assert_array_equal(topk_assignment(experts_TK, 4, kept_TK),
-                                [[1, 0, 0, 0], [0, 1, 1, 0]])
+  np.testing.assert_array_equal(
+    topk_assignment(experts_TK, 4, kept_TK), [[1, 0, 0, 0], [0, 1, 1, 0]]
+  )
   np.testing.assert_array_equal(topk_assignment(experts_TK, 4), [[1, 1, 0, 0], [0, 1, 1, 0]])
   tokens_EC = jnp.asarray([[0, 2], [2, 1]])  # expert 0 took tokens 0, 2; expert 1 took 2, 1
   kept_EC = jnp.ones((2, 2), bool)
-  np.testing.assert_array_equal(expert_choice_assignment(tokens_EC, kept_EC, 4),
-                                [[1, 0], [0, 1], [1, 1], [0, 0]])
+  np.testing.assert_array_equal(
+    expert_choice_assignment(tokens_EC, kept_EC, 4), [[1, 0], [0, 1], [1, 1], [0, 0]]
+  )
   kept_EC = jnp.asarray([[True, False], [True, True]])  # expert 0's second slot unused
-  np.testing.assert_array_equal(expert_choice_assignment(tokens_EC, kept_EC, 4),
-                                [[1, 0], [0, 1], [0, 1], [0, 0]])
+  np.testing.assert_array_equal(
+    expert_choice_assignment(tokens_EC, kept_EC, 4), [[1, 0], [0, 1], [0, 1], [0, 0]]
+  )
 
 
-@pytest.mark.parametrize('router,execution', [('topk', 'dropless'), ('topk', 'capacity'),
-                                              ('expert_choice', 'dropless')])
+@pytest.mark.parametrize(
+  'router,execution', [('topk', 'dropless'), ('topk', 'capacity'), ('expert_choice', 'dropless')]
+)
 def test_model_reports_every_moe_layer(router, execution):
   c = (moe_expert_choice if router == 'expert_choice' else moe_topk).get_config('tiny')
   c.moe.update(execution=execution, capacity_factor=1.0)  # two MoE layers in one scanned stage
@@ -94,9 +102,13 @@ def test_model_reports_every_moe_layer(router, execution):
   layers = model_segment_cache(model, [tokens_BL, tokens_BL[::-1]], cache_size=4, lengths=(8, 32))
   assert sorted(layers) == [0, 1]
   for row in layers.values():
-    assert sorted(row) == ['experts_per_token', 'segment_best_hit_rate_32',
-                           'segment_best_hit_rate_8', 'segment_cache_hit_32',
-                           'segment_cache_hit_8']
+    assert sorted(row) == [
+      'experts_per_token',
+      'segment_best_hit_rate_32',
+      'segment_best_hit_rate_8',
+      'segment_cache_hit_32',
+      'segment_cache_hit_8',
+    ]
     assert all(0.0 <= v <= 1.0 for k, v in row.items() if k != 'experts_per_token')
     assert row['segment_best_hit_rate_8'] >= row['segment_cache_hit_8']  # a hit serves everything
     assert row['segment_cache_hit_8'] >= row['segment_cache_hit_32']  # subsegments of a hit hit
@@ -112,7 +124,8 @@ def test_model_reports_every_moe_layer(router, execution):
       dropped = float(aux['metrics'][f'layer_{i}/moe/dropped_fraction'])
       assert 0 < dropped < 1
       assert float(s['mlp']['assign_BLE'].sum()) == pytest.approx(
-          float(s['mlp']['expert_counts'].sum()) * (1 - dropped))
+        float(s['mlp']['expert_counts'].sum()) * (1 - dropped)
+      )
 
 
 def test_dense_model_has_no_layers():

@@ -13,8 +13,13 @@ from model import axes
 from train import mesh as mesh_lib
 from train.step import make_step_fns, model_loss
 
-MESHES = [((1, 1, 1, 1), 'dp'), ((8, 1, 1, 1), 'dp'), ((2, 4, 1, 1), 'fsdp'),
-          ((2, 2, 2, 1), 'fsdp_tp'), ((1, 4, 1, 2), 'fsdp_ep')]
+MESHES = [
+  ((1, 1, 1, 1), 'dp'),
+  ((8, 1, 1, 1), 'dp'),
+  ((2, 4, 1, 1), 'fsdp'),
+  ((2, 2, 2, 1), 'fsdp_tp'),
+  ((1, 4, 1, 2), 'fsdp_ep'),
+]
 
 
 def _cfg(shape, rules):
@@ -34,7 +39,7 @@ def _batch(cfg):
 def _run(shape, rules):
   """Loss, gradients and the state after one train step, gathered to host numpy."""
   cfg = _cfg(shape, rules)
-  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:math.prod(shape)])
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[: math.prod(shape)])
   fns = make_step_fns(cfg, mesh, sharding.rules(rules))
   state = fns.init()
   batch = jax.device_put(_batch(cfg), fns.batch_sharding)
@@ -66,14 +71,18 @@ def test_sharded_equals_single_device(reference, shape, rules):
   loss, grads, params, metrics = _run(shape, rules)
   ref_loss, ref_grads, ref_params, ref_metrics = reference
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params
+  )
   np.testing.assert_allclose(metrics['grad_norm'], ref_metrics['grad_norm'], rtol=1e-5)
 
 
 def _per_device_bytes(shape, rules):
   cfg = _cfg(shape, rules)
-  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:math.prod(shape)])
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[: math.prod(shape)])
   fns = make_step_fns(cfg, mesh, sharding.rules(rules))
   state = fns.init()
   device = jax.devices()[0]
@@ -97,7 +106,9 @@ def test_parameters_are_sharded_as_the_preset_says():
 
 def test_tensor_parallel_shards_heads_and_mlp():
   _, _, state, _ = _per_device_bytes((1, 4, 2, 1), 'fsdp_tp')
-  specs = {'/'.join(map(str, path)): x.sharding.spec
-           for path, x in jax.tree_util.tree_leaves_with_path(state['model'])}
+  specs = {
+    '/'.join(map(str, path)): x.sharding.spec
+    for path, x in jax.tree_util.tree_leaves_with_path(state['model'])
+  }
   assert any('tensor' in str(s) for s in specs.values())
   assert any('fsdp' in str(s) for s in specs.values())

@@ -25,10 +25,18 @@ from train import mesh as mesh_lib
 from train.step import build_model
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'sharding.txt')
-CONFIGS = {'tiny': tiny, 'moe_topk': moe_topk, 'routing_transformer': routing_transformer,
-           'uoe': uoe}
-MESHES = {'dp': (8, 1, 1, 1), 'fsdp': (2, 4, 1, 1), 'fsdp_tp': (2, 2, 2, 1),
-          'fsdp_ep': (1, 4, 1, 2)}
+CONFIGS = {
+  'tiny': tiny,
+  'moe_topk': moe_topk,
+  'routing_transformer': routing_transformer,
+  'uoe': uoe,
+}
+MESHES = {
+  'dp': (8, 1, 1, 1),
+  'fsdp': (2, 4, 1, 1),
+  'fsdp_tp': (2, 2, 2, 1),
+  'fsdp_ep': (1, 4, 1, 2),
+}
 
 
 def _config(name: str, preset: str) -> schema.Config:
@@ -45,14 +53,15 @@ def _spec_text(spec) -> str:
 def _lines(name: str, preset: str) -> list[str]:
   """'name preset kind path shape -> spec' for every variable and every activation constraint."""
   cfg = _config(name, preset)
-  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:math.prod(MESHES[preset])])
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[: math.prod(MESHES[preset])])
   rules = sharding.rules(preset)
   model = nnx.eval_shape(lambda: build_model(cfg))
   state = nnx.state(model)
   shardings = axes.state_shardings(state, mesh, rules)
   out = []
-  for (path, leaf), (_, shard) in zip(jax.tree_util.tree_leaves_with_path(state),
-                                      jax.tree_util.tree_leaves_with_path(shardings)):
+  for (path, leaf), (_, shard) in zip(
+    jax.tree_util.tree_leaves_with_path(state), jax.tree_util.tree_leaves_with_path(shardings)
+  ):
     where = '/'.join(str(getattr(k, 'key', k)) for k in path).removesuffix('/.value')
     out.append(f'{name} {preset} var {where} {tuple(leaf.shape)} -> {_spec_text(shard.spec)}')
   seen, constrain = set(), axes.constrain
@@ -61,8 +70,10 @@ def _lines(name: str, preset: str) -> list[str]:
     caller = inspect.stack()[1]
     module = os.path.splitext(os.path.basename(caller.filename))[0]
     spec = axes.logical_to_spec(names, rules, mesh)
-    line = (f'{name} {preset} act {module}.{caller.function} {tuple(names)} {tuple(x.shape)} '
-            f'-> {_spec_text(spec)}')
+    line = (
+      f'{name} {preset} act {module}.{caller.function} {tuple(names)} {tuple(x.shape)} '
+      f'-> {_spec_text(spec)}'
+    )
     if line not in seen:
       seen.add(line)
       out.append(line)
@@ -80,8 +91,9 @@ def _lines(name: str, preset: str) -> list[str]:
 
 
 def _all_lines() -> str:
-  return '\n'.join(line for name in CONFIGS for preset in MESHES
-                   for line in _lines(name, preset)) + '\n'
+  return (
+    '\n'.join(line for name in CONFIGS for preset in MESHES for line in _lines(name, preset)) + '\n'
+  )
 
 
 def test_sharding_specs_match_the_golden_file():
@@ -93,10 +105,13 @@ def test_sharding_specs_match_the_golden_file():
   with open(GOLDEN) as f:
     golden = f.read()
   if text != golden:
-    diff = ''.join(difflib.unified_diff(golden.splitlines(True), text.splitlines(True),
-                                        'golden', 'now', n=0))
-    pytest.fail(f'sharding specs differ from {GOLDEN} (UPDATE_GOLDEN=1 records an intended '
-                f'change):\n{diff[:6000]}')
+    diff = ''.join(
+      difflib.unified_diff(golden.splitlines(True), text.splitlines(True), 'golden', 'now', n=0)
+    )
+    pytest.fail(
+      f'sharding specs differ from {GOLDEN} (UPDATE_GOLDEN=1 records an intended '
+      f'change):\n{diff[:6000]}'
+    )
 
 
 def test_golden_file_shards_what_each_preset_promises():

@@ -33,8 +33,9 @@ def datasets(tmp_path_factory):
   out = {}
   for name, spec in (('byte', 'byte'), ('hf', f'hf:{d / "tokenizer.json"}')):
     out[name] = str(d / name)
-    prepare.prepare_dataset(str(d / 'in' / '*.txt'), out[name], tokenizer=spec,
-                            heldout_fraction=0.3)
+    prepare.prepare_dataset(
+      str(d / 'in' / '*.txt'), out[name], tokenizer=spec, heldout_fraction=0.3
+    )
   out['hf_spec'] = f'hf:{d / "tokenizer.json"}'
   return out
 
@@ -50,9 +51,15 @@ def _run_dir(tmp_path, data_path, dataset_json=True):
   if dataset_json:
     meta = corpus.load_metadata(data_path)
     with open(workdir / 'dataset.json', 'w') as f:
-      json.dump({'tokenizer': meta['tokenizer']['fingerprint'],
-                 'tokenizer_spec': meta['tokenizer']['spec'], 'dataset': meta['fingerprint'],
-                 'path': data_path}, f)
+      json.dump(
+        {
+          'tokenizer': meta['tokenizer']['fingerprint'],
+          'tokenizer_spec': meta['tokenizer']['spec'],
+          'dataset': meta['fingerprint'],
+          'path': data_path,
+        },
+        f,
+      )
   return str(workdir)
 
 
@@ -71,17 +78,26 @@ def test_evaluate_refuses_data_with_another_tokenizer(tmp_path, datasets, datase
 def test_evaluate_accepts_other_text_with_the_same_tokenizer(tmp_path, datasets):
   workdir = _run_dir(tmp_path, datasets['hf'])
   other = str(tmp_path / 'other')
-  prepare.prepare_dataset(os.path.join(datasets['byte'], '..', 'in', 'doc00*.txt'), other,
-                          tokenizer=datasets['hf_spec'], heldout_fraction=0.5)
+  prepare.prepare_dataset(
+    os.path.join(datasets['byte'], '..', 'in', 'doc00*.txt'),
+    other,
+    tokenizer=datasets['hf_spec'],
+    heldout_fraction=0.5,
+  )
   with pytest.raises(ConfigError, match='no complete checkpoint'):  # past the tokenizer check
     evaluate.evaluate_checkpoint(workdir, data=other)
 
 
 def test_evaluate_cli_prints_one_line(tmp_path, datasets):
   workdir = _run_dir(tmp_path, datasets['byte'])
-  proc = subprocess.run([sys.executable, '-m', 'eval.evaluate', f'--workdir={workdir}',
-                         f'--data={datasets["hf"]}'], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  proc = subprocess.run(
+    [sys.executable, '-m', 'eval.evaluate', f'--workdir={workdir}', f'--data={datasets["hf"]}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode == 1
   lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and 'is tokenized with hf:' in lines[0], proc.stderr
@@ -101,6 +117,9 @@ def test_sample_uses_the_run_datasets_tokenizer(tmp_path, datasets, monkeypatch,
   monkeypatch.setattr(evaluate, 'restore_on_one_device', lambda workdir, step: (None, 3, None))
   monkeypatch.setattr(sample_lib, 'sample', fake_sample)
   out = sample_lib.sample_checkpoint(workdir, 'the quick', max_new_tokens=4)
-  assert seen == {'prompt_ids': list(hf.encode('the quick')), 'vocab_size': hf.vocab_size,
-                  'eos_id': hf.eos_id}
+  assert seen == {
+    'prompt_ids': list(hf.encode('the quick')),
+    'vocab_size': hf.vocab_size,
+    'eos_id': hf.eos_id,
+  }
   assert out['completion'] == ' lazy dogs' and out['step'] == 3

@@ -50,9 +50,14 @@ def test_stop_and_resume_is_bit_exact(tmp_path, uninterrupted, cache_dir):
 
 def test_evaluate_in_fresh_process(uninterrupted):
   workdir, _ = uninterrupted
-  proc = subprocess.run([sys.executable, '-m', 'eval.evaluate', f'--workdir={workdir}'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  proc = subprocess.run(
+    [sys.executable, '-m', 'eval.evaluate', f'--workdir={workdir}'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''),
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   for key in ('step', 'loss', 'perplexity', 'tokens', 'bits_per_byte'):
@@ -69,6 +74,7 @@ def test_evaluate_in_fresh_process(uninterrupted):
 def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
   """A config.json lacking a field added later compares as that field's default."""
   from train.train import write_config
+
   cfg = tiny_train_config(cache_dir)
   write_config(cfg, str(tmp_path))
   with open(tmp_path / 'config.json') as f:
@@ -82,9 +88,11 @@ def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
     write_config(changed, str(tmp_path))
 
 
-def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(tmp_path, cache_dir,
-                                                                         monkeypatch):
+def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(
+  tmp_path, cache_dir, monkeypatch
+):
   from train import evaluation as eval_lib  # what train.train calls
+
   steps = []
   real = eval_lib.make_eval_step
 
@@ -101,5 +109,3 @@ def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(tmp_p
   assert len(steps) == 1 and steps[0]._cache_size() == 1  # one jit object, compiled once
   # Read one step late, so each evaluation sees the state after the following step.
   assert [r['step'] for r in evals] == [3, 5, 6]
-
-

@@ -26,8 +26,12 @@ def _attn_problem(seed=0):
   """numpy draws: jax.random inside a jitted test function costs seconds of compilation."""
   rng = np.random.default_rng(seed)
   x = _normal(rng, (B, L, D))
-  ws = (_normal(rng, (D, H, K), 0.3), _normal(rng, (D, G, K), 0.3), _normal(rng, (D, G, K), 0.3),
-        _normal(rng, (H, K, D), 0.3))
+  ws = (
+    _normal(rng, (D, H, K), 0.3),
+    _normal(rng, (D, G, K), 0.3),
+    _normal(rng, (D, G, K), 0.3),
+    _normal(rng, (H, K, D), 0.3),
+  )
   return x, ws, _normal(rng, (D, H))
 
 
@@ -59,9 +63,9 @@ def test_mlp_decomposition_is_column_and_row_blocks_and_round_trips():
   eg, eu, ed = uoe.mlp_to_experts(wg, wu, wd, E)
   assert eg.shape == (E, D, F // E) and ed.shape == (E, F // E, D)
   f = F // E
-  np.testing.assert_array_equal(eg[2], wg[:, 2 * f:3 * f])
-  np.testing.assert_array_equal(eu[1], wu[:, f:2 * f])
-  np.testing.assert_array_equal(ed[3], wd[3 * f:])
+  np.testing.assert_array_equal(eg[2], wg[:, 2 * f : 3 * f])
+  np.testing.assert_array_equal(eu[1], wu[:, f : 2 * f])
+  np.testing.assert_array_equal(ed[3], wd[3 * f :])
   for a, b in zip(uoe.experts_to_mlp(eg, eu, ed), (wg, wu, wd)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='num_experts=3 must divide the MLP width 32'):
@@ -75,8 +79,17 @@ def test_smha_with_every_head_and_full_capacity_equals_dense_attention():
   seg = jnp.asarray(np.repeat([[1, 2, 3]], B, 0).repeat(L // 3, 1))
 
   def ours(x, router, *ws):
-    return smha.smha(x, router, *ws, POSITIONS, heads_per_token=H, capacity_factor=1.0,
-                     gate_outputs=False, rope_theta=1e4, segment_ids_BL=seg)[0]
+    return smha.smha(
+      x,
+      router,
+      *ws,
+      POSITIONS,
+      heads_per_token=H,
+      capacity_factor=1.0,
+      gate_outputs=False,
+      rope_theta=1e4,
+      segment_ids_BL=seg,
+    )[0]
 
   (_, y), grads = _value_and_grads(ours, x, router, *ws)
   (_, y_ref), grads_ref = _value_and_grads(lambda x, *ws: _dense_attention(x, *ws, seg), x, *ws)
@@ -94,8 +107,7 @@ def test_uome_with_every_expert_and_full_capacity_equals_dense_mlp(paradigm):
     experts = uoe.mlp_to_experts(wg, wu, wd, E)
     if paradigm == 'data_selection':
       return uoe.uome(x, router, *experts, k=E, capacity_factor=1.0, gate_outputs=False)[0]
-    return uoe.uome_expert_selection(x, router, *experts, k=E, gate_outputs=False,
-                                     block_size=8)[0]
+    return uoe.uome_expert_selection(x, router, *experts, k=E, gate_outputs=False, block_size=8)[0]
 
   (_, y), grads = _value_and_grads(ours, x, router, wg, wu, wd)
   (_, y_ref), grads_ref = _value_and_grads(layers.swiglu, x, wg, wu, wd)
@@ -109,8 +121,9 @@ def _router_grads(kind):
   """Gate gradients with and without gate_outputs (one compiled program), k = 2 of 4."""
   if kind == 'smha':
     x, ws, router = _attn_problem()
-    fn = lambda r, gate_outputs: smha.smha(x, r, *ws, POSITIONS, heads_per_token=2,
-                                           gate_outputs=gate_outputs)[0]
+    fn = lambda r, gate_outputs: smha.smha(
+      x, r, *ws, POSITIONS, heads_per_token=2, gate_outputs=gate_outputs
+    )[0]
   else:
     x, (wg, wu, wd), router = _mlp_problem()
     experts = uoe.mlp_to_experts(wg, wu, wd, E)
@@ -118,7 +131,8 @@ def _router_grads(kind):
       fn = lambda r, gate_outputs: uoe.uome(x, r, *experts, k=2, gate_outputs=gate_outputs)[0]
     else:
       fn = lambda r, gate_outputs: uoe.uome_expert_selection(
-          x, r, *experts, k=2, gate_outputs=gate_outputs, block_size=8)[0]
+        x, r, *experts, k=2, gate_outputs=gate_outputs, block_size=8
+      )[0]
   grad = lambda gate_outputs: jax.grad(lambda r: jnp.sum(jnp.sin(fn(r, gate_outputs))))(router)
   return jax.jit(lambda: (grad(True), grad(False)))()
 
@@ -189,7 +203,7 @@ def test_causal_under_fixed_selection(kind):
   y = fn(x)
   for t in (0, 4, L - 2):
     y2 = fn(x.at[:, t + 1].add(5.0))
-    np.testing.assert_array_equal(y2[:, :t + 1], y[:, :t + 1])
+    np.testing.assert_array_equal(y2[:, : t + 1], y[:, : t + 1])
 
 
 def test_expert_selection_is_causal_with_its_learned_gate():
@@ -199,8 +213,8 @@ def test_expert_selection_is_causal_with_its_learned_gate():
   np.testing.assert_allclose(uoe.prefix_mean(x)[:, 3], x[:, :4].mean(1), rtol=1e-6)
   y = fn(x)
   for t in (0, 5, L - 2):
-    y2 = fn(x.at[:, t + 1:].multiply(-3.0))
-    np.testing.assert_allclose(y2[:, :t + 1], y[:, :t + 1], rtol=1e-6, atol=1e-7)
+    y2 = fn(x.at[:, t + 1 :].multiply(-3.0))
+    np.testing.assert_allclose(y2[:, : t + 1], y[:, : t + 1], rtol=1e-6, atol=1e-7)
 
 
 def test_learned_data_selection_reads_the_future():
@@ -212,5 +226,5 @@ def test_learned_data_selection_reads_the_future():
   leaks = 0
   for t in range(L - 1):
     y2 = fn(x.at[:, t + 1].set(x[:, t + 1] * 4.0))
-    leaks += int(not np.allclose(y2[:, :t + 1], y[:, :t + 1]))
+    leaks += int(not np.allclose(y2[:, : t + 1], y[:, : t + 1]))
   assert leaks > 0

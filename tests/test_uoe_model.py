@@ -13,21 +13,30 @@ from configs import uoe as uoe_config
 from model import axes, uoe
 from model.config import ConfigError
 from model.transformer import Transformer, active_params, flops_per_token, matmul_params
+from tests.tiny_runs import train_tiny
 from train import mesh as mesh_lib
 from train.step import model_loss
-from tests.tiny_runs import train_tiny
 
 
-@pytest.mark.parametrize('fields, match', [
+@pytest.mark.parametrize(
+  'fields, match',
+  [
     ({'head_capacity': 3.0}, r'uoe.head_capacity=3.0: 96 tokens per head exceed train.seq_len=64'),
-    ({'expert_capacity': 2.5}, r'uoe.expert_capacity=2.5: 80 tokens per expert exceed '
-                               r'train.seq_len=64'),
-    ({'heads_per_token': 5}, r'uoe.heads_per_token=5: expected -1 \(half\) or 1..model.num_heads=4'),
+    (
+      {'expert_capacity': 2.5},
+      r'uoe.expert_capacity=2.5: 80 tokens per expert exceed '
+      r'train.seq_len=64',
+    ),
+    (
+      {'heads_per_token': 5},
+      r'uoe.heads_per_token=5: expected -1 \(half\) or 1..model.num_heads=4',
+    ),
     ({'num_experts': 3}, r'uoe.num_experts=3 must divide model.mlp_dim=128'),
     ({'experts_per_token': 5}, r'uoe.experts_per_token=5: expected 1..uoe.num_experts=4'),
     ({'paradigm': 'both'}, r'uoe.paradigm=.both.: expected one of'),
     ({'layers': (0, 2)}, r'uoe.layers=\(0, 2\): layer 2 is outside'),
-])
+  ],
+)
 def test_bad_uoe_configs_are_one_line_errors_naming_the_field(fields, match):
   c = uoe_config.get_config('tiny')
   c.uoe.update(**fields)
@@ -46,6 +55,7 @@ def test_uome_experts_must_divide_over_the_expert_axis():
 
 def test_causality_is_declared_by_the_uoe_layers():
   from model.transformer import is_causal  # pylint: disable=g-import-not-at-top
+
   c = uoe_config.get_config('tiny')
   assert not is_causal(schema.load(c, 8).model)  # SMHA + UoME-DS: capacity over the sequence
   c.uoe.update(attention='dense', paradigm='expert_selection')
@@ -57,9 +67,15 @@ def _uoe_model_cfg(layers=(), scan=True, gate_outputs=False, **fields):
   gates that multiply the outputs)."""
   c = uoe_config.get_config('tiny')
   c.model.scan_layers = scan
-  c.uoe.update(layers=layers, heads_per_token=c.model.num_heads, head_capacity=1.0,
-               experts_per_token=c.uoe.num_experts, expert_capacity=1.0, gate_outputs=gate_outputs,
-               **fields)
+  c.uoe.update(
+    layers=layers,
+    heads_per_token=c.model.num_heads,
+    head_capacity=1.0,
+    experts_per_token=c.uoe.num_experts,
+    expert_capacity=1.0,
+    gate_outputs=gate_outputs,
+    **fields,
+  )
   return schema.load(c, 8).model
 
 
@@ -67,8 +83,9 @@ def _numpy_state(cfg, seed=0):
   """A model's pure-dict state with numpy-drawn values (eager init compiles op by op)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(seed)
-  draw = lambda a: jnp.asarray((1.0 if a.ndim == 1 else 0.0) + 0.1 * rng.standard_normal(a.shape),
-                               a.dtype)
+  draw = lambda a: jnp.asarray(
+    (1.0 if a.ndim == 1 else 0.0) + 0.1 * rng.standard_normal(a.shape), a.dtype
+  )
   return jax.tree.map(draw, nnx.to_pure_dict(nnx.state(abstract)))
 
 
@@ -150,8 +167,10 @@ def test_sharded_equals_unsharded():
   c.mesh.update(shape=(1, 4, 1, 2), rules='fsdp_ep')
   cfg = schema.load(c, 8)
   pure_state = _numpy_state(cfg.model)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(
-      0, 257, (cfg.train.batch_size, cfg.train.seq_len + 1)), jnp.int32)
+  tokens = jnp.asarray(
+    np.random.default_rng(0).integers(0, 257, (cfg.train.batch_size, cfg.train.seq_len + 1)),
+    jnp.int32,
+  )
   (loss, grads, metrics), _ = _loss_and_grads(cfg, pure_state, tokens)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices())
   (loss8, grads8, metrics8), w_sharding = _loss_and_grads(cfg, pure_state, tokens, mesh)
@@ -171,8 +190,14 @@ def test_tiny_uoe_model_trains_and_logs_routing(tmp_path_factory):
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
   for layer in (0, 1):
     for part in ('attn', 'mlp'):
-      for name in ('load_cv', 'unselected_fraction', 'dropped_fraction', 'gate_entropy',
-                   'balance_loss', 'z_loss'):
+      for name in (
+        'load_cv',
+        'unselected_fraction',
+        'dropped_fraction',
+        'gate_entropy',
+        'balance_loss',
+        'z_loss',
+      ):
         assert f'layer_{layer}/uoe/{part}_{name}' in records[-1], (part, name)
       assert 0 <= records[-1][f'layer_{layer}/uoe/{part}_unselected_fraction'] < 0.5
   assert records[-1]['aux_loss'] > 0
@@ -184,10 +209,15 @@ def test_flops_per_token_counts_what_the_selection_keeps():
   c = uoe_config.get_config('tiny')
   cfg = schema.load(c, 1).model
   n, d, h, s = cfg.num_layers, cfg.d_model, cfg.num_heads, 64
-  dense = flops_per_token(dataclasses.replace(cfg, uoe=dataclasses.replace(
-      cfg.uoe, attention='dense', feed_forward='mlp')), s)
-  full = dataclasses.replace(cfg, uoe=dataclasses.replace(
-      cfg.uoe, heads_per_token=h, experts_per_token=cfg.uoe.num_experts))
+  dense = flops_per_token(
+    dataclasses.replace(
+      cfg, uoe=dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
+    ),
+    s,
+  )
+  full = dataclasses.replace(
+    cfg, uoe=dataclasses.replace(cfg.uoe, heads_per_token=h, experts_per_token=cfg.uoe.num_experts)
+  )
   gates = 6.0 * n * (d * h + d * cfg.uoe.num_experts)
   assert flops_per_token(full, s) == pytest.approx(dense + gates)
   half = flops_per_token(cfg, s)  # heads_per_token H/2, top-2 of 4 experts, capacity 1
@@ -196,9 +226,14 @@ def test_flops_per_token_counts_what_the_selection_keeps():
   assert half == pytest.approx(dense + gates - saved)
   # Active parameters: the dense matmul weights plus gates, less the unselected half.
   assert active_params(cfg, s) == pytest.approx(
-      matmul_params(cfg) - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts))
-  assert active_params(dense_cfg := dataclasses.replace(cfg, uoe=dataclasses.replace(
-      cfg.uoe, attention='dense', feed_forward='mlp')), s) == matmul_params(dense_cfg)
+    matmul_params(cfg) - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts)
+  )
+  assert active_params(
+    dense_cfg := dataclasses.replace(
+      cfg, uoe=dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
+    ),
+    s,
+  ) == matmul_params(dense_cfg)
 
 
 @pytest.mark.slow
@@ -207,14 +242,20 @@ def test_uoe_from_dense_command_converts_a_run_exactly_and_trains_on(tmp_path_fa
   train.train then continues the converted run."""
   from train import uoe_from_dense  # pylint: disable=g-import-not-at-top
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
   c = uoe_config.get_config('tiny')
   c.data.cache_dir = str(tmp_path_factory.mktemp('corpus'))
   c.train.update(steps=4, log_every=2)
   c.uoe.update(attention='dense', feed_forward='mlp')
   dense_dir = str(tmp_path_factory.mktemp('dense'))
   train_and_evaluate(schema.load(c, jax.device_count()), dense_dir)
-  c.uoe.update(attention='smha', feed_forward='uome', heads_per_token=c.model.num_heads,
-               experts_per_token=c.uoe.num_experts, gate_outputs=True)
+  c.uoe.update(
+    attention='smha',
+    feed_forward='uome',
+    heads_per_token=c.model.num_heads,
+    experts_per_token=c.uoe.num_experts,
+    gate_outputs=True,
+  )
   target = schema.load(c, jax.device_count())
   out_dir = str(tmp_path_factory.mktemp('uoe'))
   result = uoe_from_dense.convert_run(dense_dir, target, out_dir)
@@ -224,5 +265,6 @@ def test_uoe_from_dense_command_converts_a_run_exactly_and_trains_on(tmp_path_fa
   assert record['step'] == 4 and np.isfinite(record['loss'])
   c.model.d_model = 32
   with pytest.raises(ConfigError, match=r'model.d_model=32 differs from the dense run'):
-    uoe_from_dense.convert_run(dense_dir, schema.load(c, jax.device_count()),
-                               str(tmp_path_factory.mktemp('bad')))
+    uoe_from_dense.convert_run(
+      dense_dir, schema.load(c, jax.device_count()), str(tmp_path_factory.mktemp('bad'))
+    )

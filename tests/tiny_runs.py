@@ -13,8 +13,9 @@ from model.transformer import Transformer
 from train.train import train_and_evaluate
 
 
-def train_tiny(config_module, tmp_path_factory, steps: int = 16,
-               log_every: int = 4) -> tuple[str, list[dict]]:
+def train_tiny(
+  config_module, tmp_path_factory, steps: int = 16, log_every: int = 4
+) -> tuple[str, list[dict]]:
   """Trains `config_module`'s `:tiny` variant on the default corpus: (workdir, its training
   records from metrics.jsonl)."""
   c = config_module.get_config('tiny')
@@ -27,13 +28,15 @@ def train_tiny(config_module, tmp_path_factory, steps: int = 16,
 
 def random_model(config, scale: float = 0.3, seed: int = 0) -> Transformer:
   """The Transformer of a ConfigDict with N(0, scale²) weights and routing state."""
-  return causality.random_model(schema.load(config, jax.device_count()).model, scale=scale,
-                                seed=seed)
+  return causality.random_model(
+    schema.load(config, jax.device_count()).model, scale=scale, seed=seed
+  )
 
 
 def tiny_train_config(cache_dir, **train) -> schema.Config:
   """configs/tiny.py with the default corpus prepared under `cache_dir` and `train` overrides."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
+
   c = tiny.get_config()
   c.data.cache_dir = str(cache_dir)
   c.train.update(**train)
@@ -52,6 +55,7 @@ def checkpoint_state(workdir, cfg: schema.Config, step: int | None = None) -> tu
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+
   ckpt = Checkpointer(str(workdir), cfg.checkpoint, read_only=True)
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   step = ckpt.latest_step() if step is None else step

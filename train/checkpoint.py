@@ -25,8 +25,11 @@ class Checkpointer:
 
   def __init__(self, workdir: str, cfg: CheckpointConfig, *, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.max_to_keep, enable_async_checkpointing=cfg.async_save,
-        create=not read_only, read_only=read_only)
+      max_to_keep=cfg.max_to_keep,
+      enable_async_checkpointing=cfg.async_save,
+      create=not read_only,
+      read_only=read_only,
+    )
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.quarantine = os.path.join(os.path.abspath(workdir), 'checkpoints_damaged')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -41,8 +44,9 @@ class Checkpointer:
     """How many processes wrote `step`'s data-iterator states (grain writes one file each)."""
     directory = os.path.join(self.directory, str(step), 'data')
     names = os.listdir(directory) if os.path.isdir(directory) else []
-    counts = {int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json').match, names)
-              if m}
+    counts = {
+      int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json').match, names) if m
+    }
     return counts.pop() if len(counts) == 1 else None
 
   def damage(self, step: int) -> str | None:
@@ -55,12 +59,16 @@ class Checkpointer:
         return f'{item}/_METADATA is missing'
     count = self.data_process_count(step)
     data_dir = os.path.join(root, 'data')
-    if count is None and os.path.isdir(data_dir) and any(
-        n.endswith('.json') for n in os.listdir(data_dir)):
+    if (
+      count is None
+      and os.path.isdir(data_dir)
+      and any(n.endswith('.json') for n in os.listdir(data_dir))
+    ):
       return 'data/ holds no consistent set of iterator states'
     # No iterator state at all (a converted checkpoint): the stream is repositioned by step.
     for name in [f'{item}/_METADATA' for item in ('model', 'opt')] + [
-        f'data/process_{i}-of-{count}.json' for i in range(count or 0)]:
+      f'data/process_{i}-of-{count}.json' for i in range(count or 0)
+    ]:
       try:
         with open(os.path.join(root, name)) as f:
           json.load(f)
@@ -80,16 +88,20 @@ class Checkpointer:
     return target
 
   def save(self, step: int, state: dict, data_iterator=None) -> bool:
-    items = {'model': ocp.args.StandardSave(state['model']),
-             'opt': ocp.args.StandardSave(state['opt'])}
+    items = {
+      'model': ocp.args.StandardSave(state['model']),
+      'opt': ocp.args.StandardSave(state['opt']),
+    }
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
     """Restores `step` onto the shardings carried by `abstract_state` (and the iterator in place)."""
-    items = {'model': ocp.args.StandardRestore(abstract_state['model']),
-             'opt': ocp.args.StandardRestore(abstract_state['opt'])}
+    items = {
+      'model': ocp.args.StandardRestore(abstract_state['model']),
+      'opt': ocp.args.StandardRestore(abstract_state['opt']),
+    }
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -97,7 +109,8 @@ class Checkpointer:
 
   def restore_model(self, step: int, abstract_model_state):
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model_state)))
+      step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model_state))
+    )
     return restored['model']
 
   def wait(self) -> None:

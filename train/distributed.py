@@ -20,8 +20,11 @@ import os
 import jax
 from absl import logging
 
-ENV = {'coordinator_address': 'ROUTED_COORDINATOR_ADDRESS', 'num_processes': 'ROUTED_NUM_PROCESSES',
-       'process_id': 'ROUTED_PROCESS_ID'}
+ENV = {
+  'coordinator_address': 'ROUTED_COORDINATOR_ADDRESS',
+  'num_processes': 'ROUTED_NUM_PROCESSES',
+  'process_id': 'ROUTED_PROCESS_ID',
+}
 _ERROR_KEY = 'routed_transformers/error/'
 
 
@@ -36,31 +39,46 @@ def _cluster_detected() -> bool:
   return False
 
 
-def parameters(coordinator_address: str = '', num_processes: int = 0,
-               process_id: int = -1) -> dict | None:
+def parameters(
+  coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+) -> dict | None:
   """The explicit or environment parameters, {} for cluster auto-detection, None if single-process."""
-  values = {'coordinator_address': coordinator_address or os.environ.get(ENV['coordinator_address'], ''),
-            'num_processes': num_processes or int(os.environ.get(ENV['num_processes'], '0') or 0),
-            'process_id': process_id if process_id >= 0 else int(
-                os.environ.get(ENV['process_id'], '-1') or -1)}
-  given = [k for k, unset in (('coordinator_address', ''), ('num_processes', 0), ('process_id', -1))
-           if values[k] != unset]
+  values = {
+    'coordinator_address': coordinator_address or os.environ.get(ENV['coordinator_address'], ''),
+    'num_processes': num_processes or int(os.environ.get(ENV['num_processes'], '0') or 0),
+    'process_id': process_id
+    if process_id >= 0
+    else int(os.environ.get(ENV['process_id'], '-1') or -1),
+  }
+  given = [
+    k
+    for k, unset in (('coordinator_address', ''), ('num_processes', 0), ('process_id', -1))
+    if values[k] != unset
+  ]
   if given:
     missing = [k for k in values if k not in given]
     if missing and values['num_processes'] != 1:
-      raise ValueError(f'--{missing[0]} (or ${ENV[missing[0]]}) is missing: a multi-process run '
-                       f'needs --coordinator_address, --num_processes and --process_id')
+      raise ValueError(
+        f'--{missing[0]} (or ${ENV[missing[0]]}) is missing: a multi-process run '
+        f'needs --coordinator_address, --num_processes and --process_id'
+      )
     if values['num_processes'] == 1:
       return None
     if not 0 <= values['process_id'] < values['num_processes']:
-      raise ValueError(f'--process_id={values["process_id"]}: expected 0 <= id < '
-                       f'--num_processes={values["num_processes"]}')
+      raise ValueError(
+        f'--process_id={values["process_id"]}: expected 0 <= id < '
+        f'--num_processes={values["num_processes"]}'
+      )
     return values
   return {} if _cluster_detected() else None
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
-               heartbeat_timeout_seconds: int = 100) -> bool:
+def initialize(
+  coordinator_address: str = '',
+  num_processes: int = 0,
+  process_id: int = -1,
+  heartbeat_timeout_seconds: int = 100,
+) -> bool:
   """Starts jax.distributed for a multi-process run (see the module docstring); True if it did."""
   params = parameters(coordinator_address, num_processes, process_id)
   if params is None:
@@ -68,8 +86,13 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   # CPU processes need a collectives backend across processes (GPU/TPU have their own).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**params, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
-  logging.info('process %d of %d: %d local devices, %d in all', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    'process %d of %d: %d local devices, %d in all',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -78,6 +101,7 @@ def _client():
   if jax.process_count() == 1:
     return None
   from jax._src import distributed  # no public handle on the key-value store  # pylint: disable=g-import-not-at-top
+
   return distributed.global_state.client
 
 
@@ -101,16 +125,20 @@ def peer_errors() -> list[str]:
   except Exception:
     return []
   me = str(jax.process_index())
-  return [f'process {key.rsplit("/", 1)[-1]}: {value}' for key, value in sorted(entries)
-          if key.rsplit('/', 1)[-1] != me]
+  return [
+    f'process {key.rsplit("/", 1)[-1]}: {value}'
+    for key, value in sorted(entries)
+    if key.rsplit('/', 1)[-1] != me
+  ]
 
 
 def all_processes(ok: bool) -> bool:
   """True when `ok` holds in every process (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -118,4 +146,5 @@ def barrier(name: str) -> None:
   """Waits until every process reached the barrier `name` (no-op in a single process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)

@@ -51,15 +51,25 @@ def make_eval_step(fns: StepFns, tokenizer):
   """
 
   def fn(model_state, batch):
-    logits, _ = eval_model(fns, model_state)(batch['inputs'],
-                                             segment_ids_BL=batch.get('segment_ids'))
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                            batch['targets'])
-    bytes_BL = (tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
-                if tokenizer.byte_level else jnp.zeros_like(ce_BL))
+    logits, _ = eval_model(fns, model_state)(
+      batch['inputs'], segment_ids_BL=batch.get('segment_ids')
+    )
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch['targets']
+    )
+    bytes_BL = (
+      tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
+      if tokenizer.byte_level
+      else jnp.zeros_like(ce_BL)
+    )
     at = lambda x_BL: jnp.take_along_axis(x_BL, batch['cuts'], axis=1)
-    return {'ce': ce_BL.sum(), 'tokens': jnp.float32(ce_BL.size), 'bytes': bytes_BL.sum(),
-            'ce_BP': at(ce_BL), 'bytes_BP': at(bytes_BL)}
+    return {
+      'ce': ce_BL.sum(),
+      'tokens': jnp.float32(ce_BL.size),
+      'bytes': bytes_BL.sum(),
+      'ce_BP': at(ce_BL),
+      'bytes_BP': at(bytes_BL),
+    }
 
   return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
 
@@ -69,8 +79,12 @@ def sampled_positions(inputs_BL: np.ndarray, count: int) -> np.ndarray:
   window's own tokens (the same windows get the same positions in every run and checkpoint)."""
   length = inputs_BL.shape[1]
   count = min(count, length)
-  return np.stack([np.sort(np.random.default_rng(zlib.crc32(row.tobytes())).choice(
-      length, count, replace=False)) for row in inputs_BL]).astype(np.int32)
+  return np.stack(
+    [
+      np.sort(np.random.default_rng(zlib.crc32(row.tobytes())).choice(length, count, replace=False))
+      for row in inputs_BL
+    ]
+  ).astype(np.int32)
 
 
 def _gathered(x) -> np.ndarray:
@@ -78,8 +92,15 @@ def _gathered(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Config,
-                   tokenizer=None, eval_step=None, positions_per_window: int | None = None) -> dict:
+def evaluate_model(
+  fns: StepFns,
+  state: dict,
+  tokens: np.ndarray,
+  cfg: schema.Config,
+  tokenizer=None,
+  eval_step=None,
+  positions_per_window: int | None = None,
+) -> dict:
   """Held-out loss, perplexity, token count and bits per byte of `state['model']`, honestly.
 
   A causal model (`model.transformer.is_causal`) is scored teacher-forced: every position of every
@@ -94,21 +115,26 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
   step_fn = eval_step or make_eval_step(fns, tokenizer)
   causal = transformer.is_causal(cfg.model)
-  per_window = (cfg.eval.positions_per_window if positions_per_window is None
-                else positions_per_window)
+  per_window = (
+    cfg.eval.positions_per_window if positions_per_window is None else positions_per_window
+  )
   if per_window < 1:
     raise ConfigError(f'positions_per_window={per_window}: expected >= 1')
   tf = collections.Counter()
   exact, forced, nbytes = [], [], []  # per scored position
-  for batch in pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len,
-                                     batch_size=cfg.eval.batch_size,
-                                     max_batches=cfg.eval.max_batches,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+  for batch in pipeline.eval_batches(
+    tokens,
+    seq_len=cfg.train.seq_len,
+    batch_size=cfg.eval.batch_size,
+    max_batches=cfg.eval.max_batches,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     l = batch['inputs'].shape[1]
     cuts_BP = sampled_positions(batch['inputs'], 1 if causal else per_window)
-    out = step_fn(state['model'], pipeline.make_global_batch({**batch, 'cuts': cuts_BP},
-                                                             fns.batch_sharding))
+    out = step_fn(
+      state['model'], pipeline.make_global_batch({**batch, 'cuts': cuts_BP}, fns.batch_sharding)
+    )
     tf.update({k: float(out[k]) for k in ('ce', 'tokens', 'bytes')})
     if causal:
       continue
@@ -116,24 +142,33 @@ def evaluate_model(fns: StepFns, state: dict, tokens: np.ndarray, cfg: schema.Co
     passes = []
     for cut_B1 in np.split(cuts_BP, cuts_BP.shape[1], axis=1):  # one pass per sampled position
       seg = (np.arange(l)[None, :] <= cut_B1).astype(np.int32)
-      out = step_fn(state['model'], pipeline.make_global_batch(
-          {**batch, 'cuts': cut_B1, 'segment_ids': seg}, fns.batch_sharding))
+      out = step_fn(
+        state['model'],
+        pipeline.make_global_batch(
+          {**batch, 'cuts': cut_B1, 'segment_ids': seg}, fns.batch_sharding
+        ),
+      )
       passes.append((_gathered(out['ce_BP']), _gathered(out['bytes_BP'])))
     exact.append(np.concatenate([ce for ce, _ in passes], axis=1))
     nbytes.append(np.concatenate([b for _, b in passes], axis=1))
   if tf['tokens'] == 0:
-    raise corpus.DataError(f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; '
-                           'nothing to evaluate')
+    raise corpus.DataError(
+      f'held-out split has fewer than {cfg.train.seq_len + 1} tokens; nothing to evaluate'
+    )
   teacher_forced = _summary(tf['ce'], tf['tokens'], tf['bytes'], tokenizer)
   if causal:
     return {**teacher_forced, 'causal': True, 'evaluation': 'teacher_forced (exact: causal model)'}
-  exact, forced, nbytes = (np.concatenate(x).reshape(-1).astype(np.float64)
-                           for x in (exact, forced, nbytes))
+  exact, forced, nbytes = (
+    np.concatenate(x).reshape(-1).astype(np.float64) for x in (exact, forced, nbytes)
+  )
   stderr = lambda x: float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else float('nan')
-  out = {**_summary(exact.sum(), exact.size, nbytes.sum(), tokenizer),
-         'loss_stderr': stderr(exact), 'causal': False,
-         'evaluation': f'exact_prefix ({per_window} positions per window)',
-         'positions_per_window': per_window}
+  out = {
+    **_summary(exact.sum(), exact.size, nbytes.sum(), tokenizer),
+    'loss_stderr': stderr(exact),
+    'causal': False,
+    'evaluation': f'exact_prefix ({per_window} positions per window)',
+    'positions_per_window': per_window,
+  }
   out.update({f'teacher_forced_{k}': v for k, v in teacher_forced.items()})
   out['teacher_forced_sampled_loss'] = float(forced.mean())  # same positions, future visible
   out['future_leak'] = float((exact - forced).mean())
@@ -150,8 +185,9 @@ def paired_estimate(result: dict) -> dict:
   loss = result['teacher_forced_loss'] + result['future_leak']
   out = {'paired_loss': loss, 'paired_loss_stderr': result['future_leak_stderr']}
   if 'teacher_forced_bits_per_byte' in result:
-    out['paired_bits_per_byte'] = (result['teacher_forced_bits_per_byte'] * loss /
-                                   result['teacher_forced_loss'])
+    out['paired_bits_per_byte'] = (
+      result['teacher_forced_bits_per_byte'] * loss / result['teacher_forced_loss']
+    )
   return out
 
 
@@ -172,7 +208,9 @@ def _eval_config(cfg: schema.Config) -> tuple[schema.Config, int]:
     n = jax.device_count()
     while cfg.eval.batch_size % n:
       n -= 1
-    logging.info('training mesh does not fit here (%s); evaluating data-parallel on %d devices', e, n)
+    logging.info(
+      'training mesh does not fit here (%s); evaluating data-parallel on %d devices', e, n
+    )
     return dataclasses.replace(cfg, mesh=schema.MeshConfig(shape=(n, 1, 1, 1), rules='dp')), n
 
 
@@ -194,8 +232,13 @@ def coupling_levels(model) -> dict[str, float]:
   return out
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None = None,
-                        baseline: bool = False, positions_per_window: int | None = None) -> dict:
+def evaluate_checkpoint(
+  workdir: str,
+  step: int | None = None,
+  data: str | None = None,
+  baseline: bool = False,
+  positions_per_window: int | None = None,
+) -> dict:
   """The held-out numbers of a run's checkpoint (default: the newest) on its own dataset or the
   prepared dataset `data` (same tokenizer), written to DIR/eval/step_N.json; `baseline` adds the
   untrained model's as `init_*` (`python -m eval.evaluate`)."""
@@ -217,9 +260,13 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, data: str | None 
   tokens = corpus.load_split(dataset_dir, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
   eval_step = make_eval_step(fns, tokenizer)
-  result = {'step': step, **evaluate_model(fns, {'model': model_state}, tokens, cfg, tokenizer,
-                                           eval_step, positions_per_window),
-            **coupling_levels(fns.model({'model': model_state}))}
+  result = {
+    'step': step,
+    **evaluate_model(
+      fns, {'model': model_state}, tokens, cfg, tokenizer, eval_step, positions_per_window
+    ),
+    **coupling_levels(fns.model({'model': model_state})),
+  }
   if baseline:
     init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, eval_step, positions_per_window)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})

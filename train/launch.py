@@ -23,8 +23,9 @@ from absl import app, flags
 from train import distributed
 
 _NUM = flags.DEFINE_integer('num_processes', 2, 'Processes to start.')
-_DEVICES = flags.DEFINE_integer('devices_per_process', 0,
-                                'CPU devices per process (0: leave the platform as it is).')
+_DEVICES = flags.DEFINE_integer(
+  'devices_per_process', 0, 'CPU devices per process (0: leave the platform as it is).'
+)
 _PORT = flags.DEFINE_integer('port', 0, 'Coordinator port on localhost (0: a free one).')
 _GRACE = flags.DEFINE_float('grace', 30.0, 'Seconds the other processes get after a failure.')
 
@@ -36,13 +37,19 @@ def free_port() -> int:
 
 
 def process_env(index: int, count: int, port: int, devices: int) -> dict:
-  env = dict(os.environ, **{distributed.ENV['coordinator_address']: f'localhost:{port}',
-                            distributed.ENV['num_processes']: str(count),
-                            distributed.ENV['process_id']: str(index)})
+  env = dict(
+    os.environ,
+    **{
+      distributed.ENV['coordinator_address']: f'localhost:{port}',
+      distributed.ENV['num_processes']: str(count),
+      distributed.ENV['process_id']: str(index),
+    },
+  )
   if devices:
     env['JAX_PLATFORMS'] = 'cpu'
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count={devices}').strip()
+    env['XLA_FLAGS'] = (
+      env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+    ).strip()
   return env
 
 
@@ -54,17 +61,29 @@ def _pump(stream, prefix: str, out, last_error: list) -> None:
     out.flush()
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int = 0, port: int = 0,
-           grace: float = 30.0) -> int:
+def launch(
+  command: list[str],
+  num_processes: int,
+  devices_per_process: int = 0,
+  port: int = 0,
+  grace: float = 30.0,
+) -> int:
   """Runs `command` as `num_processes` processes; returns 0 or the first failure's exit code."""
   port = port or free_port()
   procs, errors, threads = [], [], []
   for i in range(num_processes):
-    p = subprocess.Popen(command, env=process_env(i, num_processes, port, devices_per_process),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    p = subprocess.Popen(
+      command,
+      env=process_env(i, num_processes, port, devices_per_process),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      bufsize=1,
+    )
     errors.append([''])
-    t = threading.Thread(target=_pump, args=(p.stdout, f'[p{i}] ', sys.stdout, errors[-1]),
-                         daemon=True)
+    t = threading.Thread(
+      target=_pump, args=(p.stdout, f'[p{i}] ', sys.stdout, errors[-1]), daemon=True
+    )
     t.start()
     procs.append(p)
     threads.append(t)

@@ -46,8 +46,11 @@ class WorkdirLock:
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.path = os.path.join(workdir, LOCK_NAME)
     self.enabled = enabled
-    self.me = {'host': socket.gethostname(), 'pid': os.getpid(),
-               'started': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
+    self.me = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    }
 
   def __enter__(self) -> 'WorkdirLock':
     if not self.enabled:
@@ -60,13 +63,15 @@ class WorkdirLock:
         holder = _holder(self.path)
         same_host = holder.get('host') == self.me['host']
         if holder and (not same_host or _alive(int(holder.get('pid', -1)))):
-          where = 'this host' if same_host else f"host {holder.get('host')}"
+          where = 'this host' if same_host else f'host {holder.get("host")}'
           raise WorkdirLocked(
-              f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on {where} since "
-              f"{holder.get('started')} ({self.path}); wait for it, stop it, or use another "
-              f"--workdir{'' if same_host else ' (remove the lock file if that run is gone)'}")
-        logging.warning('taking over the stale lock %s (holder %s is not running)', self.path,
-                        holder or 'unknown')
+            f'{os.path.dirname(self.path)} is in use by pid {holder.get("pid")} on {where} since '
+            f'{holder.get("started")} ({self.path}); wait for it, stop it, or use another '
+            f'--workdir{"" if same_host else " (remove the lock file if that run is gone)"}'
+          )
+        logging.warning(
+          'taking over the stale lock %s (holder %s is not running)', self.path, holder or 'unknown'
+        )
         os.remove(self.path)
         continue
       with os.fdopen(fd, 'w') as f:

@@ -37,6 +37,7 @@ class MemoryEstimate:
   when `overlap` (train.grad_accum > 1: the accumulated gradient is live during every micro-batch);
   otherwise the backward pass may free activations as it creates gradients, so the larger counts.
   """
+
   params: int  # the model state (parameters and non-gradient variables)
   optimizer: int  # the nnx.Optimizer state (step count, AdamW moments)
   gradients: int  # one gradient per trainable parameter
@@ -46,8 +47,9 @@ class MemoryEstimate:
 
   @property
   def total(self) -> int:
-    step_bytes = (self.gradients + self.activations if self.overlap
-                  else max(self.gradients, self.activations))
+    step_bytes = (
+      self.gradients + self.activations if self.overlap else max(self.gradients, self.activations)
+    )
     return self.params + self.optimizer + step_bytes
 
   @property
@@ -56,7 +58,10 @@ class MemoryEstimate:
     return -(-self.total // self.num_devices)
 
   def describe(self) -> str:
-    grads, acts = f'gradients {fmt_bytes(self.gradients)}', f'activations {fmt_bytes(self.activations)}'
+    grads, acts = (
+      f'gradients {fmt_bytes(self.gradients)}',
+      f'activations {fmt_bytes(self.activations)}',
+    )
     step = f'{grads} + {acts}' if self.overlap else f'max({grads}, {acts})'
     return f'params {fmt_bytes(self.params)} + optimizer {fmt_bytes(self.optimizer)} + {step}'
 
@@ -69,8 +74,11 @@ def state_bytes(cfg: Config) -> tuple[int, int, int]:
   """(model state, trainable parameters, optimizer state) in bytes, exact: `eval_shape` of the
   train step's own construction (`train.step._build`), so nothing is allocated or compiled."""
   model, opt = nnx.eval_shape(lambda: _build(cfg))
-  return (_tree_bytes(nnx.state(model)), _tree_bytes(nnx.state(model, nnx.Param)),
-          _tree_bytes(nnx.state(opt)))
+  return (
+    _tree_bytes(nnx.state(model)),
+    _tree_bytes(nnx.state(model, nnx.Param)),
+    _tree_bytes(nnx.state(opt)),
+  )
 
 
 def _layer_terms(cfg: Config, spec: LayerSpec, batch: int) -> dict[str, int]:
@@ -101,10 +109,10 @@ def _layer_terms(cfg: Config, spec: LayerSpec, batch: int) -> dict[str, int]:
 # before RoPE, wo's output in place of `mid`, gate and up) and, for 'save_dots', the XLA attention
 # logits (f32, in place of the probabilities) and output; cuDNN attention is a custom call.
 _SAVED = {
-    'none': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'flash', 'hidden'),
-    'save_dots': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'hidden'),
-    'save_dots_no_batch': ('resid', 'mid', 'qkv', 'hidden'),  # attention einsums have batch dims
-    'full': ('resid',),  # jax.checkpoint without a policy: only the block's input
+  'none': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'flash', 'hidden'),
+  'save_dots': ('resid', 'mid', 'qkv', 'probs', 'attn_out', 'hidden'),
+  'save_dots_no_batch': ('resid', 'mid', 'qkv', 'hidden'),  # attention einsums have batch dims
+  'full': ('resid',),  # jax.checkpoint without a policy: only the block's input
 }
 
 
@@ -139,9 +147,14 @@ def estimate(cfg: Config, num_devices: int) -> MemoryEstimate:
   it too is a lower bound. XLA's own rematerialisation under memory pressure is not foreseen.
   """
   model_bytes, param_bytes, opt_bytes = state_bytes(cfg)
-  return MemoryEstimate(params=model_bytes, optimizer=opt_bytes, gradients=param_bytes,
-                        activations=activation_bytes(cfg), num_devices=num_devices,
-                        overlap=cfg.train.grad_accum > 1)
+  return MemoryEstimate(
+    params=model_bytes,
+    optimizer=opt_bytes,
+    gradients=param_bytes,
+    activations=activation_bytes(cfg),
+    num_devices=num_devices,
+    overlap=cfg.train.grad_accum > 1,
+  )
 
 
 def device_memory() -> tuple[int, str]:
@@ -175,13 +188,15 @@ def check(cfg: Config, num_devices: int) -> MemoryEstimate | None:
   model_fields = f'model.d_model={m.d_model}, model.num_layers={m.num_layers}'
   batch_fields = f'train.batch_size={t.batch_size}, train.seq_len={t.seq_len}'
   state_total = est.params + est.optimizer + est.gradients
-  lead, rest = ((batch_fields, model_fields) if est.activations > state_total
-                else (model_fields, batch_fields))
+  lead, rest = (
+    (batch_fields, model_fields) if est.activations > state_total else (model_fields, batch_fields)
+  )
   has = f'a device has {fmt_bytes(limit_bytes // local_devices)} ({source}'
   if local_devices > 1:
     has += f' {fmt_bytes(limit_bytes)} shared by {local_devices} local devices'
   raise ConfigError(
-      f'{lead} ({rest}): training needs at least {fmt_bytes(est.per_device)} per device '
-      f'({est.describe()}; a lower bound, perfect sharding over {num_devices} devices) but {has}); '
-      'shrink the model or the batch (or raise train.grad_accum, use '
-      "model.remat='full'), or set --config.train.check_memory=False to try anyway")
+    f'{lead} ({rest}): training needs at least {fmt_bytes(est.per_device)} per device '
+    f'({est.describe()}; a lower bound, perfect sharding over {num_devices} devices) but {has}); '
+    'shrink the model or the batch (or raise train.grad_accum, use '
+    "model.remat='full'), or set --config.train.check_memory=False to try anyway"
+  )

@@ -23,14 +23,17 @@ def dcn_shape(mesh_cfg: MeshConfig, shape: tuple[int, ...], processes: int) -> t
   if mesh_cfg.dcn_shape:
     dcn = tuple(mesh_cfg.dcn_shape)
     if math.prod(dcn) != processes or any(s % d for s, d in zip(shape, dcn)):
-      raise ConfigError(f'mesh.dcn_shape={dcn}: expected sizes dividing mesh.shape={shape} whose '
-                        f'product is the {processes} processes')
+      raise ConfigError(
+        f'mesh.dcn_shape={dcn}: expected sizes dividing mesh.shape={shape} whose '
+        f'product is the {processes} processes'
+      )
     return dcn
   for i, size in enumerate(shape):
     if size % processes == 0:
       return tuple(processes if j == i else 1 for j in range(len(shape)))
-  raise ConfigError(f'mesh.shape={shape}: no axis divides over the {processes} processes; '
-                    'set mesh.dcn_shape')
+  raise ConfigError(
+    f'mesh.shape={shape}: no axis divides over the {processes} processes; set mesh.dcn_shape'
+  )
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:

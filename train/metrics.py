@@ -35,7 +35,6 @@ def _shares(counts: np.ndarray) -> np.ndarray:
 VECTOR_SUMMARIES = {'expert_counts': _expert_summary, 'cluster_counts': _cluster_summary}
 
 
-
 def drop_records_after(path: str, step: int) -> int:
   """Rewrites the JSONL file at `path` without the records whose 'step' exceeds `step` (atomic:
   a temporary file renamed over it); returns how many were dropped. A missing file is fine."""
@@ -62,7 +61,9 @@ def _step_of(line: str) -> float:
 def _read_jsonl(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a directory written by train.train')
+    raise FileNotFoundError(
+      f'{path} not found: --workdir must be a directory written by train.train'
+    )
   records = []
   with open(path) as f:
     for number, line in enumerate(f, 1):
@@ -99,9 +100,17 @@ class MetricsLogger:
   Only the primary process writes files; every process may call it.
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
-               flops_per_token: float, peak_flops: float, primary: bool = True,
-               resume_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    tokens_per_step: int,
+    flops_per_token: float,
+    peak_flops: float,
+    primary: bool = True,
+    resume_step: int | None = None,
+  ):
     """With `resume_step`, records of later steps in an existing metrics.jsonl (written after
     the checkpoint the run resumes from, and about to be written again) are dropped first, so
     readers see one record per step."""
@@ -119,6 +128,7 @@ class MetricsLogger:
         drop_records_after(os.path.join(workdir, 'metrics.jsonl'), resume_step)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
   def restart_clock(self) -> None:
@@ -143,8 +153,9 @@ class MetricsLogger:
     record.pop('finite', None)
     for name, counts in self._counts.items():
       prefix, _, suffix = name.rpartition('/')
-      record.update({f'{prefix}/{k}' if prefix else k: v
-                     for k, v in VECTOR_SUMMARIES[suffix](counts).items()})
+      record.update(
+        {f'{prefix}/{k}' if prefix else k: v for k, v in VECTOR_SUMMARIES[suffix](counts).items()}
+      )
     steps_per_sec = self._window_steps / max(elapsed, 1e-9)
     record['tokens_per_sec'] = steps_per_sec * self.tokens_per_step
     record['step_time'] = 1.0 / max(steps_per_sec, 1e-9)
@@ -152,11 +163,18 @@ class MetricsLogger:
       record['mfu'] = record['tokens_per_sec'] * self.flops_per_token / self.peak_flops
     self.record(step, record)
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
-    mfu = f" mfu {100 * record['mfu']:.1f}%" if 'mfu' in record else ''
-    logging.info('step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.3f s/step%s  eta %s',
-                 step, self.total_steps, record.get('loss', math.nan),
-                 record.get('learning_rate', math.nan), record['tokens_per_sec'],
-                 record['step_time'], mfu, _duration(eta))
+    mfu = f' mfu {100 * record["mfu"]:.1f}%' if 'mfu' in record else ''
+    logging.info(
+      'step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.3f s/step%s  eta %s',
+      step,
+      self.total_steps,
+      record.get('loss', math.nan),
+      record.get('learning_rate', math.nan),
+      record['tokens_per_sec'],
+      record['step_time'],
+      mfu,
+      _duration(eta),
+    )
     self.restart_clock()
     return record
 
@@ -178,5 +196,8 @@ class MetricsLogger:
 
 def _duration(seconds: float) -> str:
   seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
-      f'{seconds // 60}m{seconds % 60:02d}s'
+  return (
+    f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+    if seconds >= 3600
+    else f'{seconds // 60}m{seconds % 60:02d}s'
+  )

@@ -36,8 +36,9 @@ def decay_mask(params):
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(cfg, total_steps)
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  adamw = optax.adamw(
+    schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+  )
   if cfg.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
   return adamw

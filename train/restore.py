@@ -24,7 +24,9 @@ def read_run_config(workdir: str) -> schema.Config:
   """The frozen config a run was trained with, from DIR/config.json."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
-    raise ConfigError(f'{config_path} not found: --workdir must be a directory written by train.train')
+    raise ConfigError(
+      f'{config_path} not found: --workdir must be a directory written by train.train'
+    )
   with open(config_path) as f:
     return schema.from_dict(json.load(f))
 
@@ -47,8 +49,10 @@ def run_tokenizer(workdir: str, data_cfg: schema.DataConfig):
   fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
   tokenizer = get_tokenizer(spec)
   if tokenizer.fingerprint != fingerprint:
-    raise corpus.DataError(f'tokenizer {spec!r} changed since {workdir} was trained '
-                           f'(fingerprint {tokenizer.fingerprint} != {fingerprint})')
+    raise corpus.DataError(
+      f'tokenizer {spec!r} changed since {workdir} was trained '
+      f'(fingerprint {tokenizer.fingerprint} != {fingerprint})'
+    )
   return tokenizer
 
 
@@ -58,9 +62,11 @@ def check_same_tokenizer(workdir: str, data_cfg: schema.DataConfig, dataset_dir:
   info = corpus.load_metadata(dataset_dir)['tokenizer']
   fingerprint, spec = run_tokenizer_identity(workdir, data_cfg)
   if info['fingerprint'] != fingerprint:
-    raise corpus.DataError(f'--data={dataset_dir} is tokenized with {info["spec"]} '
-                           f'({info["fingerprint"]}) but {workdir} was trained with {spec} '
-                           f'({fingerprint}); evaluate a dataset prepared with the run\'s tokenizer')
+    raise corpus.DataError(
+      f'--data={dataset_dir} is tokenized with {info["spec"]} '
+      f'({info["fingerprint"]}) but {workdir} was trained with {spec} '
+      f"({fingerprint}); evaluate a dataset prepared with the run's tokenizer"
+    )
 
 
 def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
@@ -74,17 +80,20 @@ def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
   return step
 
 
-def restore_on_one_device(workdir: str,
-                          step: int | None = None) -> tuple[schema.Config, int, nnx.Module]:
+def restore_on_one_device(
+  workdir: str, step: int | None = None
+) -> tuple[schema.Config, int, nnx.Module]:
   """(the run's config on a one-device mesh, the step, the model in evaluation mode) of a run's
   checkpoint (default: the newest), for the per-model tools (sampling, routing report, segment
   cache, eval.causality) and the UoE conversion."""
-  cfg = dataclasses.replace(read_run_config(workdir),
-                            mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp'))
+  cfg = dataclasses.replace(
+    read_run_config(workdir), mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp')
+  )
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   step = checkpoint_step(ckpt, step)
-  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]),
-                      sharding.rules(cfg.mesh.rules))
+  fns = make_step_fns(
+    cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]), sharding.rules(cfg.mesh.rules)
+  )
   model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
   model.eval()
   return cfg, step, model

@@ -32,7 +32,9 @@ def _build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
 
 def lm_loss(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array | None = None):
   """Mean next-token cross-entropy in f32 over the tokens with nonzero weight."""
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32), targets_BL)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+    logits_BLV.astype(jnp.float32), targets_BL
+  )
   if weights_BL is None:
     return ce_BL.mean()
   return (ce_BL * weights_BL).sum() / jnp.maximum(weights_BL.sum(), 1.0)
@@ -40,8 +42,9 @@ def lm_loss(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array 
 
 def model_loss(model: Transformer, batch: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:
   """Training objective: LM loss plus the routed layers' weighted auxiliary losses."""
-  logits, aux = model(batch['inputs'], positions_BL=batch.get('positions'),
-                      segment_ids_BL=batch.get('segment_ids'))
+  logits, aux = model(
+    batch['inputs'], positions_BL=batch.get('positions'), segment_ids_BL=batch.get('segment_ids')
+  )
   lm = lm_loss(logits, batch['targets'], batch.get('weights'))
   return lm + aux['loss'], (lm, aux)
 
@@ -49,6 +52,7 @@ def model_loss(model: Transformer, batch: dict) -> tuple[jax.Array, tuple[jax.Ar
 @dataclasses.dataclass(frozen=True)
 class StepFns:
   """Everything static about training: graph definitions, shardings, jitted functions."""
+
   cfg: Config
   mesh: Mesh
   rules: dict
@@ -61,8 +65,11 @@ class StepFns:
 
   def abstract_state(self) -> dict:
     """Shape/dtype/sharding targets of the state, for restoring a checkpoint without a copy."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        self._abstract, self.state_shardings)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self._abstract,
+      self.state_shardings,
+    )
 
   @functools.cached_property
   def _abstract(self) -> dict:
@@ -83,8 +90,10 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
   model, opt = nnx.eval_shape(lambda: _build(cfg))
   model_def, model_state = nnx.split(model)
   opt_def, opt_state = nnx.split(opt)
-  shardings = {'model': axes.state_shardings(model_state, mesh, rules),
-               'opt': axes.state_shardings(opt_state, mesh, rules)}
+  shardings = {
+    'model': axes.state_shardings(model_state, mesh, rules),
+    'opt': axes.state_shardings(opt_state, mesh, rules),
+  }
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
   accum = cfg.train.grad_accum
@@ -116,9 +125,12 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
           (loss, (lm, aux)), g = grad_fn(params, mb)
           return jax.tree.map(jnp.add, carry, (g, loss, lm, aux)), None
 
-        zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))[0][1][1])
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (params, jnp.float32(0), jnp.float32(0), zero_aux))
+        zero_aux = jax.eval_shape(
+          lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))[0][1][1]
+        )
+        zeros = jax.tree.map(
+          lambda s: jnp.zeros(s.shape, s.dtype), (params, jnp.float32(0), jnp.float32(0), zero_aux)
+        )
         (grads, loss, lm, aux), _ = jax.lax.scan(body, zeros, micro)
         grads, loss, lm, aux = jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux))
       grad_norm = optax.tree.norm(grads)
@@ -131,11 +143,18 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       # make finite gradients into infinite weights): a bad step leaves the state untouched, so no
       # checkpoint is ever poisoned.
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_state)
-      new_state = jax.tree.unflatten(treedef, [
-          jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new_state), old_leaves)])
-      metrics = {'loss': loss, 'lm_loss': lm, 'aux_loss': aux['loss'], 'grad_norm': grad_norm,
-                 'learning_rate': schedule(step_before), 'finite': finite,
-                 **aux['metrics']}
+      new_state = jax.tree.unflatten(
+        treedef, [jnp.where(finite, n, o) for n, o in zip(jax.tree.leaves(new_state), old_leaves)]
+      )
+      metrics = {
+        'loss': loss,
+        'lm_loss': lm,
+        'aux_loss': aux['loss'],
+        'grad_norm': grad_norm,
+        'learning_rate': schedule(step_before),
+        'finite': finite,
+        **aux['metrics'],
+      }
       # Count vectors (tokens per expert, per k-means cluster of each routing head): the logger
       # sums them over its window into dead_experts, expert_load and cluster_load.
       for i, layer_stats in model.layer_stats(aux['stats']).items():
@@ -148,9 +167,18 @@ def make_step_fns(cfg: Config, mesh: Mesh, rules: dict) -> StepFns:
       return new_state, metrics
 
   return StepFns(
-      cfg=cfg, mesh=mesh, rules=rules, model_def=model_def, opt_def=opt_def,
-      state_shardings=shardings, batch_sharding=batch_sharding,
-      init=jax.jit(init, out_shardings=shardings),
-      train_step=jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, None), donate_argnums=0),
+    cfg=cfg,
+    mesh=mesh,
+    rules=rules,
+    model_def=model_def,
+    opt_def=opt_def,
+    state_shardings=shardings,
+    batch_sharding=batch_sharding,
+    init=jax.jit(init, out_shardings=shardings),
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    ),
   )

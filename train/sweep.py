@@ -27,9 +27,12 @@ from configs import schema
 from model.config import ConfigError
 
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/NAME.py[:ARG]).')
-_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name: sweep_NAME() in the config file or '
-                             'SWEEPS[NAME] in configs/sweeps.py.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the sweep (one subdirectory per run).')
+_SWEEP = flags.DEFINE_string(
+  'sweep', None, 'Sweep name: sweep_NAME() in the config file or SWEEPS[NAME] in configs/sweeps.py.'
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Root directory of the sweep (one subdirectory per run).'
+)
 _PRINT = flags.DEFINE_bool('print', False, 'Print one train command per run instead of running.')
 
 
@@ -50,9 +53,12 @@ def load_sweep(config: str, name: str) -> tuple[object, list[dict]]:
   fn = getattr(module, f'sweep_{name}', None)
   if fn is None:
     from configs import sweeps  # pylint: disable=g-import-not-at-top
+
     if name not in sweeps.SWEEPS:
-      raise ConfigError(f'--sweep={name}: no sweep_{name}() in {path} and no SWEEPS[{name!r}] in '
-                        f'configs/sweeps.py (known: {sorted(sweeps.SWEEPS)})')
+      raise ConfigError(
+        f'--sweep={name}: no sweep_{name}() in {path} and no SWEEPS[{name!r}] in '
+        f'configs/sweeps.py (known: {sorted(sweeps.SWEEPS)})'
+      )
     fn = sweeps.SWEEPS[name]
   runs = list(fn())
   if not runs:
@@ -91,16 +97,24 @@ def commands(config: str, root: str, runs: list[dict]) -> list[str]:
   """One `python -m train.train` command per run."""
   out = []
   for overrides in runs:
-    args = ['python', '-m', 'train.train', f'--config={config}',
-            f'--workdir={os.path.join(root, run_name(overrides))}']
-    args += [f'--config.{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}'
-             for k, v in overrides.items()]
+    args = [
+      'python',
+      '-m',
+      'train.train',
+      f'--config={config}',
+      f'--workdir={os.path.join(root, run_name(overrides))}',
+    ]
+    args += [
+      f'--config.{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}'
+      for k, v in overrides.items()
+    ]
     out.append(shlex.join(args))
   return out
 
 
 def finished(workdir: str, steps: int) -> bool:
   from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return False
   return Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).latest_step() == steps
@@ -109,13 +123,16 @@ def finished(workdir: str, steps: int) -> bool:
 def run_sweep(config: str, name: str, root: str) -> list[dict]:
   """Trains (or resumes, or skips) every run, evaluates it, writes the results tables."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from train import evaluation, metrics  # pylint: disable=g-import-not-at-top
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
   base, runs = load_sweep(config, name)
   rows = []
   for overrides in runs:
-    cfg = schema.load(apply_overrides(base.copy_and_resolve_references(), overrides),
-                      jax.device_count())
+    cfg = schema.load(
+      apply_overrides(base.copy_and_resolve_references(), overrides), jax.device_count()
+    )
     workdir = os.path.join(root, run_name(overrides))
     if finished(workdir, cfg.train.steps):
       logging.info('sweep: %s finished already; skipped', workdir)
@@ -123,12 +140,18 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
       train_and_evaluate(cfg, workdir)
     result = evaluation.evaluate_checkpoint(workdir)
     last = metrics.read_metrics(workdir)[-1]
-    rows.append({'run': run_name(overrides), **overrides, 'train_loss': last['loss'],
-                 'heldout_loss': result['loss'],
-                 'heldout_loss_stderr': result.get('loss_stderr', ''),
-                 'bits_per_byte': result.get('bits_per_byte', ''),
-                 **best_heldout(metrics.read_eval_metrics(workdir), result),
-                 'evaluation': result['evaluation']})
+    rows.append(
+      {
+        'run': run_name(overrides),
+        **overrides,
+        'train_loss': last['loss'],
+        'heldout_loss': result['loss'],
+        'heldout_loss_stderr': result.get('loss_stderr', ''),
+        'bits_per_byte': result.get('bits_per_byte', ''),
+        **best_heldout(metrics.read_eval_metrics(workdir), result),
+        'evaluation': result['evaluation'],
+      }
+    )
   write_results(root, rows)
   plot_results(root, rows, sorted({k for r in runs for k in r}))
   return rows
@@ -157,16 +180,22 @@ def write_results(root: str, rows: list[dict]) -> None:
     f.write('\n'.join(lines) + '\n')
 
 
-def plot_results(root: str, rows: list[dict], keys: list[str], metric: str = 'heldout_loss'
-                 ) -> list[str]:
+def plot_results(
+  root: str, rows: list[dict], keys: list[str], metric: str = 'heldout_loss'
+) -> list[str]:
   """ROOT/<key>.png: `metric` against each swept numeric value (log axis over a wide range)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   paths = []
   for key in keys:
-    points = sorted((r[key], r[metric]) for r in rows
-                    if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool))
+    points = sorted(
+      (r[key], r[metric])
+      for r in rows
+      if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+    )
     if len(points) < 2:
       continue
     fig, ax = plt.subplots(figsize=(5, 3.5))

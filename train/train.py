@@ -24,15 +24,13 @@ from configs import cli, schema, sharding
 from data import corpus, pipeline, sources
 from model.config import ConfigError
 from model.transformer import flops_per_token
-from train import distributed
+from train import distributed, memory
 from train import evaluation as eval_lib
-from train import memory
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
 from train.lock import WorkdirLock, WorkdirLocked
 from train.metrics import MetricsLogger
 from train.step import make_step_fns
-
 
 
 class TrainingError(RuntimeError):
@@ -48,8 +46,12 @@ _FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads'
 def check_dataset(workdir: str, dataset_dir: str) -> dict:
   """The dataset's identity; refuses one whose tokenizer or content differ from the workdir's."""
   meta = corpus.load_metadata(dataset_dir)
-  ident = {'tokenizer': meta['tokenizer']['fingerprint'], 'tokenizer_spec': meta['tokenizer']['spec'],
-           'dataset': meta['fingerprint'], 'path': os.path.abspath(dataset_dir)}
+  ident = {
+    'tokenizer': meta['tokenizer']['fingerprint'],
+    'tokenizer_spec': meta['tokenizer']['spec'],
+    'dataset': meta['fingerprint'],
+    'path': os.path.abspath(dataset_dir),
+  }
   path = os.path.join(workdir, 'dataset.json')
   if os.path.exists(path):
     with open(path) as f:
@@ -57,9 +59,10 @@ def check_dataset(workdir: str, dataset_dir: str) -> dict:
     for key, what in (('tokenizer', 'tokenizer'), ('dataset', 'dataset')):
       if old.get(key) != ident[key]:
         raise corpus.DataError(
-            f'{workdir} was trained with {what} {old.get(key)} ({old.get("tokenizer_spec")}, '
-            f'{old.get("path")}) but this run has {ident[key]} ({ident["tokenizer_spec"]}, '
-            f'{ident["path"]}); use a new --workdir')
+          f'{workdir} was trained with {what} {old.get(key)} ({old.get("tokenizer_spec")}, '
+          f'{old.get("path")}) but this run has {ident[key]} ({ident["tokenizer_spec"]}, '
+          f'{ident["path"]}); use a new --workdir'
+        )
   return ident
 
 
@@ -77,8 +80,10 @@ def write_config(cfg: schema.Config, workdir: str) -> None:
           continue
         before = old.get(group, {}).get(field)
         if json.loads(json.dumps(value)) != before:
-          raise ConfigError(f'{group}.{field}={value!r} but {workdir} was trained with {before!r}; '
-                            'use a new --workdir')
+          raise ConfigError(
+            f'{group}.{field}={value!r} but {workdir} was trained with {before!r}; '
+            'use a new --workdir'
+          )
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path + '.tmp', 'w') as f:
@@ -98,8 +103,9 @@ class _Preemption:
 
   def __init__(self):
     self.requested = None  # the signal's name once one arrived
-    self._previous = {sig: signal.signal(sig, self._handle)
-                      for sig in (signal.SIGTERM, signal.SIGINT)}
+    self._previous = {
+      sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
 
   def _handle(self, signum, frame):
     del frame
@@ -117,8 +123,12 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
   lock throughout (`train.lock`: a second trainer on the same workdir is refused)."""
   estimate = memory.check(cfg, jax.device_count())  # before anything is written or compiled
   if estimate is not None:
-    logging.info('memory: at least %s (%s), over %d devices', memory.fmt_bytes(estimate.total),
-                 estimate.describe(), jax.device_count())
+    logging.info(
+      'memory: at least %s (%s), over %d devices',
+      memory.fmt_bytes(estimate.total),
+      estimate.describe(),
+      jax.device_count(),
+    )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(cfg, workdir)
 
@@ -138,33 +148,52 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   heldout_tokens = corpus.load_split(dataset_dir, 'heldout') if cfg.eval.every_steps else None
   tokenizer = corpus.dataset_tokenizer(dataset_dir) if cfg.eval.every_steps else None
   eval_step = eval_lib.make_eval_step(fns, tokenizer) if cfg.eval.every_steps else None
-  data_iter = iter(pipeline.train_dataset(
-      sources.open_split(dataset_dir, 'train'), seq_len=cfg.train.seq_len,
-      global_batch_size=cfg.train.batch_size, seed=cfg.data.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch,
-      read_threads=cfg.data.read_threads, packing=cfg.data.packing))
+  data_iter = iter(
+    pipeline.train_dataset(
+      sources.open_split(dataset_dir, 'train'),
+      seq_len=cfg.train.seq_len,
+      global_batch_size=cfg.train.batch_size,
+      seed=cfg.data.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      worker_count=cfg.data.worker_count,
+      prefetch=cfg.data.prefetch,
+      read_threads=cfg.data.read_threads,
+      packing=cfg.data.packing,
+    )
+  )
 
   ckpt = Checkpointer(workdir, cfg.checkpoint)
   start, state = _restore_newest(ckpt, fns, data_iter)
   if start is None:
     start, state = 0, fns.init()
     if primary:
-      table = parameter_overview.get_parameter_overview(nnx.to_pure_dict(state['model']),
-                                                        include_stats=False)
+      table = parameter_overview.get_parameter_overview(
+        nnx.to_pure_dict(state['model']), include_stats=False
+      )
       with open(os.path.join(workdir, 'parameters.txt'), 'w') as f:
         f.write(table + '\n')
-      logging.info('parameters: %s; per array in %s', table.splitlines()[-1].removeprefix('Total: '),
-                   os.path.join(workdir, 'parameters.txt'))
+      logging.info(
+        'parameters: %s; per array in %s',
+        table.splitlines()[-1].removeprefix('Total: '),
+        os.path.join(workdir, 'parameters.txt'),
+      )
 
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
   logger = MetricsLogger(
-      workdir, total_steps=cfg.train.steps, tokens_per_step=tokens_per_step,
-      flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-      peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(), primary=primary,
-      resume_step=start)
-  end = cfg.train.steps if not cfg.train.stop_after else min(cfg.train.steps,
-                                                               start + cfg.train.stop_after)
+    workdir,
+    total_steps=cfg.train.steps,
+    tokens_per_step=tokens_per_step,
+    flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+    peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(),
+    primary=primary,
+    resume_step=start,
+  )
+  end = (
+    cfg.train.steps
+    if not cfg.train.stop_after
+    else min(cfg.train.steps, start + cfg.train.stop_after)
+  )
   preemption = _Preemption()
   record, pending, step, saved, bad_in_a_row = {}, None, start, start, 0
 
@@ -173,15 +202,23 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     metrics = jax.device_get(metrics)
     if not metrics['finite']:
       bad_in_a_row += 1
-      what = (f'non-finite loss, gradient or updated state at step {done_step} '
-              f'(loss={float(metrics["loss"])}); the update was not applied')
+      what = (
+        f'non-finite loss, gradient or updated state at step {done_step} '
+        f'(loss={float(metrics["loss"])}); the update was not applied'
+      )
       if cfg.train.on_nonfinite == 'stop' or bad_in_a_row >= cfg.train.nonfinite_patience:
         ckpt.wait()
         repeat = f' ({bad_in_a_row} in a row)' if cfg.train.on_nonfinite == 'skip' else ''
-        raise TrainingError(f'{what}{repeat} and training stopped; last good checkpoint: step '
-                            f'{ckpt.latest_step()} in {ckpt.directory}')
-      logging.warning('%s; its batch is skipped (%d in a row, train.nonfinite_patience=%d)',
-                      what, bad_in_a_row, cfg.train.nonfinite_patience)
+        raise TrainingError(
+          f'{what}{repeat} and training stopped; last good checkpoint: step '
+          f'{ckpt.latest_step()} in {ckpt.directory}'
+        )
+      logging.warning(
+        '%s; its batch is skipped (%d in a row, train.nonfinite_patience=%d)',
+        what,
+        bad_in_a_row,
+        cfg.train.nonfinite_patience,
+      )
       return
     bad_in_a_row = 0
     logger.add(metrics)
@@ -197,8 +234,9 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     while step < end and not preemption.requested:
       batch = pipeline.make_global_batch(next(data_iter), fns.batch_sharding)
       if step == start:
-        logging.info('compiling the train step (%s devices, mesh %s) ...', jax.device_count(),
-                     dict(mesh.shape))
+        logging.info(
+          'compiling the train step (%s devices, mesh %s) ...', jax.device_count(), dict(mesh.shape)
+        )
         compile_start = time.perf_counter()
       state, metrics = fns.train_step(state, batch)  # the first call traces and compiles
       if step == start:
@@ -218,8 +256,9 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     if saved != step:
       ckpt.save(step, state, data_iter)
     if preemption.requested:
-      logging.warning('%s: wrote checkpoint at step %d; exiting cleanly', preemption.requested,
-                      step)
+      logging.warning(
+        '%s: wrote checkpoint at step %d; exiting cleanly', preemption.requested, step
+      )
     ckpt.close()
   finally:
     preemption.restore()
@@ -229,8 +268,10 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     except Exception:  # pylint: disable=broad-except  (its own failure; the older steps stand)
       logging.warning('the checkpoint in flight did not complete')
   if preemption.requested == 'SIGINT':
-    raise Interrupted(f'interrupted (Ctrl-C): checkpoint written at step {step} in '
-                      f'{ckpt.directory}; rerun the same command to resume')
+    raise Interrupted(
+      f'interrupted (Ctrl-C): checkpoint written at step {step} in '
+      f'{ckpt.directory}; rerun the same command to resume'
+    )
   return record
 
 
@@ -253,8 +294,11 @@ def describe_os_error(e: OSError, workdir: str) -> str:
     latest = Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).latest_step()
   except Exception:  # pylint: disable=broad-except  (the storage itself may be the problem)
     latest = None
-  last = (f'last good checkpoint: step {latest} in {os.path.join(workdir, "checkpoints")}'
-          if latest is not None else 'no complete checkpoint yet')
+  last = (
+    f'last good checkpoint: step {latest} in {os.path.join(workdir, "checkpoints")}'
+    if latest is not None
+    else 'no complete checkpoint yet'
+  )
   return f'cannot write {path}: {e.strerror or e}; training stopped; {last}'
 
 
@@ -274,11 +318,17 @@ def _restore_newest(ckpt: Checkpointer, fns, data_iter) -> tuple[int | None, dic
     if distributed.all_processes(error is None):
       return step, state
     aside = ckpt.move_aside(step)
-    logging.warning('checkpoint step %d does not restore (%s); moved to %s, trying the next older '
-                    'one', step, error or 'in another process', aside)
+    logging.warning(
+      'checkpoint step %d does not restore (%s); moved to %s, trying the next older one',
+      step,
+      error or 'in another process',
+      aside,
+    )
   if steps:
-    raise TrainingError(f'none of the checkpoints {steps} in {ckpt.directory} restores (moved '
-                        f'aside to {ckpt.quarantine}); remove them to start afresh')
+    raise TrainingError(
+      f'none of the checkpoints {steps} in {ckpt.directory} restores (moved '
+      f'aside to {ckpt.quarantine}); remove them to start afresh'
+    )
   return None, None
 
 
@@ -287,8 +337,13 @@ def _restore(ckpt: Checkpointer, step: int, fns, data_iter) -> dict:
     logging.info('Resuming from checkpoint step %d in %s', step, ckpt.directory)
     return ckpt.restore(step, fns.abstract_state(), data_iter)
   # written by another number of processes: same global stream, repositioned by step
-  logging.info('Resuming from checkpoint step %d in %s, written by %s processes, on %d',
-               step, ckpt.directory, ckpt.data_process_count(step), jax.process_count())
+  logging.info(
+    'Resuming from checkpoint step %d in %s, written by %s processes, on %d',
+    step,
+    ckpt.directory,
+    ckpt.data_process_count(step),
+    jax.process_count(),
+  )
   pipeline.seek(data_iter, step)
   return ckpt.restore(step, fns.abstract_state())
 
@@ -306,8 +361,12 @@ def main(argv, flag):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    distributed.initialize(flag['coordinator_address'].value, flag['num_processes'].value,
-                           flag['process_id'].value, flag['heartbeat_timeout'].value)
+    distributed.initialize(
+      flag['coordinator_address'].value,
+      flag['num_processes'].value,
+      flag['process_id'].value,
+      flag['heartbeat_timeout'].value,
+    )
   except ValueError as e:
     _fail(str(e))
   if jax.process_index() != 0:
@@ -338,20 +397,30 @@ def main(argv, flag):
 def run():
   # Flags are defined here, not at import, so train/eval modules can be imported together.
   flag = {
-      'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                                lock_config=True),
-      'workdir': flags.DEFINE_string('workdir', None,
-                                     'Run directory (checkpoints, logs, config.json).'),
-      'coordinator_address': flags.DEFINE_string(
-          'coordinator_address', '', 'Multi-process: host:port of process 0 (or '
-          '$ROUTED_COORDINATOR_ADDRESS; detected on TPU pod slices and SLURM).'),
-      'num_processes': flags.DEFINE_integer(
-          'num_processes', 0, 'Multi-process: number of processes ($ROUTED_NUM_PROCESSES).'),
-      'process_id': flags.DEFINE_integer(
-          'process_id', -1, 'Multi-process: index of this process ($ROUTED_PROCESS_ID).'),
-      'heartbeat_timeout': flags.DEFINE_integer(
-          'heartbeat_timeout', 100, 'Multi-process: seconds without a heartbeat after which '
-          'the coordination service declares a process dead and stops the others.'),
+    'config': config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file.', lock_config=True
+    ),
+    'workdir': flags.DEFINE_string(
+      'workdir', None, 'Run directory (checkpoints, logs, config.json).'
+    ),
+    'coordinator_address': flags.DEFINE_string(
+      'coordinator_address',
+      '',
+      'Multi-process: host:port of process 0 (or '
+      '$ROUTED_COORDINATOR_ADDRESS; detected on TPU pod slices and SLURM).',
+    ),
+    'num_processes': flags.DEFINE_integer(
+      'num_processes', 0, 'Multi-process: number of processes ($ROUTED_NUM_PROCESSES).'
+    ),
+    'process_id': flags.DEFINE_integer(
+      'process_id', -1, 'Multi-process: index of this process ($ROUTED_PROCESS_ID).'
+    ),
+    'heartbeat_timeout': flags.DEFINE_integer(
+      'heartbeat_timeout',
+      100,
+      'Multi-process: seconds without a heartbeat after which '
+      'the coordination service declares a process dead and stops the others.',
+    ),
   }
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(lambda argv: main(argv, flag), flags_parser=cli.parse_flags)

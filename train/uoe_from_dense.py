@@ -42,14 +42,18 @@ def _one_device(cfg: schema.Config) -> schema.Config:
 
 def _check_architecture(dense: schema.Config, target: schema.Config) -> None:
   if dense.model.uoe.attention != 'dense' or dense.model.uoe.feed_forward != 'mlp':
-    raise ConfigError('--dense_workdir is already a UoE run (uoe.attention or uoe.feed_forward '
-                      'set); convert a dense run')
+    raise ConfigError(
+      '--dense_workdir is already a UoE run (uoe.attention or uoe.feed_forward '
+      'set); convert a dense run'
+    )
   want = dataclasses.asdict(uoe.dense_config(target.model))
   have = dataclasses.asdict(dense.model)
   for key, value in want.items():
     if key != 'uoe' and have.get(key) != value:
-      raise ConfigError(f'--config model.{key}={value!r} differs from the dense run\'s '
-                        f'{have.get(key)!r}: the conversion keeps the architecture')
+      raise ConfigError(
+        f"--config model.{key}={value!r} differs from the dense run's "
+        f'{have.get(key)!r}: the conversion keeps the architecture'
+      )
   if not (target.model.uoe.attention == 'smha' or target.model.uoe.feed_forward == 'uome'):
     raise ConfigError('--config has no UoE layer (uoe.attention=smha or uoe.feed_forward=uome)')
 
@@ -57,25 +61,32 @@ def _check_architecture(dense: schema.Config, target: schema.Config) -> None:
 def full_capacity(cfg) -> bool:
   """Every head and expert takes every token, and gates weigh outputs by E·g (= 1 when uniform)."""
   u, h = cfg.uoe, cfg.num_heads
-  return (u.gate_outputs and u.resolved_heads_per_token(h) == h and u.head_capacity >= 1 and
-          u.experts_per_token == u.num_experts and
-          (u.paradigm == 'expert_selection' or u.expert_capacity >= 1))
+  return (
+    u.gate_outputs
+    and u.resolved_heads_per_token(h) == h
+    and u.head_capacity >= 1
+    and u.experts_per_token == u.num_experts
+    and (u.paradigm == 'expert_selection' or u.expert_capacity >= 1)
+  )
 
 
-def convert_run(dense_workdir: str, target: schema.Config, workdir: str,
-                step: int | None = None) -> dict:
+def convert_run(
+  dense_workdir: str, target: schema.Config, workdir: str, step: int | None = None
+) -> dict:
   """Writes step 0 of `workdir` from `dense_workdir`'s checkpoint (module docstring)."""
   dense_cfg = restore.read_run_config(dense_workdir)
   _check_architecture(dense_cfg, target)
   if os.path.exists(os.path.join(workdir, 'checkpoints')):
     raise ConfigError(f'--workdir={workdir} already has checkpoints; choose a new directory')
-  step = restore.checkpoint_step(Checkpointer(dense_workdir, dense_cfg.checkpoint,
-                                              read_only=True), step)
+  step = restore.checkpoint_step(
+    Checkpointer(dense_workdir, dense_cfg.checkpoint, read_only=True), step
+  )
   dense_cfg, _, dense_model = restore.restore_on_one_device(dense_workdir, step)
   converted = uoe.convert_dense_state(nnx.to_pure_dict(nnx.state(dense_model)), target.model)
   one = _one_device(target)
-  fns = make_step_fns(one, mesh_lib.make_mesh(one.mesh, jax.devices()[:1]),
-                      sharding.rules(one.mesh.rules))
+  fns = make_step_fns(
+    one, mesh_lib.make_mesh(one.mesh, jax.devices()[:1]), sharding.rules(one.mesh.rules)
+  )
   state = fns.init()
   nnx.replace_by_pure_dict(state['model'], converted)
   os.makedirs(workdir, exist_ok=True)
@@ -85,16 +96,22 @@ def convert_run(dense_workdir: str, target: schema.Config, workdir: str,
   ckpt = Checkpointer(workdir, target.checkpoint)
   ckpt.save(0, state)
   ckpt.close()
-  return {'dense_workdir': dense_workdir, 'dense_step': step, 'workdir': workdir,
-          'full_capacity': full_capacity(target.model),
-          'max_logit_change': _logit_change(dense_cfg, dense_model, fns.model(state))}
+  return {
+    'dense_workdir': dense_workdir,
+    'dense_step': step,
+    'workdir': workdir,
+    'full_capacity': full_capacity(target.model),
+    'max_logit_change': _logit_change(dense_cfg, dense_model, fns.model(state)),
+  }
 
 
 def _logit_change(cfg: schema.Config, dense_model, uoe_model, windows: int = 4) -> float:
   """Largest |Δlogit| between the two models on the first held-out windows (evaluation mode)."""
   tokens = corpus.load_split(corpus.resolve_dataset(cfg.data), 'heldout')
-  batch = next(pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len, batch_size=windows,
-                                     max_batches=1), None)
+  batch = next(
+    pipeline.eval_batches(tokens, seq_len=cfg.train.seq_len, batch_size=windows, max_batches=1),
+    None,
+  )
   if batch is None:
     return float('nan')
   inputs = jnp.asarray(batch['inputs'])
@@ -121,8 +138,9 @@ def main(argv, config_flag):
 
 
 def run():
-  config_flag = config_flags.DEFINE_config_file('config', None, 'The UoE experiment config.',
-                                                lock_config=True)
+  config_flag = config_flags.DEFINE_config_file(
+    'config', None, 'The UoE experiment config.', lock_config=True
+  )
   flags.DEFINE_string('dense_workdir', None, 'The dense run to convert (written by train.train).')
   flags.DEFINE_string('workdir', None, 'New run directory for the UoE model.')
   flags.DEFINE_integer('step', None, 'Checkpoint step of the dense run; default: the newest.')
