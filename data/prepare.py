@@ -28,265 +28,33 @@ MAX_SKIPPED_SHARE of the records skipped, an `--output` that is not a directory,
 does not load) stop with one line and leave nothing behind that this run created.
 """
 
-import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 
-from data import sources, verify
+from data import pieces, sources, verify
 from data.errors import DataError
+from data.inputs import (
+  FORMATS,
+  REPAIRS,
+  SKIPS,
+  infer_format,
+  list_inputs,
+)
+from data.pieces import (  # noqa: F401  (SPLITS and is_heldout are part of this module's API)
+  SPLITS,
+  is_heldout,
+  piece_counts,
+  piece_groups,
+  run_tasks,
+)
 from data.tokenizer import get_tokenizer
 
-FORMATS = ('text', 'jsonl', 'parquet', 'arrayrecord')
-SPLITS = ('train', 'heldout')
-SKIPS = ('non_utf8', 'bad_json', 'missing_field', 'empty')
-REPAIRS = ('lone_surrogate',)  # records kept with U+FFFD in place of what could not be encoded
 MAX_SKIPPED_SHARE = 0.8  # more skipped records than this share of all records fails the run
-_EXTENSIONS = {
-  '.jsonl': 'jsonl',
-  '.json': 'jsonl',
-  '.parquet': 'parquet',
-  '.arrayrecord': 'arrayrecord',
-  '.array_record': 'arrayrecord',
-}
-_ENCODE_BATCH = 256  # documents per tokenizer call
-
-
-def is_heldout(key: str, fraction: float) -> bool:
-  """A document is held out when the first 32 bits of sha256(key), as a fraction, fall below it.
-  Keys are relative paths (never absolute), so the split does not depend on where the input lies.
-  If this picks no document among >= 2 (fraction > 0), prepare moves the training document with the
-  smallest sha256(key) to held-out (`_forced_heldout`), so held-out is never empty."""
-  return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
-def list_inputs(pattern: str) -> tuple[str, list[str]]:
-  """(common root, sorted relative paths) of the files matching a glob or naming one file."""
-  matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-  files = sorted(
-    f for f in matches if not os.path.isdir(f)
-  )  # other unreadable ones are skipped later
-  if not files:
-    raise DataError(
-      f'--input={pattern!r} matches no files'
-      + (' (only directories; use a glob such as DIR/**/*.txt)' if matches else '')
-    )
-  files = [os.path.abspath(f) for f in files]
-  root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
-  return root, [os.path.relpath(f, root) for f in files]
-
-
-def infer_format(rel_paths: list[str]) -> str:
-  """The format named by the files' extension (all must agree), else text."""
-  kinds = {_EXTENSIONS.get(os.path.splitext(f)[1].lower(), 'text') for f in rel_paths}
-  return kinds.pop() if len(kinds) == 1 else 'text'
-
-
-def read_records(path: str, fmt: str, field: str):
-  """Yields (text, None) per document, (text, repair) per repaired one (a REPAIRS reason) or
-  (None, reason) per skipped record of one file. OSError means the file cannot be read."""
-  if fmt == 'text':
-    with open(path, 'rb') as fh:
-      yield _decode(fh.read())
-  elif fmt == 'jsonl':
-    with open(path, 'rb') as fh:
-      for line in fh:
-        if line.strip():
-          yield _json_field(line, field)
-  elif fmt == 'parquet':
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-      pf = pq.ParquetFile(path)
-    except pa.ArrowException as e:  # not Parquet / corrupt: the file cannot be read
-      raise OSError(f'not a readable Parquet file ({type(e).__name__})') from e
-    if field not in pf.schema_arrow.names:
-      raise DataError(
-        f'{path}: Parquet file has no column {field!r} (columns: '
-        f'{", ".join(pf.schema_arrow.names)}); pass --field'
-      )
-    for batch in pf.iter_batches(columns=[field]):
-      for value in batch.column(0).to_pylist():
-        yield _checked(value.decode('utf-8', 'strict') if isinstance(value, bytes) else value)
-  elif fmt == 'arrayrecord':
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    reader = ArrayRecordReader(path)
-    try:
-      for i in range(0, reader.num_records(), 1024):
-        for record in reader.read(list(range(i, min(i + 1024, reader.num_records())))):
-          yield _decode(record)
-    finally:
-      reader.close()
-  else:
-    raise DataError(f'--format={fmt!r}: expected one of {FORMATS}')
-
-
-def _decode(data: bytes):
-  try:
-    return _checked(data.decode('utf-8'))
-  except UnicodeDecodeError:
-    return None, 'non_utf8'
-
-
-def _checked(text):
-  if not isinstance(text, str):
-    return None, 'missing_field'
-  if not text:
-    return None, 'empty'
-  try:
-    text.encode('utf-8')
-  except UnicodeEncodeError:  # lone surrogates (JSON "\udc92"): valid pairs join, the rest U+FFFD
-    return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace'), 'lone_surrogate'
-  return text, None
-
-
-def _json_field(line: bytes, field: str):
-  try:
-    record = json.loads(line.decode('utf-8'))
-  except UnicodeDecodeError:
-    return None, 'non_utf8'
-  except (json.JSONDecodeError, RecursionError):
-    return None, 'bad_json'
-  if not isinstance(record, dict) or field not in record:
-    return None, 'missing_field'
-  return _checked(record[field])
-
-
-_TOKENIZERS = {}
-GROUP_BYTES = 4 << 20  # input bytes per piece file (the unit of parallel work and of resume)
-GROUP_FILES = 256  # at most this many input files per piece file
-
-
-def _tokenizer(spec: str):
-  """One tokenizer per spec per process (workers load the file once)."""
-  if spec not in _TOKENIZERS:
-    _TOKENIZERS[spec] = get_tokenizer(spec)
-  return _TOKENIZERS[spec]
-
-
-def _unreadable_reason(e: OSError) -> str:
-  return {
-    PermissionError: 'permission_denied',
-    IsADirectoryError: 'directory',
-    FileNotFoundError: 'missing',
-  }.get(type(e), 'unreadable')
-
-
-def _new_counts(file_bytes=0) -> dict:
-  return {
-    'skipped': dict.fromkeys(SKIPS, 0),
-    'repaired': dict.fromkeys(REPAIRS, 0),
-    'text_bytes': dict.fromkeys(SPLITS, 0),
-    'file_bytes': file_bytes,
-    'unreadable': {},
-    'min_train': None,
-  }
-
-
-def tokenize_file(task: dict, path: str, rel: str) -> tuple[dict, dict]:
-  """Tokenizes one input file: ({split: [id arrays]}, counts). A file that cannot be read gives no
-  documents and counts['unreadable'] = {rel: reason}; counts['min_train'] = [sha256 hex, index in
-  the train list, text bytes] of the training document with the smallest key hash (or None)."""
-  try:
-    return _tokenize_file(task, path, rel)
-  except OSError as e:
-    counts = _new_counts()
-    counts['unreadable'] = {rel: _unreadable_reason(e)}
-    return {s: [] for s in SPLITS}, counts
-
-
-def _tokenize_file(task: dict, path: str, rel: str) -> tuple[dict, dict]:
-  tok = _tokenizer(task['tokenizer'])
-  ids = {s: [] for s in SPLITS}
-  pending = {s: [] for s in SPLITS}
-  counts = _new_counts(os.path.getsize(path))
-  n_train = 0
-
-  def flush(split):
-    ids[split] += tok.encode_batch(pending[split])
-    pending[split].clear()
-
-  for i, (text, reason) in enumerate(read_records(path, task['format'], task['field'])):
-    if text is None:
-      counts['skipped'][reason] += 1
-      continue
-    if reason:
-      counts['repaired'][reason] += 1
-    key = rel if task['format'] == 'text' else f'{rel}#{i}'
-    split = 'heldout' if is_heldout(key, task['heldout_fraction']) else 'train'
-    pending[split].append(text)
-    n_bytes = len(text.encode('utf-8'))
-    counts['text_bytes'][split] += n_bytes
-    if split == 'train':
-      digest = hashlib.sha256(key.encode()).hexdigest()
-      if counts['min_train'] is None or digest < counts['min_train'][0]:
-        counts['min_train'] = [digest, n_train, n_bytes]
-      n_train += 1
-    if len(pending[split]) >= _ENCODE_BATCH:
-      flush(split)
-  for s in SPLITS:
-    flush(s)
-  return ids, counts
-
-
-def tokenize_group(task: dict) -> dict:
-  """Tokenizes a group of input files into one atomically written piece file; returns its counts."""
-  dtype = _tokenizer(task['tokenizer']).dtype
-  ids = {s: [] for s in SPLITS}
-  counts = _new_counts()
-  for path, rel in task['files']:
-    file_ids, c = tokenize_file(task, path, rel)
-    if c['min_train'] is not None and (
-      counts['min_train'] is None or c['min_train'][0] < counts['min_train'][0]
-    ):
-      counts['min_train'] = [
-        c['min_train'][0],
-        c['min_train'][1] + len(ids['train']),
-        c['min_train'][2],
-      ]
-    for s in SPLITS:
-      ids[s] += file_ids[s]
-      counts['text_bytes'][s] += c['text_bytes'][s]
-    for r in SKIPS:
-      counts['skipped'][r] += c['skipped'][r]
-    for r in REPAIRS:
-      counts['repaired'][r] += c['repaired'][r]
-    counts['unreadable'].update(c['unreadable'])
-    counts['file_bytes'] += c['file_bytes']
-  arrays = {}
-  for s in SPLITS:
-    arrays[f'{s}_lengths'] = np.array([len(x) for x in ids[s]], dtype=np.int64)
-    arrays[f'{s}_tokens'] = (np.concatenate(ids[s]) if ids[s] else np.zeros(0)).astype(dtype)
-  arrays['counts'] = np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8)
-  tmp = task['piece'] + f'.tmp{os.getpid()}.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, task['piece'])
-  return counts
-
-
-def _groups(root: str, rel: list[str], sizes: list[int]) -> list[list[tuple[str, str]]]:
-  """Consecutive files in groups of about GROUP_BYTES (at most GROUP_FILES files)."""
-  groups, current, size = [], [], 0
-  for f, n in zip(rel, sizes):
-    if current and (size + n > GROUP_BYTES or len(current) >= GROUP_FILES):
-      groups.append(current)
-      current, size = [], 0
-    current.append((os.path.join(root, f), f))
-    size += n
-  return groups + [current]
-
-
-def _piece_counts(piece: str) -> dict:
-  with np.load(piece) as z:
-    return json.loads(z['counts'].tobytes())
 
 
 def _write_json(path: str, obj) -> None:
@@ -321,7 +89,7 @@ def prepare_dataset(
   listing = ''.join(f'{f}\t{size}\t{mtime}\n' for f, (size, mtime) in zip(rel, stats))
   plan = {
     'input': input_pattern,
-    'group': [GROUP_BYTES, GROUP_FILES],
+    'group': [pieces.GROUP_BYTES, pieces.GROUP_FILES],
     'root': root,
     'format': fmt,
     'field': field,
@@ -396,49 +164,14 @@ def _prepare(output, work, plan, root, rel, stats, tok, processes, progress, sou
       'heldout_fraction': plan['heldout_fraction'],
       'piece': os.path.join(work, f'piece-{i:07d}.npz'),
     }
-    for i, g in enumerate(_groups(root, rel, [size for size, _ in stats]))
+    for i, g in enumerate(piece_groups(root, rel, [size for size, _ in stats]))
   ]
-  counts = {t['piece']: _piece_counts(t['piece']) for t in tasks if os.path.isfile(t['piece'])}
+  counts = {t['piece']: piece_counts(t['piece']) for t in tasks if os.path.isfile(t['piece'])}
   todo = [t for t in tasks if t['piece'] not in counts]
-  _run_tasks(todo, counts, processes, progress, resumed=len(counts))
+  run_tasks(todo, counts, processes, progress, resumed=len(counts))
   meta = _assemble(output, work, tasks, counts, tok, plan, source)
   shutil.rmtree(work, ignore_errors=True)
   return meta
-
-
-def _run_tasks(todo, counts, processes, progress, resumed):
-  """Tokenizes `todo` (in worker processes when processes > 1), printing one progress line."""
-  t0, done_bytes = time.time(), 0
-  if processes > 1 and len(todo) > 1:
-    pool = multiprocessing.get_context('spawn').Pool(min(processes, len(todo)))
-    results = pool.imap_unordered(
-      _tokenize_task, todo, chunksize=max(1, len(todo) // (64 * processes))
-    )
-  else:
-    pool, results = None, map(_tokenize_task, todo)
-  try:
-    for n, (piece, c) in enumerate(results, 1):
-      counts[piece] = c
-      done_bytes += c['file_bytes']
-      if progress:
-        rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
-        print(
-          f'\rprepare: {n + resumed}/{len(todo) + resumed} pieces, {done_bytes / 1e6:.1f} MB, '
-          f'{rate:.1f} MB/s',
-          end='',
-          file=sys.stderr,
-          flush=True,
-        )
-    if progress:
-      print(file=sys.stderr)
-  finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
-
-
-def _tokenize_task(task):
-  return task['piece'], tokenize_group(task)
 
 
 def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:

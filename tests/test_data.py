@@ -256,7 +256,7 @@ def test_prepare_repairs_lone_surrogates(tmp_path):
 
 
 def test_prepare_skips_unreadable_files(tmp_path, monkeypatch):
-  from data import prepare
+  from data import inputs
 
   (tmp_path / 'in').mkdir()
   for name in ('a.txt', 'b.txt', 'c.txt'):
@@ -269,12 +269,12 @@ def test_prepare_skips_unreadable_files(tmp_path, monkeypatch):
       raise PermissionError(13, 'Permission denied', str(path))
     return real_open(path, *a, **kw)
 
-  monkeypatch.setattr(prepare, 'open', denying_open, raising=False)
+  monkeypatch.setattr(inputs, 'open', denying_open, raising=False)
   meta = _prepare(tmp_path / 'in' / '*.txt', tmp_path / 'out')
   assert meta['skipped_files'] == {'permission_denied': ['b.txt']}
   assert sum(meta['documents'].values()) == 2 and meta['files'] == 3
   monkeypatch.setattr(
-    prepare,
+    inputs,
     'open',
     lambda p, *a, **kw: denying_open('b.txt' if str(p).endswith('.txt') else p, *a, **kw),
     raising=False,

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import schema, tiny
-from data import corpus, pipeline, prepare, sources
+from data import corpus, pieces, pipeline, prepare, sources
 from data.errors import DataError
 from data.tokenizer import get_tokenizer
 from tests.tokenizer_files import write_bpe_tokenizer
@@ -104,7 +104,7 @@ def test_round_trip_every_format_and_tokenizer(tmp_path, tokenizer_files, fmt):
 
 
 def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, monkeypatch):
-  monkeypatch.setattr(prepare, 'GROUP_FILES', 1)  # one piece per file: many pieces to resume
+  monkeypatch.setattr(pieces, 'GROUP_FILES', 1)  # one piece per file: many pieces to resume
   pattern = write_inputs(tmp_path / 'in', 'text')
   serial = prepare.prepare_dataset(pattern, str(tmp_path / 'serial'))
   parallel = prepare.prepare_dataset(pattern, str(tmp_path / 'parallel'), processes=2)
@@ -114,7 +114,7 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
       documents(str(tmp_path / 'serial'), split), documents(str(tmp_path / 'parallel'), split)
     ):
       np.testing.assert_array_equal(a, b)
-  real, calls = prepare.tokenize_file, []
+  real, calls = pieces.tokenize_file, []
 
   def dies_on_the_tenth(task, path, rel):
     calls.append(rel)
@@ -123,7 +123,7 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
     return real(task, path, rel)
 
   out = str(tmp_path / 'resumed')
-  monkeypatch.setattr(prepare, 'tokenize_file', dies_on_the_tenth)
+  monkeypatch.setattr(pieces, 'tokenize_file', dies_on_the_tenth)
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare_dataset(pattern, out)
   with pytest.raises(DataError, match='metadata.json'):
@@ -131,7 +131,7 @@ def test_parallel_prepare_equals_serial_and_resume_skips_done_files(tmp_path, mo
   with pytest.raises(DataError, match='interrupted preparation'):
     prepare.prepare_dataset(pattern, out, heldout_fraction=0.5)
   calls.clear()
-  monkeypatch.setattr(prepare, 'tokenize_file', lambda t, p, r: calls.append(r) or real(t, p, r))
+  monkeypatch.setattr(pieces, 'tokenize_file', lambda t, p, r: calls.append(r) or real(t, p, r))
   assert prepare.prepare_dataset(pattern, out)['fingerprint'] == serial['fingerprint']
   assert len(calls) == len(DOCS) - 9  # the 9 finished files were not tokenized again
   with pytest.raises(DataError, match='already holds a different'):
