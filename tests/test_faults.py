@@ -194,7 +194,7 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_intact(
   monkeypatch.setattr(MetricsLogger, 'record', full_disk)
   with pytest.raises(OSError) as raised:
     train_and_evaluate(cfg, str(tmp_path))
-  line = train_lib.describe_os_error(train_lib._os_error_in(raised.value), str(tmp_path))  # pylint: disable=protected-access
+  line = train_lib.describe_os_error(train_lib.os_error_in(raised.value), str(tmp_path))
   assert '\n' not in line and line.startswith(f'cannot write {path}: No space left on device')
   assert 'last good checkpoint: step 4' in line
   step, state = checkpoint_state(tmp_path, cfg, 4)
