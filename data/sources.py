@@ -42,8 +42,9 @@ def _damaged(path: str, error: Exception) -> DataError:
   )
 
 
-def create_token_array(path: str, size: int, dtype) -> ts.TensorStore:
-  """A new (overwritten) zarr3 array of `size` tokens, sharded for random reads."""
+def create_token_array(path: str, size: int, dtype, crc32c: bool = True) -> ts.TensorStore:
+  """A new (overwritten) zarr3 array of `size` tokens, sharded for random reads; `crc32c=False`
+  (only for measuring what the checksum costs) stores the chunks without it."""
   spec = token_spec(path)
   spec['metadata'] = {
     'shape': [size],
@@ -54,7 +55,8 @@ def create_token_array(path: str, size: int, dtype) -> ts.TensorStore:
         'name': 'sharding_indexed',
         'configuration': {
           'chunk_shape': [CHUNK_TOKENS],
-          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}],
+          'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
+          + ([{'name': 'crc32c'}] if crc32c else []),
         },
       }
     ],

@@ -18,6 +18,7 @@ instead of a bare connection error: `peer_errors()`.
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 ENV = {
