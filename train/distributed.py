@@ -137,7 +137,6 @@ def all_processes(ok: bool) -> bool:
   """True when `ok` holds in every process (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return ok
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
