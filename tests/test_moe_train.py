@@ -1,10 +1,16 @@
 """A tiny MoE model trains end to end and logs its per-layer routing metrics."""
 
+import pytest
+
 from configs import moe_topk
 from eval.evaluate import evaluate_checkpoint
 from tests.tiny_runs import train_tiny
 
 
+# A whole training (~24 s on 2 cores). Its parts run in the default suite: the MoE layers'
+# statistics (test_erc.py, test_segment_cache.py), the metrics logger (test_routing_report.py),
+# the loop (test_train.py), the coupling level (test_erc.py).
+@pytest.mark.slow
 def test_tiny_moe_trains_and_logs_routing(tmp_path_factory):
   workdir, records = train_tiny(moe_topk, tmp_path_factory)
   assert [r['step'] for r in records] == [4, 8, 12, 16]
