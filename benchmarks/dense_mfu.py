@@ -2,7 +2,7 @@
 
 Times the bare jitted train step of `--config` (default configs/base.py) on the devices present
 and reports tokens/s and MFU against 989 TFLOP/s (H100 SXM datasheet, dense bf16) and against the
-790 TFLOP/s measured on the lent H100/H200 machines. FLOPs per token: `model.transformer.flops_per_token`.
+790 TFLOP/s measured on the lent H100/H200 machines. FLOPs per token: `model.plan` (`ModelPlan.flops_per_token`).
 
 Usage: python -m benchmarks.dense_mfu [--config=configs/base.py] [--steps=20]
        (on CPU, as a smoke test: --config=configs/base.py:tiny)
@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from configs import schema, sharding
-from model.transformer import count_params, flops_per_token
+from model import plan
 from train import mesh as mesh_lib
 from train.step import make_step_fns
 
@@ -43,9 +43,10 @@ def main(argv):
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / _STEPS.value
   tokens_per_sec = cfg.train.batch_size * cfg.train.seq_len / step_s
-  flops = tokens_per_sec * flops_per_token(cfg.model, cfg.train.seq_len)
+  model_plan = plan.build(cfg.model, cfg.train.seq_len)
+  flops = tokens_per_sec * model_plan.flops_per_token
   row = {
-    'params_M': count_params(cfg.model) / 1e6,
+    'params_M': model_plan.params / 1e6,
     'batch': cfg.train.batch_size,
     'seq_len': cfg.train.seq_len,
     'dtype': cfg.model.dtype,

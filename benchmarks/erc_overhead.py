@@ -28,8 +28,7 @@ from absl import app, flags
 
 from benchmarks import common
 from configs import moe_erc, schema, sharding
-from model import erc
-from model.transformer import flops_per_token
+from model import erc, plan
 from train import mesh as mesh_lib
 from train.step import make_step_fns
 
@@ -105,13 +104,14 @@ def _isolated_erc_seconds(experts: int, reps: int) -> float:
 
 
 def analytic_flops(cfg: schema.Config) -> tuple[float, float]:
-  """Training FLOPs of one step (PaLM accounting, `model.transformer.flops_per_token`) and of its
+  """Training FLOPs of one step (PaLM accounting, `model.plan`) and of its
   ERC work: per MoE layer the E×E×F activations for the loss (forward and the W_g gradient) and
   again for alpha*, each 2·E²·D·F."""
   m, model = cfg.moe, cfg.model
   tokens = cfg.train.batch_size * cfg.train.seq_len
-  layers = sum(map(m.is_moe_layer, range(model.num_layers)))
-  step = flops_per_token(model, cfg.train.seq_len) * tokens
+  layer_plan = plan.build(model, cfg.train.seq_len)
+  layers = sum(layer.spec.feed_forward == 'moe' for layer in layer_plan.layers)
+  step = layer_plan.flops_per_token * tokens
   return step, 3 * 2.0 * m.num_experts**2 * model.d_model * m.hidden(model.mlp_dim) * layers
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
-from model import moe, router
+from model import capacity, moe, router
 
 _TOKENS = flags.DEFINE_integer('tokens', 8192, 'Tokens per layer call (T).')
 _DIM = flags.DEFINE_integer('dim', 512, 'Model width D.')
@@ -108,7 +108,7 @@ def main(argv):
       variants = {'dropless': functools.partial(moe.experts_dropless, impl='auto')}
       g = t // _GROUP.value
       for cf in (1.25, 2.0):
-        c = moe.capacity(_GROUP.value, k, e, cf)
+        c = capacity.capacity(_GROUP.value, k, e, cf)
         if g * k * _GROUP.value * e * c <= _MAX_DISPATCH:
           variants[f'capacity_{cf}'] = functools.partial(
             lambda *a, cf: moe.experts_capacity(*a, cf, num_groups=g)[0], cf=cf

@@ -36,7 +36,7 @@ from configs import (
   uoe,
 )
 from eval import evaluate, routing_report
-from model.transformer import active_params, count_params
+from model import plan
 from train import sweep
 from train.train import train_and_evaluate
 
@@ -153,8 +153,8 @@ def run_one(method: str, seed: int) -> dict:
     'sampled_bits_per_byte': result['bits_per_byte'],
     'future_leak': result.get('future_leak', 0.0),
     'tokens_per_sec': statistics.median(speeds) if speeds else math.nan,
-    'active_params': active_params(cfg.model, cfg.train.seq_len),
-    'total_params': count_params(cfg.model),
+    'active_params': plan.build(cfg.model, cfg.train.seq_len).active_params,
+    'total_params': plan.build(cfg.model).params,
     'load_cv': _layer_mean(last, ('/moe/load_cv', '/uoe/mlp_load_cv')),
     'dead_experts': (
       sum(v for k, v in last.items() if k.endswith('/dead_experts'))
@@ -365,7 +365,7 @@ Columns: mean ± standard deviation over the seeds; tokens/s is the bare jitted 
 throughput (seed 0, one fixed batch of {_BATCH.value} × 256) in a separate pass with the methods
 interleaved ({_ROUNDS.value} rounds of {_TIMING.value} steps; median and range), so every method meets the same machine load,
 and × dense is its ratio to the dense model's; active parameters are the matmul weights a token uses on
-average (`model.transformer.active_params`); load CV is the coefficient of variation of the
+average (`model.plan`, `ModelPlan.active_params`); load CV is the coefficient of variation of the
 per-expert load in the last logged window, averaged over routed layers; dead experts are summed
 over layers (last window); α* is the ERC coupling level from the checkpoint's weights, averaged
 over MoE layers (≤ 1: every router row and its expert are coupled); "-" where a method has no

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from model import layers, smha, uoe
+from model import capacity, layers, smha, uoe
 from model.attention import causal_attention
 
 _LENGTHS = flags.DEFINE_list('lengths', ['512', '2048', '8192'], 'Sequence lengths.')
@@ -83,7 +83,7 @@ def _programs(l: int):
   def union_mlp_full(x, router, wg, wu, wd):
     return uoe.uome(x, router, wg, wu, wd, k=e)[0]
 
-  c_h, c_e = uoe.capacity(l, h // 2, h, 1.0), uoe.capacity(l, e // 2, e, 1.0)
+  c_h, c_e = capacity.capacity(l, h // 2, h, 1.0), capacity.capacity(l, e // 2, e, 1.0)
   t = b * l
   flops = {  # forward matmul FLOPs, x3 for forward + backward
     'dense_attention': 3 * (2 * t * d * 4 * d + 4 * b * l * l * d),

@@ -277,19 +277,18 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'data.verify={d.verify!r}: expected one of {VERIFY_MODES}')
   _validate_routing(cfg)
   _validate_uoe(cfg)
-  _validate_packing(cfg)
+  _validate_plan(cfg)
   _validate_mesh(cfg, num_devices)
 
 
-def _validate_packing(cfg: Config) -> None:
-  """Packed documents must never influence each other: a layer that selects over the whole row
-  cannot guarantee it, so such a model refuses data.packing=True."""
-  if not cfg.data.packing:
-    return
-  from model import transformer  # pylint: disable=g-import-not-at-top  (model code is heavy)
+def _validate_plan(cfg: Config) -> None:
+  """The layer plan (`model.plan`): every kind and router known, a routed layer for the entropy
+  trigger. Packed documents must never influence each other: a layer that selects over the whole
+  row cannot guarantee it, so such a model refuses data.packing=True."""
+  from model import plan  # pylint: disable=g-import-not-at-top  (model code is heavy)
 
-  reasons = transformer.future_dependence(cfg.model)
-  if reasons:
+  reasons = plan.build(cfg.model, cfg.train.seq_len).reasons
+  if cfg.data.packing and reasons:
     raise ConfigError(
       f'data.packing=True is refused: {reasons[0]}; packed documents would '
       'influence each other (use data.packing=False)'
@@ -316,22 +315,22 @@ def _validate_routing(cfg: Config) -> None:
 
 def _validate_uoe(cfg: Config) -> None:
   """Static capacities must fit in a sequence: a head or expert cannot take more than L tokens."""
-  u, model, seq_len = cfg.model.uoe, cfg.model, cfg.train.seq_len
-  if u.attention == 'smha' and u.head_slots(seq_len, model.num_heads) > seq_len:
+  u, h = cfg.model.uoe, cfg.model.num_heads
+  k = u.resolved_heads_per_token(h)
+  if u.attention == 'smha' and u.head_capacity * k > h + 1e-9:
     raise ConfigError(
-      f'uoe.head_capacity={u.head_capacity}: '
-      f'{u.head_slots(seq_len, model.num_heads)} tokens per head exceed '
-      f'train.seq_len={seq_len} (need head_capacity * heads_per_token <= num_heads)'
+      f'uoe.head_capacity={u.head_capacity}: head_capacity * heads_per_token = '
+      f'{u.head_capacity * k:g} exceeds model.num_heads={h} (a head cannot take more than '
+      'the whole sequence)'
     )
+  e, k = u.num_experts, u.experts_per_token
   if (
-    u.feed_forward == 'uome'
-    and u.paradigm == 'data_selection'
-    and u.expert_slots(seq_len) > seq_len
+    u.feed_forward == 'uome' and u.paradigm == 'data_selection' and u.expert_capacity * k > e + 1e-9
   ):
     raise ConfigError(
-      f'uoe.expert_capacity={u.expert_capacity}: {u.expert_slots(seq_len)} tokens '
-      f'per expert exceed train.seq_len={seq_len} '
-      '(need expert_capacity * experts_per_token <= num_experts)'
+      f'uoe.expert_capacity={u.expert_capacity}: expert_capacity * experts_per_token = '
+      f'{u.expert_capacity * k:g} exceeds uoe.num_experts={e} (an expert cannot take more '
+      'than the whole sequence)'
     )
 
 

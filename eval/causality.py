@@ -3,7 +3,7 @@ packed documents stay apart? Measured, not assumed.
 
 On a random model of the config (weights N(0, scale²), so routing decisions are decisive) or on a
 run's checkpoint (`--workdir`), in evaluation mode, prints one JSON line:
-- `causal`: what the layer kinds declare (`model.transformer.future_dependence`), with `reasons`;
+- `causal`: what the layer kinds declare (the layer plan, `model.plan`), with `reasons`;
 - `future_change`: max |Δlogit| at positions <= t when every token after t changes (several t);
 - `prefix_padding_change`: max |Δlogit| between a prefix padded with segment id 0 and the same
   prefix run alone (the validity-mask contract of `model.validity`; must be ~0 for every model);
@@ -26,7 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import cli, schema
-from model import transformer
+from model import plan, transformer
 from model.config import ConfigError, ModelConfig
 
 TOLERANCE = 1e-4  # relative to the largest |logit|: f32 rounding is far below, any real leak above
@@ -113,7 +113,7 @@ def measure(model, *, length: int, vocab: int, seed: int = 0) -> dict:
 
 def check(cfg: schema.Config, model, *, seed: int = 0, name: str = '') -> tuple[dict, list[str]]:
   """(the JSON record, the contradictions found: empty when the declaration holds)."""
-  reasons = transformer.future_dependence(cfg.model)
+  reasons = plan.build(cfg.model).reasons
   m = measure(model, length=cfg.train.seq_len, vocab=cfg.model.vocab_size, seed=seed)
   tol = TOLERANCE * max(m.pop('logit_scale'), 1.0)
   causal = not reasons

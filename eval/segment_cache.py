@@ -11,7 +11,7 @@ cross a sequence boundary; a trailing partial window is left out) and ask:
   segments; a segment with no activations counts as fully served.
 
 The cache holds 2·k experts, k = `moe.top_k`. Expert choice has no per-token k: its tokens use
-E·C/L experts on average (C = `router.expert_choice_capacity`, about `capacity_factor`), which the
+E·C/L experts on average (C = `model.capacity.capacity`, about `capacity_factor`), which the
 report gives as `experts_per_token`; the cache is still 2·`moe.top_k` so runs compare at one size.
 
 Assignments are the experts that actually ran (`MoE`'s aux['stats']['assign_BLE']): after the

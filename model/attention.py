@@ -66,11 +66,42 @@ class Attention(nnx.Module):
       rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
     )
 
+  METRICS = None  # prefix of the per-layer metrics it reports (None: none)
+  GATED = False  # no learned router for the entropy trigger to monitor
+
   @staticmethod
   def reads_future(cfg: ModelConfig) -> str | None:
     """Causal mask (and segment mask): the output at t never reads a later token."""
     del cfg
     return None
+
+  @staticmethod
+  def num_params(cfg: ModelConfig) -> int:
+    """wq and wo (D·H·K each), wk and wv (D·G·K each)."""
+    return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
+
+  @classmethod
+  def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """Matmul weights per token: every projection sees every token."""
+    del seq_len
+    return cls.num_params(cfg)
+
+  @classmethod
+  def score_flops(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of scores and weighted sum: 3 (forward, backward) · 2 matmuls ·
+    2 FLOPs per multiply-add · H·K = D, times the keys each query is scored against."""
+    return 12.0 * cfg.d_model * cls.keys_per_query(cfg, seq_len)
+
+  @staticmethod
+  def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
+    """All S keys: the causal mask is not discounted (the PaLM convention; the kernel computes
+    the whole score matrix)."""
+    del cfg
+    return seq_len
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    return f'causal attention, {cfg.num_heads} heads, {cfg.num_kv_heads} kv heads'
 
   def __call__(
     self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None

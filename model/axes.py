@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Names = Sequence[str | None]
 
+RESIDUAL = ('batch', 'length', 'act_embed')  # the residual stream x_BLD between sublayers
+
 
 @dataclasses.dataclass
 class _Context(threading.local):

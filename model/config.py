@@ -3,6 +3,8 @@
 import dataclasses
 import math
 
+from model.capacity import capacity
+
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -95,7 +97,6 @@ class AttentionConfig:
       )
 
 
-MOE_ROUTERS = ('topk', 'expert_choice')
 MOE_SCORES = ('softmax', 'sigmoid')
 MOE_EXECUTIONS = ('dropless', 'capacity')
 MOE_DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
@@ -139,7 +140,6 @@ class MoEConfig:
     if self.num_experts < 0:
       raise ConfigError(f'moe.num_experts={self.num_experts}: expected >= 0')
     for name, allowed in (
-      ('router', MOE_ROUTERS),
       ('score', MOE_SCORES),
       ('execution', MOE_EXECUTIONS),
       ('dropless_impl', MOE_DROPLESS_IMPLS),
@@ -243,12 +243,13 @@ class UoEConfig:
     return max(1, num_heads // 2) if self.heads_per_token == -1 else self.heads_per_token
 
   def head_slots(self, seq_len: int, num_heads: int) -> int:
-    """Tokens each head takes per sequence: ceil(head_capacity * L * heads_per_token / H)."""
-    return _slots(self.head_capacity, seq_len, self.resolved_heads_per_token(num_heads), num_heads)
+    """Tokens each head takes per sequence (`model.capacity`, factor head_capacity)."""
+    k = self.resolved_heads_per_token(num_heads)
+    return capacity(seq_len, k, num_heads, self.head_capacity)
 
   def expert_slots(self, seq_len: int) -> int:
-    """Tokens each MLP expert takes per sequence (data selection): ceil(cap * L * k / E)."""
-    return _slots(self.expert_capacity, seq_len, self.experts_per_token, self.num_experts)
+    """Tokens each MLP expert takes per sequence in data selection (`model.capacity`)."""
+    return capacity(seq_len, self.experts_per_token, self.num_experts, self.expert_capacity)
 
   def validate(self, num_layers: int, num_heads: int, mlp_dim: int) -> None:
     for name, allowed in (
@@ -289,8 +290,13 @@ class UoEConfig:
         raise ConfigError(f'uoe.{name}={getattr(self, name)}: expected >= 0')
 
 
-def _slots(capacity: float, seq_len: int, per_token: int, experts: int) -> int:
-  return max(1, math.ceil(capacity * seq_len * per_token / experts - 1e-9))
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """The kinds one layer is made of (names in `model.registry`); consecutive layers with equal
+  specs are scanned together."""
+
+  attention: str = 'dense'
+  feed_forward: str = 'mlp'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,15 +324,34 @@ class ModelConfig:
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
-  def routed_layers(self) -> list[int]:
-    """Layers with a learned router the entropy trigger monitors: MoE layers and UoE layers (the
-    SMHA and UoME gates)."""
-    n = self.num_layers
-    return [
-      i
-      for i in range(n)
-      if self.moe.is_moe_layer(i) or self.uoe.is_smha_layer(i, n) or self.uoe.is_uome_layer(i, n)
-    ]
+  def layer_specs(self) -> tuple[LayerSpec, ...]:
+    """The kinds of every layer: where each config group puts its layers (docs/design.md, the
+    layer plan). The one place placement is decided; `model.plan.build` adds what each layer costs
+    and reports. A layer two groups claim is a ConfigError naming both fields."""
+    n, a, u = self.num_layers, self.attention, self.uoe
+    routing = a.routing_layers_resolved(n)
+    specs = []
+    for i in range(n):
+      # kind='routing', non_routing='local' (the paper's layout): only local heads between them
+      local = a.kind == 'routing' and a.non_routing == 'local'
+      attention = 'routing' if i in routing else 'local' if local else 'dense'
+      feed_forward = 'moe' if self.moe.is_moe_layer(i) else 'mlp'
+      if u.is_smha_layer(i, n):  # Union of Experts: uoe.layers (() = every layer)
+        if i in routing:
+          raise ConfigError(
+            f'uoe.attention=smha: layer {i} already has routing attention '
+            '(attention.kind=routing); restrict uoe.layers or attention.routing_layers'
+          )
+        attention = 'smha'
+      if u.is_uome_layer(i, n):
+        if feed_forward == 'moe':
+          raise ConfigError(
+            f'uoe.feed_forward=uome: layer {i} is already an MoE layer '
+            '(moe.num_experts > 0); restrict uoe.layers or moe.every'
+          )
+        feed_forward = 'uome'
+      specs.append(LayerSpec(attention, feed_forward))
+    return tuple(specs)
 
   def validate(self) -> None:
     check_finite('model', self)
@@ -358,28 +383,11 @@ class ModelConfig:
     self.attention.validate(self.num_layers)
     self.attention.validate_heads(self.num_heads, self.num_kv_heads)
     self.moe.validate()
-    if self.moe.erc_weight > 0 and not any(map(self.moe.is_moe_layer, range(self.num_layers))):
+    self.entropy.validate()
+    self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
+    specs = self.layer_specs()
+    if self.moe.erc_weight > 0 and not any(s.feed_forward == 'moe' for s in specs):
       raise ConfigError(
         f'moe.erc_weight={self.moe.erc_weight}: no MoE layer in '
         f'model.num_layers={self.num_layers} with moe.every={self.moe.every}'
       )
-    self.entropy.validate()
-    if self.entropy.enabled and not self.routed_layers():
-      raise ConfigError(
-        'entropy.enabled=True: the model has no routed layer to monitor '
-        f'(moe.num_experts={self.moe.num_experts}, moe.every={self.moe.every}, '
-        f'uoe.attention={self.uoe.attention!r}, uoe.feed_forward={self.uoe.feed_forward!r})'
-      )
-    self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
-    routing = self.attention.routing_layers_resolved(self.num_layers)
-    for i in range(self.num_layers):
-      if self.uoe.is_smha_layer(i, self.num_layers) and i in routing:
-        raise ConfigError(
-          f'uoe.attention=smha: layer {i} already has routing attention '
-          '(attention.kind=routing); restrict uoe.layers or attention.routing_layers'
-        )
-      if self.uoe.is_uome_layer(i, self.num_layers) and self.moe.is_moe_layer(i):
-        raise ConfigError(
-          f'uoe.feed_forward=uome: layer {i} is already an MoE layer '
-          '(moe.num_experts > 0); restrict uoe.layers or moe.every'
-        )

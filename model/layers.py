@@ -104,11 +104,29 @@ class MLP(nnx.Module):
       rngs, init_normal(cfg, output=True), (f, d), ('mlp', 'embed'), cfg.param_dtype
     )
 
+  METRICS = None  # prefix of the per-layer metrics it reports (None: none)
+  GATED = False  # no learned router for the entropy trigger to monitor
+
   @staticmethod
   def reads_future(cfg: ModelConfig) -> str | None:
     """Token-wise: the output at t never depends on another token."""
     del cfg
     return None
+
+  @staticmethod
+  def num_params(cfg: ModelConfig) -> int:
+    """w_gate, w_up (D·F each) and w_down (F·D)."""
+    return 3 * cfg.d_model * cfg.mlp_dim
+
+  @classmethod
+  def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """Matmul weights per token: all of them."""
+    del seq_len
+    return cls.num_params(cfg)
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    return f'SwiGLU MLP, hidden {cfg.mlp_dim}'
 
   def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
     del segment_ids_BL  # token-wise

@@ -29,6 +29,19 @@ class LocalAttention(Attention):
     del cfg
     return None
 
+  @staticmethod
+  def keys_per_query(cfg: ModelConfig, seq_len: int) -> float:
+    """The 2·W keys of its own and the previous block (W = min(local_window, S)), which the
+    kernel scores whether masked or not."""
+    return 2 * min(cfg.attention.local_window, seq_len)
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    return (
+      f'local attention (window {cfg.attention.local_window}), {cfg.num_heads} heads, '
+      f'{cfg.num_kv_heads} kv heads'
+    )
+
   def attend(
     self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array | None
   ) -> jax.Array:

@@ -14,12 +14,11 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
   choices; overflow is dropped and counted (`capacity_kept` says which assignments ran).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from model import axes, validity
+from model.capacity import capacity
 
 DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
 
@@ -197,11 +196,6 @@ def _block_bwd(res, dy_NBD):
 _block_swiglu.defvjp(_block_fwd, _block_bwd)
 
 
-def capacity(tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
-  """Slots per expert: ceil(capacity_factor * T * K / E)."""
-  return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
-
-
 def _capacity_slots(
   experts_TK, num_experts: int, capacity_factor: float, num_groups: int, valid_T=None
 ):
@@ -211,11 +205,9 @@ def _capacity_slots(
   tokens (`valid_T` False) take no slot and are never kept; a group's slots per expert follow its
   number of valid tokens (what the valid tokens alone would get), within the static C.
   """
-  if capacity_factor <= 0:
-    raise ValueError(f'capacity_factor={capacity_factor}: expected > 0')
   (t, k), e, g = experts_TK.shape, num_experts, num_groups
   s = t // g
-  formula = lambda n: capacity(n, k, e, capacity_factor)
+  formula = lambda n: capacity(n, k, e, capacity_factor)  # model.capacity: checks the factor
   c = formula(s)
   mask_GKSE = jax.nn.one_hot(experts_TK.reshape(g, s, k).transpose(0, 2, 1), e, dtype=jnp.int32)
   valid_GS = jnp.ones((g, s), bool) if valid_T is None else valid_T.reshape(g, s)
@@ -251,7 +243,7 @@ def experts_capacity(
   """Dispatch/combine einsums with C slots per expert; returns (y_TD, dropped_fraction).
 
   With `num_groups` G, the T tokens are G consecutive groups (e.g. sequences), each with its own
-  C = ceil(capacity_factor * (T / G) * K / E) slots per expert (GShard's groups). Invalid tokens
+  C = `model.capacity.capacity(T / G, K, E, capacity_factor)` slots per expert (GShard's groups). Invalid tokens
   (`valid_T` False) take no slot and get zeros; the dropped fraction counts valid assignments.
   """
   (t, k), e, g = experts_TK.shape, w_gate_EDF.shape[0], num_groups

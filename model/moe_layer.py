@@ -1,4 +1,4 @@
-"""The routed feed-forward layer `block.FEED_FORWARD['moe']`: router, experts, losses, metrics.
+"""The routed feed-forward layer `registry.FEED_FORWARD['moe']`: router, experts, losses, metrics.
 
 `MoE(cfg, rngs=...)(x_BLD) -> (y_BLD, aux)` with aux['loss'] the weighted Switch balance loss,
 router z-loss, ERC loss (`model.erc`, its weight split over the MoE layers) and entropy-trigger
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, entropy_trigger, erc, moe, router, validity
+from model import axes, capacity, entropy_trigger, erc, moe, router, validity
 from model.config import ModelConfig
 from model.layers import MLP, init_normal
 
@@ -58,12 +58,47 @@ class MoE(nnx.Module):
     m = cfg.moe
     if m.router == 'expert_choice':
       return 'expert-choice MoE: each expert takes its top-C tokens of the whole sequence'
-    if m.execution == 'capacity' and m.capacity_factor * m.top_k < m.num_experts:
+    if m.execution == 'capacity' and not capacity.is_full(
+      m.top_k, m.num_experts, m.capacity_factor
+    ):
       return (
         'capacity execution: tokens of a sequence compete for C slots per expert (first '
         'choices of later tokens before second choices of earlier ones)'
       )
     return None
+
+  METRICS = 'moe/'  # prefix of the per-layer metrics it reports
+  GATED = True  # a learned router: the entropy trigger monitors it
+
+  @staticmethod
+  def num_params(cfg: ModelConfig) -> int:
+    """Router D·E, E experts of 3·D·F, and the shared experts' MLP of 3·D·(shared·F)."""
+    m, d = cfg.moe, cfg.d_model
+    f = m.hidden(cfg.mlp_dim)
+    return d * m.num_experts + 3 * d * f * (m.num_experts + m.shared_experts)
+
+  @staticmethod
+  def active_params(cfg: ModelConfig, seq_len: int) -> float:
+    """Router plus the experts a token runs through: top_k + shared for token choice (dropped
+    assignments not discounted); for expert choice the E·C slots of a sequence over its S
+    tokens, plus shared."""
+    m, d = cfg.moe, cfg.d_model
+    f = m.hidden(cfg.mlp_dim)
+    per_token = m.top_k
+    if m.router == 'expert_choice':
+      slots = capacity.capacity(seq_len, 1, m.num_experts, m.capacity_factor)
+      per_token = m.num_experts * slots / seq_len
+    return d * m.num_experts + 3 * d * f * (per_token + m.shared_experts)
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    m = cfg.moe
+    if m.router == 'expert_choice':
+      routed = f'expert choice over {m.num_experts} experts (capacity factor {m.capacity_factor})'
+    else:
+      routed = f'{m.score} top-{m.top_k} of {m.num_experts} experts, {m.execution}'
+    shared = f' + {m.shared_experts} shared' if m.shared_experts else ''
+    return f'MoE: {routed}{shared}, hidden {m.hidden(cfg.mlp_dim)}'
 
   def _logits(self, x_TD: jax.Array) -> jax.Array:
     """Router logits in f32, with multiplicative input jitter when configured."""
@@ -116,7 +151,7 @@ class MoE(nnx.Module):
         )
       assign_BLE = topk_assignment(out.indices, m.num_experts, kept_TK).reshape(b, l, -1)
       assign_BLE = assign_BLE & valid_BL[..., None]
-    y_BLD = axes.constrain(y_TD.reshape(b, l, d), block.RESIDUAL)
+    y_BLD = axes.constrain(y_TD.reshape(b, l, d), axes.RESIDUAL)
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD)
     loss = m.balance_weight * out.balance_loss + m.z_loss_weight * out.z_loss
@@ -159,7 +194,7 @@ class MoE(nnx.Module):
       r_DE, wg_EDF, alpha=m.erc_alpha, delta_ED=delta_ED, grad_to_router=m.erc_grad_to_router
     )
     metrics.update({'moe/erc_loss': loss, 'moe/erc_epsilon': erc.mean_epsilon(r_DE)})
-    layers = sum(map(m.is_moe_layer, range(self.cfg.num_layers)))
+    layers = sum(s.feed_forward == 'moe' for s in self.cfg.layer_specs())
     return m.erc_weight * loss / layers, metrics
 
   def _expert_choice(self, x_TD, logits_BLE, valid_BL, ws):
@@ -169,7 +204,7 @@ class MoE(nnx.Module):
     alone.
     """
     b, l, e = logits_BLE.shape
-    formula = lambda n: router.expert_choice_capacity(n, e, self.cfg.moe.capacity_factor)
+    formula = lambda n: capacity.capacity(n, 1, e, self.cfg.moe.capacity_factor)
     c = formula(l)
     used_B = validity.slots_for(formula, valid_BL.sum(-1), l)
     out = jax.vmap(lambda z, v, u: router.route_expert_choice(z, c, valid_T=v, used_capacity=u))(
@@ -244,6 +279,3 @@ def _key_state(rngs: nnx.Rngs) -> axes.RoutingState:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   return axes.routing_state(key, (None,))
-
-
-block.FEED_FORWARD['moe'] = MoE

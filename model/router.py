@@ -140,11 +140,6 @@ def route_topk(
   )
 
 
-def expert_choice_capacity(tokens: int, num_experts: int, capacity_factor: float) -> int:
-  """Tokens each expert takes from a group: ceil(n * c / E), at most n."""
-  return max(1, min(tokens, -(-int(tokens * capacity_factor) // num_experts)))
-
-
 def route_expert_choice(
   logits_TE: jax.Array,
   capacity: int,

@@ -61,8 +61,7 @@ class RoutingAttention(nnx.Module):
     # google code uses no scale ('none'), sharper attention inside the clusters.
     self.scale = cfg.head_dim**-0.5 if a.routing_scale == 'rsqrt_dim' else 1.0
     d, h, k, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.param_dtype
-    self.r = r = a.resolved_routing_heads(h)
-    self.g = g = cfg.num_kv_heads * (h - r) // h  # local kv heads keep the model's GQA ratio
+    self.r, self.g = r, g = self._heads(cfg)
     self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
     self.wo = axes.param(
       rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
@@ -152,6 +151,46 @@ class RoutingAttention(nnx.Module):
     return (
       'routing attention: each k-means cluster takes the top-window tokens of the whole row, '
       'so later tokens decide which earlier tokens share a cluster'
+    )
+
+  METRICS = 'routing/'  # prefix of the per-layer metrics it reports
+  GATED = False  # clusters, not a learned router: nothing for the entropy trigger to monitor
+
+  @staticmethod
+  def _heads(cfg: ModelConfig) -> tuple[int, int]:
+    """(R routing heads, G local kv heads): the local heads keep the model's GQA ratio."""
+    h = cfg.num_heads
+    r = cfg.attention.resolved_routing_heads(h)
+    return r, cfg.num_kv_heads * (h - r) // h
+
+  @classmethod
+  def num_params(cls, cfg: ModelConfig) -> int:
+    """wq and wo of all H heads, wv_routing of the R routing heads (their keys are their
+    queries), wk and wv of the G local kv heads; the k-means means are state, not parameters."""
+    r, g = cls._heads(cfg)
+    return cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + r + 2 * g)
+
+  @classmethod
+  def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
+    del seq_len
+    return cls.num_params(cfg)
+
+  @classmethod
+  def score_flops(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of scores and weighted sum (12·K per key, as dense attention):
+    a routing head scores N clusters of W tokens against each other, N·W²/S keys per token on
+    average; a local head its 2·W_local block keys."""
+    a, k, (r, _) = cfg.attention, cfg.head_dim, cls._heads(cfg)
+    w, w_local = min(a.window, seq_len), min(a.local_window, seq_len)
+    routing_keys = a.num_clusters * w * w / seq_len
+    return 12.0 * k * (r * routing_keys + (cfg.num_heads - r) * 2 * w_local)
+
+  @classmethod
+  def describe(cls, cfg: ModelConfig) -> str:
+    a, (r, _) = cfg.attention, cls._heads(cfg)
+    return (
+      f'routing attention: {r} routing heads ({a.num_clusters} clusters of {a.window}), '
+      f'{cfg.num_heads - r} local heads (window {a.local_window})'
     )
 
   def update_state(self, stats: dict) -> None:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.block import Block, LayerSpec
-from model.config import ModelConfig
+from model.block import Block
+from model.config import LayerSpec, ModelConfig
 
 _POLICIES = {
   'full': None,  # jax.checkpoint with no policy saves nothing: recompute the whole block

@@ -38,13 +38,13 @@ ids the expert-selection gate's prefix mean restarts at every segment.
 
 import dataclasses
 import itertools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from model import moe, router, validity
+from model.capacity import capacity
 
 # ----------------------------------------------------------------------------- decomposition
 
@@ -71,10 +71,8 @@ def experts_to_mlp(
 
 def _layer_trees(state: dict, cfg) -> list[dict]:
   """The per-layer block trees of a Transformer's pure-dict state, in layer order."""
-  from model.block import layer_specs  # pylint: disable=g-import-not-at-top  (block imports us)
-
   layers = []
-  for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
+  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
     blocks = state['stages'][s]['blocks']
     for j in range(len(list(run))):
       layers.append(jax.tree.map(lambda a, j=j: a[j], blocks) if cfg.scan_layers else blocks[j])
@@ -83,10 +81,8 @@ def _layer_trees(state: dict, cfg) -> list[dict]:
 
 def _stage_trees(layers: list[dict], cfg) -> dict:
   """Per-layer trees grouped into the stages of `cfg` (stacked when layers are scanned)."""
-  from model.block import layer_specs  # pylint: disable=g-import-not-at-top
-
   stages, first = {}, 0
-  for s, (_, run) in enumerate(itertools.groupby(layer_specs(cfg))):
+  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
     group = layers[first : first + len(list(run))]
     first += len(group)
     stages[s] = {
@@ -115,16 +111,16 @@ def convert_dense_state(
   `gate_std` > 0 they are drawn from N(0, gate_std²) with `key` instead (no longer exact).
   """
   key = jax.random.key(0) if key is None else key
-  n, u = cfg.num_layers, cfg.uoe
+  u = cfg.uoe
   layers = _layer_trees(state, dense_config(cfg))
   out = []
-  for i, layer in enumerate(layers):
+  for i, (layer, spec) in enumerate(zip(layers, cfg.layer_specs())):
     layer = dict(layer)
     k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
     draw = lambda k, e: (gate_std * jax.random.normal(k, (cfg.d_model, e))).astype(cfg.param_dtype)
-    if u.is_smha_layer(i, n):
+    if spec.attention == 'smha':
       layer['attn'] = {**layer['attn'], 'router': draw(k_attn, cfg.num_heads)}
-    if u.is_uome_layer(i, n):
+    if spec.feed_forward == 'uome':
       mlp = layer['mlp']
       w_gate, w_up, w_down = mlp_to_experts(
         mlp['w_gate'], mlp['w_up'], mlp['w_down'], u.num_experts
@@ -141,13 +137,12 @@ def convert_dense_state(
 
 def convert_uoe_state(state: dict, cfg) -> dict:
   """The inverse of `convert_dense_state`: a UoE model's pure-dict state -> the dense model's."""
-  n, u = cfg.num_layers, cfg.uoe
   out = []
-  for i, layer in enumerate(_layer_trees(state, cfg)):
+  for layer, spec in zip(_layer_trees(state, cfg), cfg.layer_specs()):
     layer = dict(layer)
-    if u.is_smha_layer(i, n):
+    if spec.attention == 'smha':
       layer['attn'] = {k: v for k, v in layer['attn'].items() if k != 'router'}
-    if u.is_uome_layer(i, n):
+    if spec.feed_forward == 'uome':
       mlp = layer['mlp']
       w_gate, w_up, w_down = experts_to_mlp(mlp['w_gate'], mlp['w_up'], mlp['w_down'])
       layer['mlp'] = {'w_gate': w_gate, 'w_up': w_up, 'w_down': w_down}
@@ -176,11 +171,6 @@ class Selection(NamedTuple):
   idx: jax.Array
   valid: jax.Array
   weight: jax.Array
-
-
-def capacity(length: int, per_token: int, num_experts: int, factor: float) -> int:
-  """Static tokens per expert and sequence: ceil(factor·L·k/E), between 1 and L."""
-  return max(1, min(length, math.ceil(factor * length * per_token / num_experts - 1e-9)))
 
 
 def gate(x_BLD: jax.Array, router_DE: jax.Array, k: int) -> Gate:

@@ -1,4 +1,4 @@
-"""Union of Experts layers: `block.ATTENTION['smha']` and `block.FEED_FORWARD['uome']`.
+"""Union of Experts layers: `registry.ATTENTION['smha']` and `registry.FEED_FORWARD['uome']`.
 
 Thin modules around `model.smha` and `model.uoe`. Their parameter layout makes the dense <-> UoE
 converter trivial: SMHA keeps the dense attention's wq [D,H,K], wk/wv [D,G,K], wo [H,K,D] (heads are
@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, block, entropy_trigger, smha, uoe
+from model import axes, capacity, entropy_trigger, smha, uoe
+from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import init_normal
+from model.layers import MLP, init_normal
 
 
 def _monitor(cfg: ModelConfig) -> entropy_trigger.EntropyMonitor | None:
@@ -77,11 +78,42 @@ class SelectiveAttention(_Gated):
   def reads_future(cfg: ModelConfig) -> str | None:
     """Partial capacity: heads pick their top-C tokens of the sequence (None at full capacity)."""
     u = cfg.uoe
-    if u.head_capacity * u.resolved_heads_per_token(cfg.num_heads) >= cfg.num_heads:
+    if capacity.is_full(u.resolved_heads_per_token(cfg.num_heads), cfg.num_heads, u.head_capacity):
       return None  # every token that chose a head gets a slot: no competition
     return (
       'SMHA: each head takes its top-C tokens of the whole sequence '
       '(uoe.head_capacity * heads_per_token < num_heads)'
+    )
+
+  METRICS = 'uoe/attn_'  # prefix of the per-layer metrics it reports
+  GATED = True  # a learned gate over heads: the entropy trigger monitors it
+
+  @staticmethod
+  def num_params(cfg: ModelConfig) -> int:
+    """The dense attention's projections plus the gate D·H."""
+    return Attention.num_params(cfg) + cfg.d_model * cfg.num_heads
+
+  @staticmethod
+  def _share(cfg: ModelConfig, seq_len: int) -> float:
+    """C_h / S: the share of a sequence each head projects and attends."""
+    return cfg.uoe.head_slots(seq_len, cfg.num_heads) / seq_len
+
+  @classmethod
+  def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """The gate, and the projections on the C_h tokens each head takes (C_h/S of the dense cost)."""
+    return Attention.num_params(cfg) * cls._share(cfg, seq_len) + cfg.d_model * cfg.num_heads
+
+  @classmethod
+  def score_flops(cls, cfg: ModelConfig, seq_len: int) -> float:
+    """Each head attends among its C_h tokens: (C_h/S)² of dense attention's score FLOPs."""
+    return Attention.score_flops(cfg, seq_len) * cls._share(cfg, seq_len) ** 2
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    u = cfg.uoe
+    return (
+      f'SMHA: {u.resolved_heads_per_token(cfg.num_heads)} of {cfg.num_heads} heads per token, '
+      f'head capacity {u.head_capacity}'
     )
 
   def __call__(
@@ -103,7 +135,7 @@ class SelectiveAttention(_Gated):
       rope_theta=cfg.rope_theta,
       segment_ids_BL=segment_ids_BL,
     )
-    y_BLD = axes.constrain(y_BLD, block.RESIDUAL)
+    y_BLD = axes.constrain(y_BLD, axes.RESIDUAL)
     valid_BL = None if segment_ids_BL is None else segment_ids_BL != 0
     return y_BLD, _aux(
       cfg, 'attn', uoe.selection_metrics(g, sel, valid_BL), self.entropy, g.probs, valid_BL
@@ -130,11 +162,39 @@ class UnionMLP(_Gated):
   def reads_future(cfg: ModelConfig) -> str | None:
     """Data selection at partial capacity reads the sequence; expert selection reads a prefix mean."""
     u = cfg.uoe
-    if u.paradigm == 'expert_selection' or u.expert_capacity * u.experts_per_token >= u.num_experts:
+    full = capacity.is_full(u.experts_per_token, u.num_experts, u.expert_capacity)
+    if u.paradigm == 'expert_selection' or full:
       return None
     return (
       'UoME data selection: each expert takes its top-C tokens of the whole sequence '
       '(uoe.expert_capacity * experts_per_token < num_experts)'
+    )
+
+  METRICS = 'uoe/mlp_'  # prefix of the per-layer metrics it reports
+  GATED = True  # a learned gate over experts: the entropy trigger monitors it
+
+  @staticmethod
+  def num_params(cfg: ModelConfig) -> int:
+    """The dense MLP's weights (as E blocks) plus the gate D·E."""
+    return MLP.num_params(cfg) + cfg.d_model * cfg.uoe.num_experts
+
+  @staticmethod
+  def active_params(cfg: ModelConfig, seq_len: int) -> float:
+    """The gate, and each expert (F/E hidden units) on its C_e tokens of a sequence (data
+    selection) or on the k of E experts of every token (expert selection)."""
+    u = cfg.uoe
+    if u.paradigm == 'expert_selection':
+      share = u.experts_per_token / u.num_experts
+    else:
+      share = u.expert_slots(seq_len) / seq_len
+    return MLP.num_params(cfg) * share + cfg.d_model * u.num_experts
+
+  @staticmethod
+  def describe(cfg: ModelConfig) -> str:
+    u = cfg.uoe
+    return (
+      f'UoME: {u.experts_per_token} of {u.num_experts} experts per token ({u.paradigm}), '
+      f'hidden {cfg.mlp_dim // u.num_experts} each'
     )
 
   def __call__(
@@ -167,10 +227,6 @@ class UnionMLP(_Gated):
         valid_BL=valid_BL,
       )
       metrics = uoe.selection_metrics(g, sel, valid_BL)
-    return axes.constrain(y_BLD, block.RESIDUAL), _aux(
+    return axes.constrain(y_BLD, axes.RESIDUAL), _aux(
       cfg, 'mlp', metrics, self.entropy, g.probs, valid_BL
     )
-
-
-block.ATTENTION['smha'] = SelectiveAttention
-block.FEED_FORWARD['uome'] = UnionMLP

@@ -9,6 +9,7 @@ from flax import nnx
 
 from configs import base, moe_entropy, schema, sharding, uoe
 from model import entropy_trigger as et
+from model import plan
 from model.config import ConfigError, EntropyConfig
 from model.transformer import Transformer
 from train import mesh as mesh_lib
@@ -197,7 +198,7 @@ def test_uoe_gates_are_monitored_too():
   c = uoe.get_config('tiny')
   c.entropy.update(enabled=True, beta_tok=1e-2, beta_use=0.0)
   cfg = schema.load(c, 1).model
-  assert cfg.routed_layers() == list(range(cfg.num_layers))
+  assert plan.build(cfg).gated_layers == list(range(cfg.num_layers))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, cfg.vocab_size)
   _, aux = model(tokens)
@@ -318,7 +319,7 @@ def test_trigger_in_training_survives_checkpoint_and_resume_exactly(eight_device
   np.testing.assert_array_equal(np.asarray(trig['step'][...])[:, 0], [STEPS, STEPS])
   state = ckpt.restore(SAVE_AT, fns.abstract_state())
   np.testing.assert_array_equal(_trigger(state)['trigger_step'][...][:, 0], [-1, fired[1]])
-  for batch in _batches(fns.cfg)[SAVE_AT:]:
+  for batch in _batches(_train_cfg(8))[SAVE_AT:]:
     state, _ = fns.train_step(state, jax.device_put(batch, fns.batch_sharding))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(final))
   ckpt.close()

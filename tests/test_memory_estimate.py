@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import schema, sharding, tiny
 from configs.schema import ConfigError
-from model.transformer import count_params
+from model import plan
 from train import memory
 from train import mesh as mesh_lib
 from train.optimizer import make_optimizer
@@ -35,7 +35,7 @@ def test_state_bytes_equal_the_real_model_and_optimizer():
   est = memory.estimate(cfg, 1)
   model = build_model(cfg)
   opt = nnx.Optimizer(model, make_optimizer(cfg.optimizer, cfg.train.steps), wrt=nnx.Param)
-  assert est.params == _bytes(nnx.state(model)) == 4 * count_params(cfg.model)
+  assert est.params == _bytes(nnx.state(model)) == 4 * plan.build(cfg.model).params
   assert est.gradients == _bytes(nnx.state(model, nnx.Param))
   assert est.optimizer == _bytes(nnx.state(opt))
   assert est.optimizer > 2 * est.gradients  # AdamW: two moments plus the step count

@@ -12,11 +12,11 @@ from flax import nnx
 import configs.schema
 import configs.sharding
 import configs.tiny
-from model import axes
+from model import axes, plan
 from model.attention import attention_impl, causal_attention
 from model.block import Block
 from model.layers import apply_rope
-from model.transformer import Transformer, count_params, flops_per_token, matmul_params
+from model.transformer import Transformer
 
 
 def tiny(**overrides):
@@ -80,7 +80,7 @@ def test_init():
   cfg = tiny(num_layers=4)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   p = params(model)
-  assert count_params(cfg) == sum(a.size for a in jax.tree.leaves(p))
+  assert plan.build(cfg).params == sum(a.size for a in jax.tree.leaves(p))
   blocks = p['stages'][0]['blocks']
   assert not np.allclose(blocks['mlp']['w_up'][0], blocks['mlp']['w_up'][1]), 'layers identical'
   np.testing.assert_allclose(np.std(blocks['attn']['wq']), cfg.init_std, rtol=0.05)
@@ -296,9 +296,10 @@ def test_count_params_and_flops(tie):
   cfg = tiny(tie_embeddings=tie)
   d, v, f, k = cfg.d_model, cfg.vocab_size, cfg.mlp_dim, cfg.head_dim
   per_layer = 2 * d + 2 * d * cfg.num_heads * k + 2 * d * cfg.num_kv_heads * k + 3 * d * f
-  assert count_params(cfg) == v * d + cfg.num_layers * per_layer + d + (0 if tie else d * v)
-  assert matmul_params(cfg) == cfg.num_layers * (per_layer - 2 * d) + d * v
-  assert flops_per_token(cfg, 64) == 6 * matmul_params(cfg) + 12 * cfg.num_layers * d * 64
+  counts = plan.build(cfg, 64)
+  assert counts.params == v * d + cfg.num_layers * per_layer + d + (0 if tie else d * v)
+  assert counts.active_params == cfg.num_layers * (per_layer - 2 * d) + d * v
+  assert counts.flops_per_token == 6 * counts.active_params + 12 * cfg.num_layers * d * 64
 
 
 def test_attention_impl_choice():
@@ -318,5 +319,8 @@ def test_matmul_params_of_routing_attention_layers_match_the_model():
   c.model.num_kv_heads = c.model.num_heads  # without GQA the routing layers are smaller
   routed = schema.load(c, 1).model
   dense = dataclasses.replace(routed, attention=dataclasses.replace(routed.attention, kind='dense'))
-  assert count_params(routed) - count_params(dense) == matmul_params(routed) - matmul_params(dense)
-  assert matmul_params(routed) < matmul_params(dense)
+  routed_plan, dense_plan = plan.build(routed, 64), plan.build(dense, 64)
+  assert routed_plan.params - dense_plan.params == (
+    routed_plan.active_params - dense_plan.active_params
+  )
+  assert routed_plan.active_params < dense_plan.active_params

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import moe_topk, schema
-from model import layers, moe, router
+from model import capacity, layers, moe, router
 from model.moe_layer import MoE
 
 
@@ -164,7 +164,7 @@ def test_single_expert_equals_dense_swiglu():
 
 def test_expert_choice_routes_and_executes():
   x, logits, ws = _problem(16, 4, 1, seed=4)
-  c = router.expert_choice_capacity(16, 4, 2.0)
+  c = capacity.capacity(16, 1, 4, 2.0)
   assert c == 8
   out = router.route_expert_choice(logits, c)
   probs = jax.nn.softmax(logits)
@@ -209,7 +209,7 @@ def test_router_receives_gradient_and_metrics_are_scalars(fields):
   assert aux['stats']['expert_counts'].shape == (cfg.moe.num_experts,)
   k = 1 if fields.get('router') == 'expert_choice' else cfg.moe.top_k
   assert float(aux['stats']['expert_counts'].sum()) == pytest.approx(
-    32 * k if k > 1 else cfg.moe.num_experts * router.expert_choice_capacity(16, 8, 1.25) * 2
+    32 * k if k > 1 else cfg.moe.num_experts * capacity.capacity(16, 1, 8, 1.25) * 2
   )
   if 'bias_rate' in fields:
     layer.update_state(aux['stats'])

@@ -18,12 +18,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import routing_transformer, schema
 from eval.routing_report import read_metrics
 from eval.sample import sample_checkpoint
-from model.block import LayerSpec, layer_specs
-from model.config import ConfigError
+from model import plan
+from model.config import ConfigError, LayerSpec
 from model.layers import apply_rope
 from model.local_layer import LocalAttention
 from model.routing_layer import RoutingAttention
-from model.transformer import Transformer, count_params, matmul_params
+from model.transformer import Transformer
 from train.checkpoint import Checkpointer
 from train.train import train_and_evaluate
 
@@ -243,19 +243,21 @@ def test_non_routing_local_layer_specs_and_parameters():
     c.model.num_layers = 4
     return schema.load(c, 8).model
 
-  spec = lambda *names: [LayerSpec(n) for n in names]
+  spec = lambda *names: tuple(LayerSpec(n) for n in names)
   local = model_cfg(non_routing='local')
-  assert layer_specs(local) == spec('local', 'local', 'routing', 'routing')
-  assert layer_specs(model_cfg(non_routing='dense')) == spec('dense', 'dense', 'routing', 'routing')
-  assert layer_specs(model_cfg(kind='dense', non_routing='local')) == spec(*['dense'] * 4)
-  assert layer_specs(model_cfg(non_routing='local', routing_layers=(1,))) == spec(
+  assert local.layer_specs() == spec('local', 'local', 'routing', 'routing')
+  assert model_cfg(non_routing='dense').layer_specs() == spec(
+    'dense', 'dense', 'routing', 'routing'
+  )
+  assert model_cfg(kind='dense', non_routing='local').layer_specs() == spec(*['dense'] * 4)
+  assert model_cfg(non_routing='local', routing_layers=(1,)).layer_specs() == spec(
     'local', 'routing', 'local', 'local'
   )
   assert routing_transformer.get_config().attention.non_routing == 'local'
 
   dense = model_cfg(non_routing='dense')
-  assert count_params(local) == count_params(dense)
-  assert matmul_params(local) == matmul_params(dense)
+  assert plan.build(local).params == plan.build(dense).params
+  assert plan.build(local, 64).active_params == plan.build(dense, 64).active_params
   state = nnx.state(nnx.eval_shape(lambda: Transformer(local, rngs=nnx.Rngs(0))))
   local_attn = state['stages'][0]['blocks']['attn']
   assert set(local_attn) == {'wq', 'wk', 'wv', 'wo'}
@@ -269,7 +271,7 @@ def test_tiny_routing_transformer_with_local_layers_trains(tmp_path):
   c.data.cache_dir = str(tmp_path / 'corpus')
   c.train.update(steps=6, log_every=1)
   cfg = schema.load(c, jax.device_count())
-  assert [s.attention for s in layer_specs(cfg.model)] == ['local', 'routing', 'routing']
+  assert [s.attention for s in cfg.model.layer_specs()] == ['local', 'routing', 'routing']
   train_and_evaluate(cfg, str(tmp_path / 'run'))
   records = read_metrics(str(tmp_path / 'run'))
   assert len(records) == 6 and all(np.isfinite(r['loss']) for r in records)

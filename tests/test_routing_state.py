@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import model.transformer as transformer_lib
 from configs import schema, sharding, tiny
-from model import axes, block
+from model import axes, registry
+from model.config import LayerSpec, ModelConfig
 from model.layers import MLP
 from train import mesh as mesh_lib
 from train.step import make_step_fns
@@ -38,13 +38,9 @@ class EmaMLP(MLP):
 
 @pytest.fixture
 def toy_layers(monkeypatch):
-  monkeypatch.setitem(block.FEED_FORWARD, 'ema', EmaMLP)
-  specs = [
-    block.LayerSpec(),
-    block.LayerSpec(feed_forward='ema'),
-    block.LayerSpec(feed_forward='ema'),
-  ]
-  monkeypatch.setattr(transformer_lib, 'layer_specs', lambda cfg: specs[: cfg.num_layers])
+  monkeypatch.setitem(registry.FEED_FORWARD, 'ema', EmaMLP)
+  specs = (LayerSpec(), LayerSpec(feed_forward='ema'), LayerSpec(feed_forward='ema'))
+  monkeypatch.setattr(ModelConfig, 'layer_specs', lambda cfg: specs[: cfg.num_layers])
 
 
 @pytest.mark.parametrize('scan', [True, pytest.param(False, marks=pytest.mark.slow)])  # loop: slow

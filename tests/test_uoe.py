@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import layers, smha, uoe
+from model import capacity, layers, smha, uoe
 from model.attention import causal_attention
 
 B, L, D, H, G, K, F, E = 2, 12, 16, 4, 2, 8, 32, 4
@@ -166,8 +166,8 @@ def test_select_tokens_hand_built():
   np.testing.assert_allclose(metrics['unselected_fraction'], 0.2)  # token 2 lost its only expert
   np.testing.assert_allclose(metrics['dropped_fraction'], 0.2)
   np.testing.assert_allclose(metrics['load_max'], 0.4)
-  assert uoe.capacity(64, 2, 4, 1.0) == 32 and uoe.capacity(10, 1, 4, 1.0) == 3
-  assert uoe.capacity(8, 4, 4, 2.0) == 8  # never more than the sequence
+  assert capacity.capacity(64, 2, 4, 1.0) == 32 and capacity.capacity(10, 1, 4, 1.0) == 3
+  assert capacity.capacity(8, 4, 4, 2.0) == 8  # never more than the sequence
 
 
 def test_a_token_no_head_selects_gets_only_its_residual():

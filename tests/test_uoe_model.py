@@ -10,9 +10,9 @@ from flax import nnx
 
 from configs import schema, sharding
 from configs import uoe as uoe_config
-from model import axes, uoe
+from model import axes, plan, uoe
 from model.config import ConfigError
-from model.transformer import Transformer, active_params, flops_per_token, matmul_params
+from model.transformer import Transformer
 from tests.tiny_runs import train_tiny
 from train import mesh as mesh_lib
 from train.step import model_loss
@@ -21,11 +21,14 @@ from train.step import model_loss
 @pytest.mark.parametrize(
   'fields, match',
   [
-    ({'head_capacity': 3.0}, r'uoe.head_capacity=3.0: 96 tokens per head exceed train.seq_len=64'),
+    (
+      {'head_capacity': 3.0},
+      r'uoe.head_capacity=3.0: head_capacity \* heads_per_token = 6 exceeds model.num_heads=4',
+    ),
     (
       {'expert_capacity': 2.5},
-      r'uoe.expert_capacity=2.5: 80 tokens per expert exceed '
-      r'train.seq_len=64',
+      r'uoe.expert_capacity=2.5: expert_capacity \* experts_per_token = 5 exceeds '
+      r'uoe.num_experts=4',
     ),
     (
       {'heads_per_token': 5},
@@ -54,12 +57,10 @@ def test_uome_experts_must_divide_over_the_expert_axis():
 
 
 def test_causality_is_declared_by_the_uoe_layers():
-  from model.transformer import is_causal  # pylint: disable=g-import-not-at-top
-
   c = uoe_config.get_config('tiny')
-  assert not is_causal(schema.load(c, 8).model)  # SMHA + UoME-DS: capacity over the sequence
+  assert not plan.build(schema.load(c, 8).model).causal  # SMHA + UoME-DS: capacity over the row
   c.uoe.update(attention='dense', paradigm='expert_selection')
-  assert is_causal(schema.load(c, 8).model)  # prefix-mean gate: causal, padding is safe
+  assert plan.build(schema.load(c, 8).model).causal  # prefix-mean gate: causal, padding is safe
 
 
 def _uoe_model_cfg(layers=(), scan=True, gate_outputs=False, **fields):
@@ -209,31 +210,25 @@ def test_flops_per_token_counts_what_the_selection_keeps():
   c = uoe_config.get_config('tiny')
   cfg = schema.load(c, 1).model
   n, d, h, s = cfg.num_layers, cfg.d_model, cfg.num_heads, 64
-  dense = flops_per_token(
-    dataclasses.replace(
-      cfg, uoe=dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
-    ),
-    s,
+  dense_cfg = dataclasses.replace(
+    cfg, uoe=dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
   )
+  dense = plan.build(dense_cfg, s).flops_per_token
   full = dataclasses.replace(
     cfg, uoe=dataclasses.replace(cfg.uoe, heads_per_token=h, experts_per_token=cfg.uoe.num_experts)
   )
   gates = 6.0 * n * (d * h + d * cfg.uoe.num_experts)
-  assert flops_per_token(full, s) == pytest.approx(dense + gates)
-  half = flops_per_token(cfg, s)  # heads_per_token H/2, top-2 of 4 experts, capacity 1
+  assert plan.build(full, s).flops_per_token == pytest.approx(dense + gates)
+  half = plan.build(cfg, s).flops_per_token  # heads_per_token H/2, top-2 of 4 experts, capacity 1
   attn = d * h * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
   saved = n * (6.0 * (attn / 2 + 3 * d * cfg.mlp_dim / 2) + 12.0 * d * s * 3 / 4)
   assert half == pytest.approx(dense + gates - saved)
   # Active parameters: the dense matmul weights plus gates, less the unselected half.
-  assert active_params(cfg, s) == pytest.approx(
-    matmul_params(cfg) - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts)
+  dense_active = plan.build(dense_cfg, s).active_params
+  assert plan.build(cfg, s).active_params == pytest.approx(
+    dense_active - n * (attn / 2 + 3 * d * cfg.mlp_dim / 2 - d * h - d * cfg.uoe.num_experts)
   )
-  assert active_params(
-    dense_cfg := dataclasses.replace(
-      cfg, uoe=dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
-    ),
-    s,
-  ) == matmul_params(dense_cfg)
+  assert dense_active == n * (attn + 3 * d * cfg.mlp_dim) + d * cfg.vocab_size
 
 
 @pytest.mark.slow

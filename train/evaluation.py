@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from configs import schema, sharding
 from data import corpus, pipeline
 from data.tokenizer import get_tokenizer
-from model import erc, transformer
+from model import erc, plan
 from model.config import ConfigError
 from model.moe_layer import MoE
 from train import mesh as mesh_lib
@@ -103,7 +103,7 @@ def evaluate_model(
 ) -> dict:
   """Held-out loss, perplexity, token count and bits per byte of `state['model']`, honestly.
 
-  A causal model (`model.transformer.is_causal`) is scored teacher-forced: every position of every
+  A causal model (`model.plan`: `ModelPlan.causal`) is scored teacher-forced: every position of every
   window, exactly what it would predict from its prefix. A model that reads the future is scored
   exact-prefix: `positions_per_window` positions per window (default `eval.positions_per_window`),
   each predicted from its prefix alone through the validity mask (one forward pass each, one
@@ -114,7 +114,7 @@ def evaluate_model(
   """
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
   step_fn = eval_step or make_eval_step(fns, tokenizer)
-  causal = transformer.is_causal(cfg.model)
+  causal = plan.build(cfg.model).causal
   per_window = (
     cfg.eval.positions_per_window if positions_per_window is None else positions_per_window
   )

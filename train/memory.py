@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import Config, ConfigError
+from model import plan
 from model.attention import attention_impl
-from model.block import LayerSpec, layer_specs
+from model.config import LayerSpec
 from train.step import _build
 
 _GiB = 1 << 30
@@ -129,7 +130,9 @@ def activation_bytes(cfg: Config) -> int:
   batch = cfg.train.batch_size // cfg.train.grad_accum
   saved = _SAVED[cfg.model.remat]
   kept = recomputed = 0
-  for spec in layer_specs(cfg.model):  # the last layer's recomputed terms remain in `recomputed`
+  for spec in plan.build(
+    cfg.model
+  ).specs:  # the last layer's recomputed terms remain in `recomputed`
     terms = _layer_terms(cfg, spec, batch)
     kept += sum(v for name, v in terms.items() if name in saved)
     recomputed = sum(v for name, v in terms.items() if name not in saved)

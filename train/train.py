@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from configs import cli, schema, sharding
 from data import corpus, pipeline, sources
 from model.config import ConfigError
-from model.transformer import flops_per_token
+from model import plan
 from train import distributed, memory
 from train import evaluation as eval_lib
 from train import mesh as mesh_lib
@@ -131,7 +131,7 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     workdir,
     total_steps=cfg.train.steps,
     tokens_per_step=tokens_per_step,
-    flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+    flops_per_token=plan.build(cfg.model, cfg.train.seq_len).flops_per_token,
     peak_flops=cfg.train.peak_tflops * 1e12 * jax.device_count(),
     primary=primary,
     resume_step=start,
