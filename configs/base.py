@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.block_size = (
     256  # rows per block of the blocked (CPU) grouped matmul; groups are padded to multiples
   )
-  e.capacity_factor = 1.25  # slots per expert = factor * tokens * top_k / num_experts (capacity execution, expert choice)
+  e.capacity_factor = 1.25  # slots per expert = ceil(factor * tokens * top_k / num_experts) (capacity execution; expert choice: top_k = 1, factor = experts per token)
   e.balance_weight = 1e-2  # weight of the Switch load-balancing loss (token choice)
   e.balance_convention = 'assignments'  # Switch loss f_i: assignments (share of the T*k assignments; HF's value / k) | tokens (share of tokens; HF's Mixtral/OLMoE value)
   e.z_loss_weight = 1e-3  # weight of the ST-MoE router z-loss
