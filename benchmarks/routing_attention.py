@@ -47,7 +47,7 @@ def _programs(window: int, impl: str):
     del k  # shared QK, as in the routing heads of the layer
     h, kd = q.shape[2], q.shape[3]
     means = jax.random.normal(jax.random.key(1), (h, q.shape[1] // window, kd), q.dtype)
-    return routing_attention(q, q, v, means, window=window)
+    return routing_attention(q, q, v, means, window=window).out_BLHK
 
   def dense(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)

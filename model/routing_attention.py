@@ -16,6 +16,8 @@ valid token (when the window is longer than the valid tokens), and no query ever
 Selection runs in f32 whatever the compute dtype; attention inside the clusters in v's dtype.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +61,11 @@ def _scatter_add(values_BHNW_: jax.Array, idx_BHNW: jax.Array, length: int) -> j
   return jax.vmap(jax.vmap(one))(values_BHNW_, idx_BHNW)
 
 
+class RoutingOutput(NamedTuple):
+  out_BLHK: jax.Array
+  picks_BHL: jax.Array  # int32: how many clusters picked each query (0: it gets zeros)
+
+
 def routing_attention(
   q_BLHK: jax.Array,
   k_BLHK: jax.Array,
@@ -69,10 +76,9 @@ def routing_attention(
   causal: bool = True,
   scale: float | None = None,
   segment_ids_BL: jax.Array | None = None,
-  return_picks: bool = False,
-):
-  """Clustered attention; returns out_BLHK (and, with `return_picks`, picks_BHL: how many
-  clusters picked each query).
+) -> RoutingOutput:
+  """Clustered attention: `RoutingOutput(out_BLHK, picks_BHL)`, the output and how many clusters
+  picked each query (a caller that drops the count under jit pays nothing for it).
 
   Queries and keys are selected separately; when `k_BLHK is q_BLHK` (shared QK) the selection is
   computed once, from q and the means in f32 (pass q in f32 for an f32 selection; the clusters'
@@ -119,9 +125,7 @@ def routing_attention(
   count_BHL = _scatter_add(seen_BHNW.astype(jnp.float32), idx_q, l)
   out_BHLK = total_BHLK / jnp.maximum(count_BHL, 1.0)[..., None]
   out_BLHK = _to_bh(out_BHLK).astype(v_BLHK.dtype)
-  if return_picks:
-    return out_BLHK, _scatter_add(jnp.ones(idx_q.shape, jnp.int32), idx_q, l)
-  return out_BLHK
+  return RoutingOutput(out_BLHK, _scatter_add(jnp.ones(idx_q.shape, jnp.int32), idx_q, l))
 
 
 def nearest_mean(x_BLHK: jax.Array, means_HNK: jax.Array) -> jax.Array:

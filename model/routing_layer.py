@@ -101,7 +101,6 @@ class RoutingAttention(nnx.Module):
       window=window,
       scale=self.scale,
       segment_ids_BL=segment_ids_BL,
-      return_picks=True,
     )
     outs.append(out_r)
 

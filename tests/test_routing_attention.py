@@ -31,7 +31,9 @@ def test_one_cluster_full_window_equals_dense_outputs_and_gradients(causal):
   b, l, h, kd = 2, 16, 3, 8
   q, k, v = normal((b, l, h, kd), 0), normal((b, l, h, kd), 1), normal((b, l, h, kd), 2)
   means = normal((h, 1, kd), 3)
-  routed = jax.jit(lambda q, k, v: routing_attention(q, k, v, means, window=l, causal=causal))
+  routed = jax.jit(
+    lambda q, k, v: routing_attention(q, k, v, means, window=l, causal=causal).out_BLHK
+  )
   ref = jax.jit(lambda q, k, v: dense(q, k, v, causal))
   np.testing.assert_allclose(routed(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
   cot = normal((b, l, h, kd), 4)
@@ -45,7 +47,9 @@ def test_segment_ids_never_cross_documents():
   q, k, v = normal((b, l, h, kd), 5), normal((b, l, h, kd), 6), normal((b, l, h, kd), 7)
   seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
   out = jax.jit(
-    lambda q, k, v: routing_attention(q, k, v, normal((h, 1, kd), 8), window=l, segment_ids_BL=seg)
+    lambda q, k, v: (
+      routing_attention(q, k, v, normal((h, 1, kd), 8), window=l, segment_ids_BL=seg).out_BLHK
+    )
   )(q, k, v)
   np.testing.assert_allclose(out, dense(q, k, v, True, seg), rtol=1e-5, atol=1e-6)
 
@@ -57,9 +61,13 @@ def test_segment_zero_is_invisible_and_never_outranks_a_valid_token():
   q, v = normal((b, l, h, kd), 9), normal((b, l, h, kd), 10)
   means = normal((h, n, kd), 11)
   seg = jnp.broadcast_to((jnp.arange(l) < t).astype(jnp.int32), (b, l))
-  run = jax.jit(lambda q, v, seg: routing_attention(q, q, v, means, window=w, segment_ids_BL=seg))
+  run = jax.jit(
+    lambda q, v, seg: routing_attention(q, q, v, means, window=w, segment_ids_BL=seg).out_BLHK
+  )
   padded = run(q, v, seg)[:, :t]
-  alone = jax.jit(lambda q, v: routing_attention(q, q, v, means, window=w))(q[:, :t], v[:, :t])
+  alone = jax.jit(lambda q, v: routing_attention(q, q, v, means, window=w).out_BLHK)(
+    q[:, :t], v[:, :t]
+  )
   np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-6)
   noise = 100 * normal((b, l, h, kd), 12)  # padding that would win every cluster if it could
   q2 = jnp.where((jnp.arange(l) < t)[None, :, None, None], q, noise)
@@ -86,7 +94,7 @@ def test_hand_built_clusters_average_and_zero(causal):
   x, means, v = _hand_built()
   idx = balanced_assignment(jnp.transpose(x, (0, 2, 1, 3)), means, 2)
   np.testing.assert_array_equal(idx[0, 0], [[0, 1], [0, 2]])
-  out, picks = routing_attention(x, x, v, means, window=2, causal=causal, return_picks=True)
+  out, picks = routing_attention(x, x, v, means, window=2, causal=causal)
   np.testing.assert_array_equal(picks[0, 0], [2, 1, 1, 0])
   s = 2**-0.5
   xs, vs = np.asarray(x[0, :, 0]), np.asarray(v[0, :, 0])
@@ -113,7 +121,7 @@ def test_values_of_the_future_never_reach_the_past():
   x = normal((b, l, h, kd), 10)
   means = normal((h, l // w, kd), 11)
   v = normal((b, l, h, kd), 12)
-  f = jax.jit(lambda v: routing_attention(x, x, v, means, window=w))
+  f = jax.jit(lambda v: routing_attention(x, x, v, means, window=w).out_BLHK)
   base = f(v)
   for t in (0, 7, 20, 30):
     changed = f(v.at[:, t + 1 :].add(normal((b, l - t - 1, h, kd), 13 + t)))
