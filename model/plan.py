@@ -13,6 +13,10 @@ discounted); rematerialised recomputation is not counted (MFU, not HFU). See doc
 """
 
 import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
 
 from model import registry
 from model.config import ConfigError, LayerSpec, ModelConfig
@@ -148,3 +152,29 @@ def build(cfg: ModelConfig, seq_len: int | None = None) -> ModelPlan:
       f'uoe.attention={cfg.uoe.attention!r}, uoe.feed_forward={cfg.uoe.feed_forward!r})'
     )
   return plan
+
+
+def layer_states(state: dict, cfg: ModelConfig) -> list[dict]:
+  """The per-layer block trees of a Transformer's pure-dict state (`nnx.to_pure_dict`), in layer
+  order: the stages' stacked (scanned) or listed blocks taken apart."""
+  layers = []
+  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
+    blocks = state['stages'][s]['blocks']
+    for j in range(len(list(run))):
+      layers.append(jax.tree.map(lambda a, j=j: a[j], blocks) if cfg.scan_layers else blocks[j])
+  return layers
+
+
+def stage_states(layers: list[dict], cfg: ModelConfig) -> dict:
+  """The inverse of `layer_states`: per-layer trees grouped into the stages of `cfg` (stacked when
+  layers are scanned), the `stages` entry of a pure-dict state."""
+  stages, first = {}, 0
+  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
+    group = layers[first : first + len(list(run))]
+    first += len(group)
+    stages[s] = {
+      'blocks': (
+        jax.tree.map(lambda *a: jnp.stack(a), *group) if cfg.scan_layers else dict(enumerate(group))
+      )
+    }
+  return stages

@@ -36,8 +36,6 @@ out of every statistic; a sequence's capacity follows its number of valid tokens
 ids the expert-selection gate's prefix mean restarts at every segment.
 """
 
-import dataclasses
-import itertools
 from typing import NamedTuple
 
 import jax
@@ -67,87 +65,6 @@ def experts_to_mlp(
   e, d, f = w_gate_EDf.shape
   cols = lambda w_EDf: w_EDf.transpose(1, 0, 2).reshape(d, e * f)
   return cols(w_gate_EDf), cols(w_up_EDf), w_down_EfD.reshape(e * f, d)
-
-
-def _layer_trees(state: dict, cfg) -> list[dict]:
-  """The per-layer block trees of a Transformer's pure-dict state, in layer order."""
-  layers = []
-  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
-    blocks = state['stages'][s]['blocks']
-    for j in range(len(list(run))):
-      layers.append(jax.tree.map(lambda a, j=j: a[j], blocks) if cfg.scan_layers else blocks[j])
-  return layers
-
-
-def _stage_trees(layers: list[dict], cfg) -> dict:
-  """Per-layer trees grouped into the stages of `cfg` (stacked when layers are scanned)."""
-  stages, first = {}, 0
-  for s, (_, run) in enumerate(itertools.groupby(cfg.layer_specs())):
-    group = layers[first : first + len(list(run))]
-    first += len(group)
-    stages[s] = {
-      'blocks': (
-        jax.tree.map(lambda *a: jnp.stack(a), *group) if cfg.scan_layers else dict(enumerate(group))
-      )
-    }
-  return stages
-
-
-def dense_config(cfg):
-  """`cfg` (a ModelConfig) without UoE layers: the dense model a UoE model converts from and to."""
-  uoe = dataclasses.replace(cfg.uoe, attention='dense', feed_forward='mlp')
-  return dataclasses.replace(cfg, uoe=uoe)
-
-
-def convert_dense_state(
-  state: dict, cfg, key: jax.Array | None = None, gate_std: float = 0.0
-) -> dict:
-  """A dense model's `nnx.to_pure_dict` state -> the state of the UoE model of ModelConfig `cfg`.
-
-  Attention weights keep their layout (heads are already the expert axis); MLPs are split by
-  `mlp_to_experts`. The gates, absent from a dense model, are zero by default: a uniform gate, so
-  with every expert at full capacity and `gate_outputs=True` (weight E·1/E = 1) the UoE model
-  equals the dense one exactly (ties in the top-k then go to the lowest expert index). With
-  `gate_std` > 0 they are drawn from N(0, gate_std²) with `key` instead (no longer exact).
-  """
-  key = jax.random.key(0) if key is None else key
-  u = cfg.uoe
-  layers = _layer_trees(state, dense_config(cfg))
-  out = []
-  for i, (layer, spec) in enumerate(zip(layers, cfg.layer_specs())):
-    layer = dict(layer)
-    k_attn, k_mlp = jax.random.split(jax.random.fold_in(key, i))
-    draw = lambda k, e: (gate_std * jax.random.normal(k, (cfg.d_model, e))).astype(cfg.param_dtype)
-    if spec.attention == 'smha':
-      layer['attn'] = {**layer['attn'], 'router': draw(k_attn, cfg.num_heads)}
-    if spec.feed_forward == 'uome':
-      mlp = layer['mlp']
-      w_gate, w_up, w_down = mlp_to_experts(
-        mlp['w_gate'], mlp['w_up'], mlp['w_down'], u.num_experts
-      )
-      layer['mlp'] = {
-        'router': draw(k_mlp, u.num_experts),
-        'w_gate': w_gate,
-        'w_up': w_up,
-        'w_down': w_down,
-      }
-    out.append(layer)
-  return {**state, 'stages': _stage_trees(out, cfg)}
-
-
-def convert_uoe_state(state: dict, cfg) -> dict:
-  """The inverse of `convert_dense_state`: a UoE model's pure-dict state -> the dense model's."""
-  out = []
-  for layer, spec in zip(_layer_trees(state, cfg), cfg.layer_specs()):
-    layer = dict(layer)
-    if spec.attention == 'smha':
-      layer['attn'] = {k: v for k, v in layer['attn'].items() if k != 'router'}
-    if spec.feed_forward == 'uome':
-      mlp = layer['mlp']
-      w_gate, w_up, w_down = experts_to_mlp(mlp['w_gate'], mlp['w_up'], mlp['w_down'])
-      layer['mlp'] = {'w_gate': w_gate, 'w_up': w_up, 'w_down': w_down}
-    out.append(layer)
-  return {**state, 'stages': _stage_trees(out, dense_config(cfg))}
 
 
 # ----------------------------------------------------------------------------- routing

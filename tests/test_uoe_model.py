@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import schema, sharding
 from configs import uoe as uoe_config
-from model import axes, plan, uoe
+from model import axes, plan, uoe_convert
 from model.config import ConfigError
 from model.transformer import Transformer
 from tests.tiny_runs import train_tiny
@@ -106,16 +106,16 @@ def _logits(cfg, pure_state, tokens):
 def test_converted_dense_checkpoint_gives_the_same_logits_and_round_trips(gate_outputs):
   """Exact with released gates, and with output gates too: the converter's gates are uniform."""
   cfg = _uoe_model_cfg(gate_outputs=gate_outputs)
-  dense_cfg = uoe.dense_config(cfg)
+  dense_cfg = uoe_convert.dense_config(cfg)
   dense = _numpy_state(dense_cfg)
-  converted = uoe.convert_dense_state(dense, cfg)
+  converted = uoe_convert.convert_dense_state(dense, cfg)
   mlp = converted['stages'][0]['blocks']['mlp']
   assert mlp['w_gate'].shape == (2, 4, 64, 32) and mlp['router'].shape == (2, 64, 4)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 257, (2, 64)), jnp.int32)
   y_dense = _logits(dense_cfg, dense, tokens)
   y_uoe = _logits(cfg, converted, tokens)
   np.testing.assert_allclose(y_uoe, y_dense, rtol=1e-5, atol=1e-5 * np.abs(y_dense).max())
-  back = uoe.convert_uoe_state(converted, cfg)
+  back = uoe_convert.convert_uoe_state(converted, cfg)
   jax.tree.map(np.testing.assert_array_equal, back, dense)
 
 
@@ -123,12 +123,12 @@ def test_converted_dense_checkpoint_gives_the_same_logits_and_round_trips(gate_o
 def test_converter_round_trips_when_only_some_layers_are_uoe(scan):
   """Layer 1 only: the dense model's one stage becomes two ([dense], [smha + uome]) and back."""
   cfg = _uoe_model_cfg(layers=(-1,), scan=scan)
-  dense = _numpy_state(uoe.dense_config(cfg))
-  converted = uoe.convert_dense_state(dense, cfg)
+  dense = _numpy_state(uoe_convert.dense_config(cfg))
+  converted = uoe_convert.convert_dense_state(dense, cfg)
   assert len(converted['stages']) == 2
   expected = jax.tree.map(lambda a: a.shape, _numpy_state(cfg))
   assert jax.tree.map(lambda a: a.shape, converted) == expected
-  jax.tree.map(np.testing.assert_array_equal, uoe.convert_uoe_state(converted, cfg), dense)
+  jax.tree.map(np.testing.assert_array_equal, uoe_convert.convert_uoe_state(converted, cfg), dense)
 
 
 def _loss_and_grads(cfg, pure_state, tokens, mesh=None):

@@ -2,7 +2,7 @@
 [--step=N] [--config.a.b=value ...]`: start a Union-of-Experts run from a dense run's checkpoint.
 
 The dense model's weights are split into head- and MLP-experts by the exact decomposition
-(`model.uoe.convert_dense_state`; the gates start uniform), written as step 0 of NEW with a fresh
+(`model.uoe_convert.convert_dense_state`; the gates start uniform), written as step 0 of NEW with a fresh
 optimizer state, the dense run's dataset and NEW/config.json = `--config` with its overrides. Then
 `python -m train.train --config=<the same config and overrides> --workdir=NEW` trains it from
 there (the data order starts from the beginning). `--config` must describe the dense run's
@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from configs import cli, schema, sharding
 from data import corpus, pipeline
-from model import uoe
+from model import uoe_convert
 from model.config import ConfigError
 from train import mesh as mesh_lib
 from train import restore
@@ -46,7 +46,7 @@ def _check_architecture(dense: schema.Config, target: schema.Config) -> None:
       '--dense_workdir is already a UoE run (uoe.attention or uoe.feed_forward '
       'set); convert a dense run'
     )
-  want = dataclasses.asdict(uoe.dense_config(target.model))
+  want = dataclasses.asdict(uoe_convert.dense_config(target.model))
   have = dataclasses.asdict(dense.model)
   for key, value in want.items():
     if key != 'uoe' and have.get(key) != value:
@@ -82,7 +82,9 @@ def convert_run(
     Checkpointer(dense_workdir, dense_cfg.checkpoint, read_only=True), step
   )
   dense_cfg, _, dense_model = restore.restore_on_one_device(dense_workdir, step)
-  converted = uoe.convert_dense_state(nnx.to_pure_dict(nnx.state(dense_model)), target.model)
+  converted = uoe_convert.convert_dense_state(
+    nnx.to_pure_dict(nnx.state(dense_model)), target.model
+  )
   one = _one_device(target)
   fns = make_step_fns(
     one, mesh_lib.make_mesh(one.mesh, jax.devices()[:1]), sharding.rules(one.mesh.rules)
