@@ -33,11 +33,9 @@ def main(argv):
   data = iter(
     pipeline.train_dataset(
       tokens,
+      schema.DataConfig(),  # defaults: seed 0, windows, no workers
       seq_len=cfg.train.seq_len,
       global_batch_size=cfg.train.batch_size,
-      seed=0,
-      process_index=0,
-      process_count=1,
     )
   )
   state = fns.init()

@@ -47,7 +47,7 @@ def bare_train_step(cfg):
   """A zero-argument function running `cfg`'s jitted train step once on one fixed training batch
   (state carried from call to call; returns the step's metrics without waiting for them, so
   back-to-back calls dispatch asynchronously): the step without the loop around it."""
-  from configs import sharding  # pylint: disable=g-import-not-at-top
+  from configs import schema, sharding  # pylint: disable=g-import-not-at-top
   from data import corpus, pipeline  # pylint: disable=g-import-not-at-top
   from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
@@ -58,11 +58,9 @@ def bare_train_step(cfg):
     iter(
       pipeline.train_dataset(
         tokens,
+        schema.DataConfig(),  # defaults: seed 0, windows, no workers
         seq_len=cfg.train.seq_len,
         global_batch_size=cfg.train.batch_size,
-        seed=0,
-        process_index=0,
-        process_count=1,
       )
     )
   )

@@ -26,12 +26,9 @@ def pipeline_rate(split, *, packing: bool, batch: int, seq_len: int, seconds: fl
   it = iter(
     pipeline.train_dataset(
       split,
+      schema.DataConfig(packing=packing),
       seq_len=seq_len,
       global_batch_size=batch,
-      seed=0,
-      process_index=0,
-      process_count=1,
-      packing=packing,
     )
   )
   for _ in range(5):
@@ -74,11 +71,9 @@ def trainer_rate(steps: int = 6) -> float:
   it = iter(
     pipeline.train_dataset(
       split,
+      schema.DataConfig(),  # defaults: seed 0, windows, no workers
       seq_len=cfg.train.seq_len,
       global_batch_size=cfg.train.batch_size,
-      seed=0,
-      process_index=0,
-      process_count=1,
     )
   )
   batches = [pipeline.make_global_batch(next(it), fns.batch_sharding) for _ in range(steps + 1)]

@@ -63,11 +63,9 @@ def host_seconds_per_step(cfg, steps: int = 200) -> float:
   data = iter(
     pipeline.train_dataset(
       tokens,
+      schema.DataConfig(),  # defaults: seed 0, windows, no workers
       seq_len=cfg.train.seq_len,
       global_batch_size=cfg.train.batch_size,
-      seed=0,
-      process_index=0,
-      process_count=1,
     )
   )
   jax.block_until_ready(pipeline.make_global_batch(next(data), fns.batch_sharding))

@@ -13,7 +13,7 @@ pieces with `segment_ids`, `positions` and `weights` (see `sources.PackedSource`
 never crosses a document. Slicing after the index stream deals it round-robin to processes:
 processes see disjoint records and together exactly the single-process stream.
 
-Checkpointing: `it = iter(train_dataset(...))` is a `grain.DatasetIterator` whose state is the
+Checkpointing: `it = iter(train_dataset(tokens, cfg.data, ...))` is a `grain.DatasetIterator` whose state is the
 next index. With Orbax save it as `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`
 and restore with `CheckpointRestore(it)` on a fresh iterator of the same pipeline; it then
 yields exactly the next batch (one JSON file per process).
@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from configs.schema import DataConfig
 from data.errors import DataError
 from data.sources import PackedSource, Split, WindowSource
 
@@ -68,25 +69,20 @@ class _ReadWindows:
 
 def train_dataset(
   tokens,
+  data_cfg: DataConfig,
   *,
   seq_len: int,
   global_batch_size: int,
-  seed: int,
-  process_index: int,
-  process_count: int,
-  worker_count: int = 0,
-  prefetch: int = 2,
-  read_threads: int = 0,
-  packing: bool = False,
-  offsets: np.ndarray | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.IterDataset:
   """Infinite shuffled batches of int32[global_batch_size // process_count, L] arrays.
 
-  `tokens` is a `sources.Split`, a `sources.TokenArray` or a numpy array. Windows give
-  {'inputs', 'targets'}; `packing=True` also gives 'segment_ids', 'positions' and f32 'weights'
-  and needs document `offsets` (taken from a Split). `worker_count > 0` adds grain worker
-  processes (spawned: entry points need a __main__ guard); `read_threads > 0` reads up to
-  max(prefetch, read_threads) batches ahead in threads.
+  `tokens` is a `sources.Split`, a `sources.TokenArray` or a numpy array. Of `data_cfg`: `seed`
+  fixes the order; windows give {'inputs', 'targets'}, `packing` also gives 'segment_ids',
+  'positions' and f32 'weights' and needs the document offsets of a Split; `worker_count > 0`
+  adds grain worker processes (spawned: entry points need a __main__ guard); `read_threads > 0`
+  reads up to max(prefetch, read_threads) batches ahead in threads.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
@@ -95,11 +91,11 @@ def train_dataset(
     )
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index}: expected 0 <= index < {process_count}')
-  if isinstance(tokens, Split):
-    tokens, offsets = tokens.tokens, tokens.offsets if offsets is None else offsets
-  if packing:
+  seed, read_threads, prefetch = data_cfg.seed, data_cfg.read_threads, data_cfg.prefetch
+  tokens, offsets = (tokens.tokens, tokens.offsets) if isinstance(tokens, Split) else (tokens, None)
+  if data_cfg.packing:
     if offsets is None:
-      raise ValueError('packing=True needs document offsets (pass a sources.Split)')
+      raise ValueError('data.packing=True needs document offsets (pass a sources.Split)')
     src = PackedSource(tokens, offsets, seq_len, seed=shuffle_seed(seed))
     if len(src) == 0:
       raise DataError(f'{len(offsets) - 1} documents hold no (input, target) pair to pack')
@@ -114,9 +110,11 @@ def train_dataset(
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True).map(read)
   buffer = max(prefetch, read_threads) if read_threads else 0
   out = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
-  if worker_count > 0:
+  if data_cfg.worker_count > 0:
     out = out.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=prefetch)
+      grain.MultiprocessingOptions(
+        num_workers=data_cfg.worker_count, per_worker_buffer_size=prefetch
+      )
     )
   return out
 

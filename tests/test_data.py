@@ -29,12 +29,11 @@ def take(it, n):
 def make(seed=0, process_index=0, process_count=1, batch=8, **kw):
   return pipeline.train_dataset(
     TOKENS,
+    DataConfig(seed=seed, **kw),
     seq_len=L,
     global_batch_size=batch,
-    seed=seed,
     process_index=process_index,
     process_count=process_count,
-    **kw,
   )
 
 
@@ -182,9 +181,7 @@ def test_train_pipeline_rejects_bad_arguments():
   with pytest.raises(ValueError, match='process_count'):
     make(batch=7, process_count=2)
   with pytest.raises(corpus.DataError, match='seq_len'):
-    pipeline.train_dataset(
-      TOKENS[:L], seq_len=L, global_batch_size=2, seed=0, process_index=0, process_count=1
-    )
+    pipeline.train_dataset(TOKENS[:L], DataConfig(), seq_len=L, global_batch_size=2)
 
 
 def test_eval_batches():

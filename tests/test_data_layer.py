@@ -254,12 +254,10 @@ def test_packing_never_attends_across_documents():
 def test_packed_process_shards_are_disjoint_and_cover():
   tokens, offsets = packed_data()
   make = lambda p, n, b: pipeline.train_dataset(
-    tokens,
-    offsets=offsets,
-    packing=True,
+    sources.Split(tokens, offsets),
+    schema.DataConfig(seed=1, packing=True),
     seq_len=16,
     global_batch_size=b,
-    seed=1,
     process_index=p,
     process_count=n,
   )
@@ -309,13 +307,7 @@ def test_resume_mid_epoch_through_orbax_on_tensorstore(tmp_path, prepared, packi
   split = sources.open_split(prepared, 'train')
   make = lambda: iter(
     pipeline.train_dataset(
-      split,
-      seq_len=64,
-      global_batch_size=4,
-      seed=5,
-      process_index=0,
-      process_count=1,
-      packing=packing,
+      split, schema.DataConfig(seed=5, packing=packing), seq_len=64, global_batch_size=4
     )
   )
   it = make()

@@ -110,12 +110,7 @@ def test_a_missing_chunk_is_never_read_as_zeros(prepared):
   os.remove(_shard(prepared))
   _resolve(prepared, 'off')  # no file check: the read itself must refuse
   batches = pipeline.train_dataset(
-    sources.open_split(prepared, 'train'),
-    seq_len=16,
-    global_batch_size=2,
-    seed=0,
-    process_index=0,
-    process_count=1,
+    sources.open_split(prepared, 'train'), schema.DataConfig(), seq_len=16, global_batch_size=2
   )
   with pytest.raises(DataError, match='cannot read tokens.*missing'):
     next(iter(batches))

@@ -80,7 +80,12 @@ def test_every_process_count_sees_the_same_global_stream_and_seek_repositions():
   tokens = np.arange(20000, dtype=np.int32)
   make = lambda p, n: iter(
     pipeline.train_dataset(
-      tokens, seq_len=16, global_batch_size=8, seed=3, process_index=p, process_count=n
+      tokens,
+      schema.DataConfig(seed=3),
+      seq_len=16,
+      global_batch_size=8,
+      process_index=p,
+      process_count=n,
     )
   )
   one = make(0, 1)

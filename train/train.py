@@ -98,15 +98,11 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   data_iter = iter(
     pipeline.train_dataset(
       sources.open_split(dataset_dir, 'train'),
+      cfg.data,
       seq_len=cfg.train.seq_len,
       global_batch_size=cfg.train.batch_size,
-      seed=cfg.data.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      worker_count=cfg.data.worker_count,
-      prefetch=cfg.data.prefetch,
-      read_threads=cfg.data.read_threads,
-      packing=cfg.data.packing,
     )
   )
 
