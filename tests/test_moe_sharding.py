@@ -46,7 +46,7 @@ def _run(cfg):
 
   @jax.jit
   def loss_and_grads(model_state, batch):
-    with axes.axis_rules(mesh, fns.rules):
+    with axes.axis_rules(mesh, sharding.rules(cfg.mesh.rules)):
       model = nnx.merge(fns.model_def, model_state)
       return nnx.value_and_grad(lambda m: model_loss(m, batch)[0])(model)
 

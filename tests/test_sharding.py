@@ -46,7 +46,7 @@ def _run(shape, rules):
 
   @jax.jit
   def loss_and_grads(model_state, batch):
-    with axes.axis_rules(mesh, fns.rules):
+    with axes.axis_rules(mesh, sharding.rules(rules)):
       model = nnx.merge(fns.model_def, model_state)
       grad_fn = nnx.value_and_grad(lambda m: model_loss(m, batch)[0])
       return grad_fn(model)

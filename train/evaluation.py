@@ -7,6 +7,7 @@ is scored teacher-forced, one whose logits at t can read tokens after t exact-pr
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,46 +33,49 @@ from train.restore import check_same_tokenizer, checkpoint_step, read_run_config
 from train.step import StepFns, make_step_fns
 
 
-def eval_model(fns: StepFns, model_state) -> nnx.Module:
+def eval_model(model_def: nnx.GraphDef, model_state) -> nnx.Module:
   """The model of `model_state` in evaluation mode (no router jitter)."""
-  model = nnx.merge(fns.model_def, model_state)
+  model = nnx.merge(model_def, model_state)
   model.eval()
   return model
 
 
-def make_eval_step(fns: StepFns, tokenizer):
-  """Jitted (model_state, batch) -> sums over the batch and values at chosen positions, in
-  evaluation mode.
+def eval_step(model_state, batch: dict, *, model_def: nnx.GraphDef, tokenizer) -> dict:
+  """Sums over `batch` and values at chosen positions of the model, in evaluation mode.
 
   `batch`: 'inputs', 'targets' [B, L], 'cuts' (int32 [B, P]: positions whose cross-entropy is
   returned) and, for exact-prefix rows, 'segment_ids' (1 up to the row's scored position, 0
   after: the model sees that prefix alone, `model.validity`). Returns 'ce', 'tokens', 'bytes'
-  (sums over every position) and 'ce_BP', 'bytes_BP' (at the cuts). Build it once per run and pass
-  it to `evaluate_model`: each new jit object compiles anew.
+  (sums over every position) and 'ce_BP', 'bytes_BP' (at the cuts). Jit it with `make_eval_step`.
   """
+  logits, _ = eval_model(model_def, model_state)(
+    batch['inputs'], segment_ids_BL=batch.get('segment_ids')
+  )
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+    logits.astype(jnp.float32), batch['targets']
+  )
+  bytes_BL = (
+    tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
+    if tokenizer.byte_level
+    else jnp.zeros_like(ce_BL)
+  )
+  at = lambda x_BL: jnp.take_along_axis(x_BL, batch['cuts'], axis=1)
+  return {
+    'ce': ce_BL.sum(),
+    'tokens': jnp.float32(ce_BL.size),
+    'bytes': bytes_BL.sum(),
+    'ce_BP': at(ce_BL),
+    'bytes_BP': at(bytes_BL),
+  }
 
-  def fn(model_state, batch):
-    logits, _ = eval_model(fns, model_state)(
-      batch['inputs'], segment_ids_BL=batch.get('segment_ids')
-    )
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch['targets']
-    )
-    bytes_BL = (
-      tokenizer.bytes_per_token(batch['targets']).astype(jnp.float32)
-      if tokenizer.byte_level
-      else jnp.zeros_like(ce_BL)
-    )
-    at = lambda x_BL: jnp.take_along_axis(x_BL, batch['cuts'], axis=1)
-    return {
-      'ce': ce_BL.sum(),
-      'tokens': jnp.float32(ce_BL.size),
-      'bytes': bytes_BL.sum(),
-      'ce_BP': at(ce_BL),
-      'bytes_BP': at(bytes_BL),
-    }
 
-  return jax.jit(fn, in_shardings=(fns.state_shardings['model'], fns.batch_sharding))
+def make_eval_step(fns: StepFns, tokenizer):
+  """`eval_step` jitted for the run of `fns`: (model_state, batch) -> its dict. Build it once per
+  run and pass it to `evaluate_model`: each new jit object compiles anew."""
+  return jax.jit(
+    functools.partial(eval_step, model_def=fns.model_def, tokenizer=tokenizer),
+    in_shardings=(fns.state_shardings['model'], fns.batch_sharding),
+  )
 
 
 def sampled_positions(inputs_BL: np.ndarray, count: int) -> np.ndarray:
@@ -98,7 +102,7 @@ def evaluate_model(
   tokens: np.ndarray,
   cfg: schema.Config,
   tokenizer=None,
-  eval_step=None,
+  step_fn=None,
   positions_per_window: int | None = None,
 ) -> dict:
   """Held-out loss, perplexity, token count and bits per byte of `state['model']`, honestly.
@@ -113,7 +117,7 @@ def evaluate_model(
   `tokenizer` is the dataset's (default: `data.tokenizer`); bits per byte need a byte-level one.
   """
   tokenizer = tokenizer or get_tokenizer(cfg.data.tokenizer)
-  step_fn = eval_step or make_eval_step(fns, tokenizer)
+  step_fn = step_fn or make_eval_step(fns, tokenizer)
   causal = plan.build(cfg.model).causal
   per_window = (
     cfg.eval.positions_per_window if positions_per_window is None else positions_per_window
@@ -259,16 +263,16 @@ def evaluate_checkpoint(
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
   tokens = corpus.load_split(dataset_dir, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
-  eval_step = make_eval_step(fns, tokenizer)
+  step_fn = make_eval_step(fns, tokenizer)
   result = {
     'step': step,
     **evaluate_model(
-      fns, {'model': model_state}, tokens, cfg, tokenizer, eval_step, positions_per_window
+      fns, {'model': model_state}, tokens, cfg, tokenizer, step_fn, positions_per_window
     ),
     **coupling_levels(fns.model({'model': model_state})),
   }
   if baseline:
-    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, eval_step, positions_per_window)
+    init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, step_fn, positions_per_window)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
