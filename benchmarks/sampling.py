@@ -33,7 +33,7 @@ PROMPT = 'def main(argv):\n    '
 
 def _model(workdir, arg):
   if workdir:
-    return evaluate.restore_on_one_device(workdir)[2], workdir
+    return evaluate.restore_model(workdir).model, workdir
   cfg = schema.load(demo.get_config(arg), jax.device_count())
   return causality.random_model(
     cfg.model, scale=0.05

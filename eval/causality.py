@@ -159,7 +159,7 @@ def check_checkpoint(workdir: str, seed: int = 0) -> tuple[dict, list[str]]:
   """`check` on the newest checkpoint of a run."""
   from eval import evaluate  # pylint: disable=g-import-not-at-top  (restores checkpoints)
 
-  cfg, step, model = evaluate.restore_on_one_device(workdir)
+  cfg, step, model = evaluate.restore_model(workdir)
   return check(cfg, model, seed=seed, name=f'{workdir} (step {step})')
 
 

@@ -11,7 +11,8 @@ teacher-forced numbers beside it as `teacher_forced_*`).
 
 The evaluation itself lives in train/, where training and sweeps use it too: `train.evaluation`
 (eval step, `evaluate_model`, `evaluate_checkpoint`) and `train.restore` (a run's config,
-tokenizer and checkpoints); this module is its command line and keeps their names importable.
+tokenizer and checkpoints; `restore_model`, the one way a model is read back); this module is
+its command line and keeps their names importable.
 """
 
 import json
@@ -25,6 +26,7 @@ from model.config import ConfigError
 from train.evaluation import (
   coupling_levels,
   eval_model,
+  eval_step,
   evaluate_checkpoint,
   evaluate_model,
   make_eval_step,
@@ -32,10 +34,11 @@ from train.evaluation import (
   sampled_positions,
 )
 from train.restore import (
+  RestoredModel,
   check_same_tokenizer,
   checkpoint_step,
   read_run_config,
-  restore_on_one_device,
+  restore_model,
   run_tokenizer,
   run_tokenizer_identity,
 )
@@ -45,12 +48,14 @@ __all__ = [
   'checkpoint_step',
   'coupling_levels',
   'eval_model',
+  'eval_step',
   'evaluate_checkpoint',
   'evaluate_model',
   'make_eval_step',
   'paired_estimate',
   'read_run_config',
-  'restore_on_one_device',
+  'RestoredModel',
+  'restore_model',
   'run_tokenizer',
   'run_tokenizer_identity',
   'sampled_positions',

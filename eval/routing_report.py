@@ -197,7 +197,7 @@ def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
       'the report restores one for alpha* and the segment cache hit '
       '(--nocheckpoint skips it)'
     )
-  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
+  cfg, step, model = evaluate.restore_model(workdir, step)
   per_layer: dict[str, dict[int, float]] = {}
   for key, value in evaluate.coupling_levels(model).items():
     m = _LAYER.match(key)

@@ -157,9 +157,9 @@ def sample_checkpoint(
   prompt_ids = tokenizer.encode(prompt)
   if len(prompt_ids) == 0:
     raise ConfigError('--prompt is empty: give at least one character')
-  _, step, model = evaluate.restore_on_one_device(workdir, step)
+  restored = evaluate.restore_model(workdir, step)
   ids = sample(
-    model,
+    restored.model,
     prompt_ids,
     max_new_tokens=max_new_tokens,
     vocab_size=tokenizer.vocab_size,
@@ -172,7 +172,7 @@ def sample_checkpoint(
   )
   new = ids[len(prompt_ids) :]
   return {
-    'step': step,
+    'step': restored.step,
     'prompt': prompt,
     'completion': tokenizer.decode(np.asarray(new)),
     'tokens': new,

@@ -106,7 +106,7 @@ def checkpoint_segment_cache(
   on the first `max_batches` held-out batches of `eval.batch_size` sequences."""
   cfg = evaluate.read_run_config(workdir)
   _check(cfg, lengths, max_batches)
-  cfg, step, model = evaluate.restore_on_one_device(workdir, step)
+  cfg, step, model = evaluate.restore_model(workdir, step)
   return {'step': step, **heldout_segment_cache(cfg, model, lengths, max_batches)}
 
 

@@ -114,7 +114,9 @@ def test_sample_uses_the_run_datasets_tokenizer(tmp_path, datasets, monkeypatch,
     seen.update(prompt_ids=list(prompt_ids), vocab_size=vocab_size, eos_id=eos_id)
     return list(prompt_ids) + list(hf.encode(' lazy dogs'))
 
-  monkeypatch.setattr(evaluate, 'restore_on_one_device', lambda workdir, step: (None, 3, None))
+  monkeypatch.setattr(
+    evaluate, 'restore_model', lambda workdir, step: evaluate.RestoredModel(None, 3, None)
+  )
   monkeypatch.setattr(sample_lib, 'sample', fake_sample)
   out = sample_lib.sample_checkpoint(workdir, 'the quick', max_new_tokens=4)
   assert seen == {

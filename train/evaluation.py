@@ -28,8 +28,7 @@ from model import erc, plan
 from model.config import ConfigError
 from model.moe_layer import MoE
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
-from train.restore import check_same_tokenizer, checkpoint_step, read_run_config
+from train.restore import check_same_tokenizer, read_run_config, restore_model
 from train.step import StepFns, make_step_fns
 
 
@@ -254,22 +253,26 @@ def evaluate_checkpoint(
     check_same_tokenizer(workdir, cfg.data, corpus.resolve_dataset(data_cfg))  # before any work
     cfg = dataclasses.replace(cfg, data=data_cfg)
   cfg, num_devices = _eval_config(cfg)
-  ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
-  step = checkpoint_step(ckpt, step)
+  restored = restore_model(workdir, step, mesh=cfg.mesh)
   mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:num_devices])
   fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
-  model_state = ckpt.restore_model(step, fns.abstract_state()['model'])
   dataset_dir = corpus.resolve_dataset(cfg.data)
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
   tokens = corpus.load_split(dataset_dir, 'heldout')
   tokenizer = corpus.dataset_tokenizer(dataset_dir)
   step_fn = make_eval_step(fns, tokenizer)
   result = {
-    'step': step,
+    'step': restored.step,
     **evaluate_model(
-      fns, {'model': model_state}, tokens, cfg, tokenizer, step_fn, positions_per_window
+      fns,
+      {'model': nnx.state(restored.model)},
+      tokens,
+      cfg,
+      tokenizer,
+      step_fn,
+      positions_per_window,
     ),
-    **coupling_levels(fns.model({'model': model_state})),
+    **coupling_levels(restored.model),
   }
   if baseline:
     init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, step_fn, positions_per_window)
@@ -277,6 +280,6 @@ def evaluate_checkpoint(
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'step_{step}.json'), 'w') as f:
+    with open(os.path.join(out_dir, f'step_{restored.step}.json'), 'w') as f:
       json.dump(result, f, indent=2)
   return result

@@ -1,12 +1,15 @@
 """A trained run read back from its workdir: its config, its tokenizer, its checkpoints.
 
-Shared by the evaluation (`train.evaluation`, `python -m eval.evaluate`), the per-model tools of
-eval/ and `python -m train.uoe_from_dense`.
+`restore_model` is the one way a model comes back from a checkpoint: the evaluation
+(`train.evaluation`, `python -m eval.evaluate`), the per-model tools of eval/, benchmarks and
+`python -m train.uoe_from_dense` all go through it.
 """
 
 import dataclasses
 import json
+import math
 import os
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -14,10 +17,23 @@ from flax import nnx
 from configs import schema, sharding
 from data import corpus
 from data.tokenizer import get_tokenizer
+from model import axes
 from model.config import ConfigError
+from model.transformer import Transformer
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
-from train.step import make_step_fns
+from train.step import build_model, with_shardings
+
+ONE_DEVICE = schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp')
+
+
+class RestoredModel(NamedTuple):
+  """A checkpoint's model (`restore_model`), with the run's config (its `mesh` the one restored
+  onto) and the checkpoint's step."""
+
+  cfg: schema.Config
+  step: int
+  model: Transformer
 
 
 def read_run_config(workdir: str) -> schema.Config:
@@ -76,24 +92,30 @@ def checkpoint_step(ckpt: Checkpointer, step: int | None) -> int:
     raise ConfigError(f'no complete checkpoint in {ckpt.directory}')
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise ConfigError(f'--step={step}: no checkpoint at that step; available: {steps}')
+    raise ConfigError(
+      f'--step={step}: no checkpoint at that step in {ckpt.directory}; available: {steps}'
+    )
   return step
 
 
-def restore_on_one_device(
-  workdir: str, step: int | None = None
-) -> tuple[schema.Config, int, nnx.Module]:
-  """(the run's config on a one-device mesh, the step, the model in evaluation mode) of a run's
-  checkpoint (default: the newest), for the per-model tools (sampling, routing report, segment
-  cache, eval.causality) and the UoE conversion."""
-  cfg = dataclasses.replace(
-    read_run_config(workdir), mesh=schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp')
-  )
+def restore_model(
+  workdir: str, step: int | None = None, *, mesh: schema.MeshConfig = ONE_DEVICE
+) -> RestoredModel:
+  """The model of a run's checkpoint (default: the newest step) in evaluation mode: weights and
+  routing state, no optimizer state, laid out on `mesh` over the first devices here (default:
+  one device; `train.evaluation` passes a mesh of several)."""
+  cfg = dataclasses.replace(read_run_config(workdir), mesh=mesh)
   ckpt = Checkpointer(workdir, cfg.checkpoint, read_only=True)
   step = checkpoint_step(ckpt, step)
-  fns = make_step_fns(
-    cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]), sharding.rules(cfg.mesh.rules)
+  devices = jax.devices()[: math.prod(mesh.resolved_shape(jax.device_count()))]
+  model_def, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+  shardings = axes.state_shardings(
+    abstract, mesh_lib.make_mesh(mesh, devices), sharding.rules(mesh.rules)
   )
-  model = fns.model({'model': ckpt.restore_model(step, fns.abstract_state()['model'])})
+  model = nnx.merge(model_def, ckpt.restore_model(step, with_shardings(abstract, shardings)))
   model.eval()
-  return cfg, step, model
+  return RestoredModel(cfg, step, model)
+
+
+# The former name, while `train.uoe_from_dense` still calls it: fields unpack as (cfg, step, model).
+restore_on_one_device = restore_model
