@@ -17,6 +17,7 @@ or a packing-accepting model whose documents influence each other.
 
 import json
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,13 @@ from model import plan, transformer
 from model.config import ConfigError, ModelConfig
 
 TOLERANCE = 1e-4  # relative to the largest |logit|: f32 rounding is far below, any real leak above
+
+
+class Verdict(NamedTuple):
+  """The JSON record of one check and the contradictions found (empty: the declaration holds)."""
+
+  record: dict
+  problems: list[str]
 
 
 def random_model(cfg: ModelConfig, *, scale: float = 0.3, seed: int = 0) -> transformer.Transformer:
@@ -111,8 +119,8 @@ def measure(model, *, length: int, vocab: int, seed: int = 0) -> dict:
   }
 
 
-def check(cfg: schema.Config, model, *, seed: int = 0, name: str = '') -> tuple[dict, list[str]]:
-  """(the JSON record, the contradictions found: empty when the declaration holds)."""
+def check(cfg: schema.Config, model, *, seed: int = 0, name: str = '') -> Verdict:
+  """The measurements of `model` (the model of `cfg`) against what its layer kinds declare."""
   reasons = plan.build(cfg.model).reasons
   m = measure(model, length=cfg.train.seq_len, vocab=cfg.model.vocab_size, seed=seed)
   tol = TOLERANCE * max(m.pop('logit_scale'), 1.0)
@@ -145,17 +153,17 @@ def check(cfg: schema.Config, model, *, seed: int = 0, name: str = '') -> tuple[
       f"packing accepted, but one document moved another's logits by "
       f'{m["cross_document_change"]:.3g}'
     )
-  return record, problems
+  return Verdict(record, problems)
 
 
-def check_config(config, *, seed: int = 0, name: str = '') -> tuple[dict, list[str]]:
+def check_config(config, *, seed: int = 0, name: str = '') -> Verdict:
   """`check` on a random model of an experiment ConfigDict (its packing flag is ignored)."""
   config.data.packing = False  # measured here; schema.load would refuse it for a non-causal model
   cfg = schema.load(config, jax.device_count())
   return check(cfg, random_model(cfg.model, seed=seed), seed=seed, name=name)
 
 
-def check_checkpoint(workdir: str, seed: int = 0) -> tuple[dict, list[str]]:
+def check_checkpoint(workdir: str, seed: int = 0) -> Verdict:
   """`check` on the newest checkpoint of a run."""
   from eval import evaluate  # pylint: disable=g-import-not-at-top  (restores checkpoints)
 

@@ -27,6 +27,11 @@ from train.step import build_model, with_shardings
 ONE_DEVICE = schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp')
 
 
+class TokenizerIdentity(NamedTuple):
+  fingerprint: str
+  spec: str
+
+
 class RestoredModel(NamedTuple):
   """A checkpoint's model (`restore_model`), with the run's config (its `mesh` the one restored
   onto) and the checkpoint's step."""
@@ -47,16 +52,16 @@ def read_run_config(workdir: str) -> schema.Config:
     return schema.from_dict(json.load(f))
 
 
-def run_tokenizer_identity(workdir: str, data_cfg: schema.DataConfig) -> tuple[str, str]:
-  """(fingerprint, spec) of the tokenizer a run was trained with: DIR/dataset.json (written by
+def run_tokenizer_identity(workdir: str, data_cfg: schema.DataConfig) -> TokenizerIdentity:
+  """The fingerprint and spec of the tokenizer a run was trained with: DIR/dataset.json (written by
   train.train), else the metadata of the run's own dataset (`data_cfg`)."""
   path = os.path.join(workdir, 'dataset.json')
   if os.path.exists(path):
     with open(path) as f:
       ident = json.load(f)
-    return ident['tokenizer'], ident['tokenizer_spec']
+    return TokenizerIdentity(ident['tokenizer'], ident['tokenizer_spec'])
   info = corpus.load_metadata(corpus.resolve_dataset(data_cfg))['tokenizer']
-  return info['fingerprint'], info['spec']
+  return TokenizerIdentity(info['fingerprint'], info['spec'])
 
 
 def run_tokenizer(workdir: str, data_cfg: schema.DataConfig):

@@ -9,6 +9,7 @@ and returns them in `StepFns` beside the graph definitions and shardings, which 
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,11 +95,18 @@ def init_state(cfg: Config, mesh: Mesh, rules: dict) -> dict:
     return {'model': nnx.state(model), 'opt': nnx.state(opt)}
 
 
-def _grads(grad_fn, params, batch: dict, accum: int):
-  """(grads, loss, lm, aux) of `batch`, averaged over `accum` equal microbatches (a scan)."""
+class Gradients(NamedTuple):
+  grads: nnx.State
+  loss: jax.Array  # the training objective: LM loss plus auxiliary losses
+  lm_loss: jax.Array
+  aux: dict  # the model's aux: 'loss', 'metrics', 'stats'
+
+
+def _grads(grad_fn, params, batch: dict, accum: int) -> Gradients:
+  """Gradients and losses of `batch`, averaged over `accum` equal microbatches (a scan)."""
   if accum == 1:
     (loss, (lm, aux)), grads = grad_fn(params, batch)
-    return grads, loss, lm, aux
+    return Gradients(grads, loss, lm, aux)
   micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
   def body(carry, mb):
@@ -110,7 +118,7 @@ def _grads(grad_fn, params, batch: dict, accum: int):
     lambda s: jnp.zeros(s.shape, s.dtype), (params, jnp.float32(0), jnp.float32(0), zero_aux)
   )
   (grads, loss, lm, aux), _ = jax.lax.scan(body, zeros, micro)
-  return jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux))
+  return Gradients(*jax.tree.map(lambda x: x / accum, (grads, loss, lm, aux)))
 
 
 def train_step(

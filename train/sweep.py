@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import sys
+from typing import NamedTuple
 
 from absl import app, flags, logging
 
@@ -45,8 +46,13 @@ def _load_module(path: str):
   return module
 
 
-def load_sweep(config: str, name: str) -> tuple[object, list[dict]]:
-  """(the base ConfigDict, the sweep's override dicts), every key checked against the config."""
+class Sweep(NamedTuple):
+  base: object  # the config file's ConfigDict
+  runs: list[dict]  # one dict of overrides per run
+
+
+def load_sweep(config: str, name: str) -> Sweep:
+  """The base ConfigDict and the sweep's override dicts, every key checked against the config."""
   path, _, arg = config.partition(':')
   module = _load_module(path)
   base = module.get_config(arg or None)
@@ -65,7 +71,7 @@ def load_sweep(config: str, name: str) -> tuple[object, list[dict]]:
     raise ConfigError(f'--sweep={name}: the sweep has no runs')
   for overrides in runs:
     apply_overrides(base.copy_and_resolve_references(), overrides)
-  return base, runs
+  return Sweep(base, runs)
 
 
 def apply_overrides(config, overrides: dict):
