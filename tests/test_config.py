@@ -19,7 +19,8 @@ def _experiment_files():
   return sorted(
     p
     for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-    if os.path.basename(p) not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py', 'sweeps.py')
+    if os.path.basename(p)
+    not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py', 'sweeps.py', 'from_run.py')
   )
 
 
