@@ -39,6 +39,7 @@ ENTROPY_COLUMNS = (
   'dead_experts',
   'load_max_mean',
 )
+PLAN_COLUMNS = ('attention', 'feed_forward', 'description')
 MOE_COLUMNS = ('load_cv', 'load_max_mean', 'dead_experts', 'coupling_level_at_checkpoint')
 ROUTING_COLUMNS = ('occupancy_min', 'occupancy_max', 'unpicked_fraction')
 UOE_COLUMNS = tuple(
@@ -119,6 +120,7 @@ def render(data: dict) -> str:
     name = plot['file'][: -len('.png')]
     lines += [f'![{name}]({plot["file"]})', '', f'*{plot["caption"]}*', '']
   sections = (
+    ('Layers', data['layers'].get('plan', {}), PLAN_COLUMNS),
     ('Routing entropy and trigger', data['layers']['entropy'], ENTROPY_COLUMNS),
     ('MoE health (last logging window)', data['layers']['moe'], MOE_COLUMNS),
     ('Routing attention (last logging window)', data['layers']['routing'], ROUTING_COLUMNS),

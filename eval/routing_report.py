@@ -32,7 +32,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from configs import cli
+from configs import cli, schema
 from eval import report_markdown
 from train.metrics import read_eval_metrics, read_metrics  # public here too, as before
 
@@ -60,17 +60,24 @@ def read_config(workdir: str) -> dict:
     raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
+def layer_plan(config: dict):
+  """The layer plan (`model.plan.ModelPlan`) of the run whose DIR/config.json is `config`."""
+  from model import plan  # pylint: disable=g-import-not-at-top  (model code is heavy)
+
+  return plan.build(schema.from_dict(config).model)
+
+
 def run_features(config: dict) -> dict[str, bool]:
-  """Which routed mechanisms the run's config has: moe, erc, entropy (trigger),
-  routing_attention, uoe (SMHA and/or UoME layers)."""
-  moe, entropy, uoe = config.get('moe', {}), config.get('entropy', {}), config.get('uoe', {})
-  is_moe = moe.get('num_experts', 0) > 0
+  """Which routed mechanisms the run's layers have (from the layer plan): moe, erc, entropy
+  (trigger, in MoE layers), routing_attention, uoe (SMHA and/or UoME layers)."""
+  specs = layer_plan(config).specs
+  is_moe = any(s.feed_forward == 'moe' for s in specs)
   return {
     'moe': is_moe,
-    'erc': is_moe and moe.get('erc_weight', 0) > 0,
-    'entropy': is_moe and bool(entropy.get('enabled')),
-    'routing_attention': config.get('attention', {}).get('kind') == 'routing',
-    'uoe': uoe.get('attention') == 'smha' or uoe.get('feed_forward') == 'uome',
+    'erc': is_moe and config.get('moe', {}).get('erc_weight', 0) > 0,
+    'entropy': is_moe and bool(config.get('entropy', {}).get('enabled')),
+    'routing_attention': any(s.attention == 'routing' for s in specs),
+    'uoe': any(s.attention == 'smha' or s.feed_forward == 'uome' for s in specs),
   }
 
 
@@ -240,6 +247,14 @@ def build(
     'triggers_monitored': len(triggers),
     'checkpoint': checkpoint,
     'layers': {
+      'plan': {
+        layer.index: {
+          'attention': layer.spec.attention,
+          'feed_forward': layer.spec.feed_forward,
+          'description': layer.description,
+        }
+        for layer in layer_plan(config).layers
+      },
       'entropy': summary(records) if features['moe'] else {},
       'moe': moe_rows,
       'routing': routing_rows,

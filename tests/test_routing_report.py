@@ -138,7 +138,13 @@ def test_dense_run_gets_the_loss_plot_only(tmp_path):
     'routing_report.json',
     'routing_report.md',
   ]
-  assert data['layers'] == {'entropy': {}, 'moe': {}, 'routing': {}, 'uoe': {}}
+  layers = dict(data['layers'])
+  assert [r['feed_forward'] for r in layers.pop('plan').values()] == ['mlp', 'mlp']  # the plan
+  assert layers == {'entropy': {}, 'moe': {}, 'routing': {}, 'uoe': {}}
+  assert (
+    '| 0 | dense | mlp | causal attention, 4 heads'
+    in (tmp_path / 'report' / 'routing_report.md').read_text()
+  )
 
 
 def test_uoe_run_gets_its_gate_plot_and_table(tmp_path):
