@@ -70,8 +70,9 @@ def test_plan_names_the_metrics_each_layer_reports(name):
     assert reported == set(layer.metrics), (layer.index, names)
     assert all(any(n.startswith(p) for p in layer.metrics) for n in names), names
   assert plan.build(cfg.model).gated_layers == [
-    layer.index for layer in layer_plan.layers if layer.spec.feed_forward in ('moe', 'uome')
-    or layer.spec.attention == 'smha'
+    layer.index
+    for layer in layer_plan.layers
+    if layer.spec.feed_forward in ('moe', 'uome') or layer.spec.attention == 'smha'
   ]
 
 
@@ -81,7 +82,7 @@ def test_unknown_router_or_layer_kind_lists_the_known_ones():
   with pytest.raises(ConfigError) as e:
     schema.load(c, 1)
   assert str(e.value) == "moe.router='hash': unknown router; known: topk, expert_choice"
-  with pytest.raises(ConfigError, match=r"unknown attention kind; known: dense, local, routing"):
+  with pytest.raises(ConfigError, match=r'unknown attention kind; known: dense, local, routing'):
     registry.lookup('attention kind', 'linear', 'layer 0 attention')
   cfg = _load('base', 'tiny').model
 

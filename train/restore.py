@@ -120,7 +120,3 @@ def restore_model(
   model = nnx.merge(model_def, ckpt.restore_model(step, with_shardings(abstract, shardings)))
   model.eval()
   return RestoredModel(cfg, step, model)
-
-
-# The former name, while `train.uoe_from_dense` still calls it: fields unpack as (cfg, step, model).
-restore_on_one_device = restore_model

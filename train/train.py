@@ -22,8 +22,8 @@ from ml_collections import config_flags
 
 from configs import cli, schema, sharding
 from data import corpus, pipeline, sources
-from model.config import ConfigError
 from model import plan
+from model.config import ConfigError
 from train import distributed, memory
 from train import evaluation as eval_lib
 from train import mesh as mesh_lib

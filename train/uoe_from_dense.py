@@ -81,7 +81,7 @@ def convert_run(
   step = restore.checkpoint_step(
     Checkpointer(dense_workdir, dense_cfg.checkpoint, read_only=True), step
   )
-  dense_cfg, _, dense_model = restore.restore_on_one_device(dense_workdir, step)
+  dense_cfg, _, dense_model = restore.restore_model(dense_workdir, step)
   converted = uoe_convert.convert_dense_state(
     nnx.to_pure_dict(nnx.state(dense_model)), target.model
   )
