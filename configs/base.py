@@ -173,6 +173,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     10  # with on_nonfinite='skip': stop after this many non-finite steps in a row
   )
   t.check_memory = True  # refuse (before compiling) a run whose estimated memory exceeds the device's; False: try anyway
+  t.init_from = ''  # warm start: DIR or DIR@STEP of another run; its model, a fresh optimizer, this run's data order
+  t.init_from_mode = 'copy'  # copy (same architecture) | upcycle (dense -> top-k MoE: experts copy the MLP) | uoe (dense -> Union of Experts, exact)
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 1000  # steps between checkpoints (a final one is always written)

@@ -60,6 +60,9 @@ class OptimizerConfig:
   grad_clip: float = 1.0
 
 
+INIT_FROM_MODES = ('copy', 'upcycle', 'uoe')  # train.init_from_mode: train/warm_start.py
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 10000
@@ -73,6 +76,8 @@ class TrainConfig:
   on_nonfinite: str = 'stop'
   nonfinite_patience: int = 10
   check_memory: bool = True
+  init_from: str = ''
+  init_from_mode: str = 'copy'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +258,10 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
   if t.nonfinite_patience < 1:
     raise ConfigError(f'train.nonfinite_patience={t.nonfinite_patience}: expected >= 1')
+  if t.init_from_mode not in INIT_FROM_MODES:
+    raise ConfigError(
+      f'train.init_from_mode={t.init_from_mode!r}: expected one of {INIT_FROM_MODES}'
+    )
   if not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1:
     raise ConfigError(f'optimizer.b1={o.b1}, optimizer.b2={o.b2}: expected values in [0, 1)')
   if t.stop_after < 0 or e.max_batches < 0 or e.every_steps < 0 or t.peak_tflops < 0:

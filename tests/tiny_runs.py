@@ -60,3 +60,29 @@ def checkpoint_state(workdir, cfg: schema.Config, step: int | None = None) -> tu
   fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
   step = ckpt.latest_step() if step is None else step
   return step, jax.device_get(ckpt.restore(step, fns.abstract_state()))
+
+
+def weights_only_run(workdir, config, seed: int = 0) -> schema.Config:
+  """A run directory with config.json and a step-0 checkpoint of the freshly initialised model of
+  ConfigDict `config` at `seed` (no training, no data position): a cheap source for warm starts,
+  export and evaluation tests."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from configs import sharding  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from train.restore import ONE_DEVICE  # pylint: disable=g-import-not-at-top
+  from train.step import init_state  # pylint: disable=g-import-not-at-top
+
+  cfg = schema.load(config, 1)
+  cfg = dataclasses.replace(
+    cfg, mesh=ONE_DEVICE, train=dataclasses.replace(cfg.train, seed=seed)
+  )
+  state = init_state(cfg, mesh_lib.make_mesh(ONE_DEVICE, jax.devices()[:1]), sharding.rules('dp'))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+  ckpt = Checkpointer(str(workdir), cfg.checkpoint)
+  ckpt.save(0, state)
+  ckpt.close()
+  return cfg

@@ -24,7 +24,7 @@ from configs import cli, schema, sharding
 from data import corpus, pipeline, sources
 from model import plan
 from model.config import ConfigError
-from train import distributed, memory
+from train import distributed, memory, warm_start
 from train import evaluation as eval_lib
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
@@ -85,6 +85,9 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   dataset_dir = corpus.resolve_dataset(cfg.data)
   corpus.check_vocab(dataset_dir, cfg.model.vocab_size)
   ident = check_dataset(workdir, dataset_dir)
+  warm = None  # a warm start's model, checked before anything is written; ignored on resume
+  if cfg.train.init_from and not _has_checkpoint(workdir, cfg):
+    warm = warm_start.load(cfg)
   write_config(cfg, workdir)
   if primary:
     with open(os.path.join(workdir, 'dataset.json'), 'w') as f:
@@ -110,6 +113,11 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   start, state = _restore_newest(ckpt, fns, data_iter)
   if start is None:
     start, state = 0, fns.init()
+    if warm is not None:
+      state = warm_start.place(state, warm)
+      logging.info(
+        'model from train.init_from=%s (%s)', cfg.train.init_from, cfg.train.init_from_mode
+      )
     if primary:
       table = parameter_overview.get_parameter_overview(
         nnx.to_pure_dict(state['model']), include_stats=False
@@ -218,6 +226,12 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
   return record
 
 
+def _has_checkpoint(workdir: str, cfg: schema.Config) -> bool:
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return False
+  return bool(Checkpointer(workdir, cfg.checkpoint, read_only=True).all_steps())
+
+
 def _restore_newest(ckpt: Checkpointer, fns, data_iter) -> tuple[int | None, dict | None]:
   """(step, state) of the newest checkpoint that restores (the data iterator with it), or
   (None, None) without checkpoints. A step that fails to restore in any process is moved aside
@@ -252,13 +266,16 @@ def _restore(ckpt: Checkpointer, step: int, fns, data_iter) -> dict:
   if ckpt.data_process_count(step) == jax.process_count():
     logging.info('Resuming from checkpoint step %d in %s', step, ckpt.directory)
     return ckpt.restore(step, fns.abstract_state(), data_iter)
-  # written by another number of processes: same global stream, repositioned by step
+  # written by another number of processes, or weights only (eval.import_hf, uoe_from_dense):
+  # the same global stream, positioned by step
+  writers = ckpt.data_process_count(step)
   logging.info(
-    'Resuming from checkpoint step %d in %s, written by %s processes, on %d',
+    'Resuming from checkpoint step %d in %s, %s',
     step,
     ckpt.directory,
-    ckpt.data_process_count(step),
-    jax.process_count(),
+    'weights only (no data position)'
+    if writers is None
+    else f'written by {writers} processes, on {jax.process_count()}',
   )
   pipeline.seek(data_iter, step)
   return ckpt.restore(step, fns.abstract_state())
