@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The torch side of `make hf-check` lives in its own venv: the project itself never needs torch.
+HF_VENV := .venv-hf
+HF_STAMP := $(HF_VENV)/.installed
+HF_PACKAGES := torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 numpy
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint format env clean-demo
+.PHONY: demo test test-all lint format env hf-check clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +19,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 env: $(STAMP)
+
+$(HF_STAMP):
+	$(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(HF_VENV)/bin/python -m pip install -q $(HF_PACKAGES)
+	touch $(HF_STAMP)
 
 # Prepares the default corpus (cached), trains the routed demo (ERC MoE + routing attention),
 # evaluates the checkpoint in a fresh process and writes the routing report.
@@ -42,6 +52,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Trains the tiny dense and top-k MoE models briefly, exports each (eval.export_hf) and checks that
+# transformers (CPU torch, in .venv-hf) gives the same logits, greedy tokens and tokenizer ids.
+hf-check: $(STAMP) $(HF_STAMP)
+	$(BIN)/python -m benchmarks.hf_check --hf_python=$(HF_VENV)/bin/python
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
