@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from configs import sharding
+from configs import model_checks, sharding
 from model.config import (
   AttentionConfig,
   ConfigError,
@@ -284,63 +284,8 @@ def validate(cfg: Config, num_devices: int) -> None:
     raise ConfigError(f'data.read_threads={d.read_threads}: expected a value >= 0')
   if d.verify not in VERIFY_MODES:
     raise ConfigError(f'data.verify={d.verify!r}: expected one of {VERIFY_MODES}')
-  _validate_routing(cfg)
-  _validate_uoe(cfg)
-  _validate_plan(cfg)
+  model_checks.check(cfg)
   _validate_mesh(cfg, num_devices)
-
-
-def _validate_plan(cfg: Config) -> None:
-  """The layer plan (`model.plan`): every kind and router known, a routed layer for the entropy
-  trigger. Packed documents must never influence each other: a layer that selects over the whole
-  row cannot guarantee it, so such a model refuses data.packing=True."""
-  from model import plan  # pylint: disable=g-import-not-at-top  (model code is heavy)
-
-  reasons = plan.build(cfg.model, cfg.train.seq_len).reasons
-  if cfg.data.packing and reasons:
-    raise ConfigError(
-      f'data.packing=True is refused: {reasons[0]}; packed documents would '
-      'influence each other (use data.packing=False)'
-    )
-
-
-def _validate_routing(cfg: Config) -> None:
-  a, seq_len = cfg.attention, cfg.train.seq_len
-  if a.kind != 'routing':
-    return
-  if a.window > seq_len:
-    raise ConfigError(f'attention.window={a.window} exceeds train.seq_len={seq_len}')
-  if a.num_clusters == 0:
-    raise ConfigError(
-      f'attention.window={a.window} must divide train.seq_len={seq_len} to derive '
-      'attention.num_clusters (or set attention.num_clusters)'
-    )
-  if a.num_clusters > seq_len:
-    raise ConfigError(
-      f'attention.num_clusters={a.num_clusters}: more clusters than the '
-      f'train.seq_len={seq_len} tokens of a sequence'
-    )
-
-
-def _validate_uoe(cfg: Config) -> None:
-  """Static capacities must fit in a sequence: a head or expert cannot take more than L tokens."""
-  u, h = cfg.model.uoe, cfg.model.num_heads
-  k = u.resolved_heads_per_token(h)
-  if u.attention == 'smha' and u.head_capacity * k > h + 1e-9:
-    raise ConfigError(
-      f'uoe.head_capacity={u.head_capacity}: head_capacity * heads_per_token = '
-      f'{u.head_capacity * k:g} exceeds model.num_heads={h} (a head cannot take more than '
-      'the whole sequence)'
-    )
-  e, k = u.num_experts, u.experts_per_token
-  if (
-    u.feed_forward == 'uome' and u.paradigm == 'data_selection' and u.expert_capacity * k > e + 1e-9
-  ):
-    raise ConfigError(
-      f'uoe.expert_capacity={u.expert_capacity}: expert_capacity * experts_per_token = '
-      f'{u.expert_capacity * k:g} exceeds uoe.num_experts={e} (an expert cannot take more '
-      'than the whole sequence)'
-    )
 
 
 def _validate_mesh(cfg: Config, num_devices: int) -> None:

@@ -20,7 +20,15 @@ def _experiment_files():
     p
     for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
     if os.path.basename(p)
-    not in ('__init__.py', 'schema.py', 'sharding.py', 'cli.py', 'sweeps.py', 'from_run.py')
+    not in (
+      '__init__.py',
+      'schema.py',
+      'sharding.py',
+      'cli.py',
+      'sweeps.py',
+      'from_run.py',
+      'model_checks.py',
+    )
   )
 
 

@@ -13,7 +13,7 @@ from model import plan, registry
 from model.config import ConfigError, LayerSpec
 from model.transformer import Transformer
 
-_NOT_EXPERIMENTS = {'__init__', 'cli', 'from_run', 'schema', 'sharding', 'sweeps'}
+_NOT_EXPERIMENTS = {'__init__', 'cli', 'from_run', 'model_checks', 'schema', 'sharding', 'sweeps'}
 CONFIGS = sorted(
   p.stem
   for p in (pathlib.Path(__file__).parents[1] / 'configs').glob('*.py')
