@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import common
 from data import corpus
 from data.tokenizer import get_tokenizer
 from eval import export_hf, hf_format, sample
@@ -267,6 +268,7 @@ def main(argv):
   }
   text = json.dumps(result)
   print(text)
+  print(f'wrote {common.write_result("hf_check", result)}', file=sys.stderr)
   if _OUT.value:
     with open(_OUT.value, 'w') as f:
       f.write(text + '\n')
