@@ -1,9 +1,12 @@
 """Our models in Hugging Face transformers' formats, exactly or not at all (docs/hf.md).
 
-Two families have a transformers class whose forward pass is ours to float precision:
+Three families have a transformers class whose forward pass is ours to float precision:
 - `llama` (`LlamaForCausalLM`): every layer dense causal attention and a SwiGLU MLP;
 - `mixtral` (`MixtralForCausalLM`): every layer dense attention and a top-k MoE whose router is a
-  softmax over all experts, then top-k, then renormalised (no shared experts, no loss-free bias).
+  softmax over all experts, then top-k, then renormalised (no shared experts, no loss-free bias);
+- `qwen2_moe` (`Qwen2MoeForCausalLM`, no qkv bias, a zero-width shared expert): the same router
+  with or without renormalisation (`norm_topk_prob`), MoE in every `moe.every`-th layer
+  (`decoder_sparse_step`) and dense MLPs between. Chosen where Mixtral cannot express the model.
 Everything else is refused with the reason (`ExportError`), never approximated.
 
 `family(cfg)` picks the family from the layer plan; `hf_config` / `model_config` translate the
@@ -18,8 +21,15 @@ import numpy as np
 from model import plan
 from model.config import ModelConfig
 
-FAMILIES = {'llama': 'LlamaForCausalLM', 'mixtral': 'MixtralForCausalLM'}
-_SUPPORTED = 'dense (llama) and top-k softmax renormalised MoE in every layer (mixtral)'
+FAMILIES = {
+  'llama': 'LlamaForCausalLM',
+  'mixtral': 'MixtralForCausalLM',
+  'qwen2_moe': 'Qwen2MoeForCausalLM',
+}
+_SUPPORTED = (
+  'dense (llama), top-k softmax MoE without shared experts or bias (mixtral when renormalised in '
+  'every layer, else qwen2_moe)'
+)
 
 
 class ExportError(ValueError):
@@ -27,7 +37,8 @@ class ExportError(ValueError):
 
 
 def family(cfg: ModelConfig) -> str:
-  """'llama' or 'mixtral' for a model with an exact transformers equivalent; else ExportError."""
+  """The family (a key of FAMILIES) of a model with an exact transformers equivalent; else
+  ExportError naming the first obstacle."""
   layers = plan.build(cfg).layers
   for layer in layers:
     if layer.spec.attention != 'dense':
@@ -38,24 +49,20 @@ def family(cfg: ModelConfig) -> str:
   kinds = {layer.spec.feed_forward for layer in layers}
   if kinds == {'mlp'}:
     return 'llama'
-  if kinds != {'moe'}:
-    raise ExportError(
-      f'feed-forward layers {sorted(kinds)} mix kinds (moe.every={cfg.moe.every}); '
-      f'exportable: {_SUPPORTED}'
-    )
+  if not kinds <= {'mlp', 'moe'}:
+    raise ExportError(f'feed-forward layers {sorted(kinds)}: exportable: {_SUPPORTED}')
   m = cfg.moe
   refusals = (
     (m.router != 'topk', f'moe.router={m.router!r} (experts choose tokens)'),
     (m.score != 'softmax', f'moe.score={m.score!r}'),
-    (not m.renormalize, 'moe.renormalize=False (no exact transformers family verified)'),
-    (m.shared_experts > 0, f'moe.shared_experts={m.shared_experts}'),
+    (m.shared_experts > 0, f'moe.shared_experts={m.shared_experts} (ungated)'),
     (m.bias_rate > 0, f'moe.bias_rate={m.bias_rate} (loss-free bias in the top-k choice)'),
     (any(layer.reads_future for layer in layers), 'capacity execution drops tokens'),
   )
   for refused, why in refusals:
     if refused:
       raise ExportError(f'{why} has no exact transformers equivalent; exportable: {_SUPPORTED}')
-  return 'mixtral'
+  return 'mixtral' if kinds == {'moe'} and m.renormalize else 'qwen2_moe'
 
 
 def hf_config(cfg: ModelConfig, fam: str, *, eos_id: int, max_positions: int) -> dict:
@@ -89,6 +96,24 @@ def hf_config(cfg: ModelConfig, fam: str, *, eos_id: int, max_positions: int) ->
   }
   if fam == 'llama':
     out.update(mlp_bias=False, pretraining_tp=1)
+  elif fam == 'qwen2_moe':
+    m = cfg.moe
+    out.update(
+      moe_intermediate_size=m.hidden(cfg.mlp_dim),
+      shared_expert_intermediate_size=0,
+      num_experts=m.num_experts,
+      num_experts_per_tok=m.top_k,
+      norm_topk_prob=m.renormalize,
+      decoder_sparse_step=m.every,
+      mlp_only_layers=[],
+      qkv_bias=False,
+      use_sliding_window=False,
+      sliding_window=None,
+      max_window_layers=cfg.num_layers,
+      layer_types=['full_attention'] * cfg.num_layers,
+      router_aux_loss_coef=m.balance_weight,
+      output_router_logits=False,
+    )
   else:
     m = cfg.moe
     out.update(
@@ -111,6 +136,10 @@ _MUST_BE = (
   ('sliding_window', (None,)),
   ('rope_scaling', (None,)),
   ('router_jitter_noise', (0, 0.0, None)),
+  ('qkv_bias', (False, None)),
+  ('use_sliding_window', (False, None)),
+  ('mlp_only_layers', ([], None)),
+  ('shared_expert_intermediate_size', (0, None)),  # Qwen2-MoE's sigmoid-gated shared expert
 )
 
 
@@ -123,6 +152,8 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
       f'config.json model_type={model_type!r} is not supported; supported: {", ".join(FAMILIES)}'
     )
   for key, allowed in _MUST_BE:
+    if key == 'sliding_window' and model_type == 'qwen2_moe':
+      continue  # a window length that use_sliding_window=False leaves unused
     if hf.get(key) not in allowed:
       raise ExportError(
         f'config.json {key}={hf.get(key)!r} is not supported (expected {allowed[0]})'
@@ -163,6 +194,21 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
       bias_rate=0.0,
       jitter=0.0,
     )
+  if model_type == 'qwen2_moe':
+    moe = dataclasses.replace(
+      base.moe,
+      num_experts=hf['num_experts'],
+      top_k=hf['num_experts_per_tok'],
+      router='topk',
+      score='softmax',
+      renormalize=bool(hf.get('norm_topk_prob', False)),
+      every=hf.get('decoder_sparse_step', 1),
+      expert_dim=hf['moe_intermediate_size'],
+      shared_experts=0,
+      execution='dropless',
+      bias_rate=0.0,
+      jitter=0.0,
+    )
   attention = dataclasses.replace(base.attention, kind='dense')
   uoe = dataclasses.replace(base.uoe, attention='dense', feed_forward='mlp')
   cfg = dataclasses.replace(base, **fields, moe=moe, attention=attention, uoe=uoe)
@@ -175,34 +221,63 @@ def _linear(w_in_out: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(w_in_out.T)
 
 
+def _moe_names(fam: str, pre: str) -> tuple[str, str, tuple[str, str, str]]:
+  """(router tensor, expert prefix, names of gate, up and down) of one MoE layer of `fam`."""
+  if fam == 'mixtral':
+    return (
+      pre + 'block_sparse_moe.gate.weight',
+      pre + 'block_sparse_moe.experts.',
+      ('w1', 'w3', 'w2'),
+    )
+  return pre + 'mlp.gate.weight', pre + 'mlp.experts.', ('gate_proj', 'up_proj', 'down_proj')
+
+
+def _zero_shared_expert(pre: str, d: int) -> dict[str, np.ndarray]:
+  """Qwen2-MoE's shared expert at width 0 (its output is exactly 0) and its gate."""
+  shared = pre + 'mlp.shared_expert.'
+  return {
+    shared + 'gate_proj.weight': np.zeros((0, d), np.float32),
+    shared + 'up_proj.weight': np.zeros((0, d), np.float32),
+    shared + 'down_proj.weight': np.zeros((d, 0), np.float32),
+    pre + 'mlp.shared_expert_gate.weight': np.zeros((1, d), np.float32),
+  }
+
+
 def to_hf(state: dict, cfg: ModelConfig, fam: str) -> dict[str, np.ndarray]:
   """transformers' tensors (name -> numpy array) of a pure-dict model state of family `fam`."""
   d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   out = {'model.embed_tokens.weight': np.asarray(state['embed']['embedding'])}
-  for i, layer in enumerate(plan.layer_states(state, cfg)):
+  layers = plan.layer_states(state, cfg)
+  for i, (layer, spec) in enumerate(zip(layers, cfg.layer_specs())):
     pre = f'model.layers.{i}.'
-    attn, mlp = layer['attn'], layer['mlp']
+    attn, mlp = layer['attn'], _numpy(layer['mlp'])
     out[pre + 'input_layernorm.weight'] = np.asarray(layer['attn_norm']['scale'])
     out[pre + 'post_attention_layernorm.weight'] = np.asarray(layer['mlp_norm']['scale'])
     out[pre + 'self_attn.q_proj.weight'] = _linear(np.asarray(attn['wq']).reshape(d, h * k))
     out[pre + 'self_attn.k_proj.weight'] = _linear(np.asarray(attn['wk']).reshape(d, g * k))
     out[pre + 'self_attn.v_proj.weight'] = _linear(np.asarray(attn['wv']).reshape(d, g * k))
     out[pre + 'self_attn.o_proj.weight'] = _linear(np.asarray(attn['wo']).reshape(h * k, d))
-    if fam == 'llama':
-      out[pre + 'mlp.gate_proj.weight'] = _linear(np.asarray(mlp['w_gate']))
-      out[pre + 'mlp.up_proj.weight'] = _linear(np.asarray(mlp['w_up']))
-      out[pre + 'mlp.down_proj.weight'] = _linear(np.asarray(mlp['w_down']))
+    if spec.feed_forward == 'mlp':
+      out[pre + 'mlp.gate_proj.weight'] = _linear(mlp['w_gate'])
+      out[pre + 'mlp.up_proj.weight'] = _linear(mlp['w_up'])
+      out[pre + 'mlp.down_proj.weight'] = _linear(mlp['w_down'])
       continue
-    moe = pre + 'block_sparse_moe.'
-    out[moe + 'gate.weight'] = _linear(np.asarray(mlp['router']))
+    router, experts, names = _moe_names(fam, pre)
+    out[router] = _linear(mlp['router'])
     for e in range(cfg.moe.num_experts):
-      out[moe + f'experts.{e}.w1.weight'] = _linear(np.asarray(mlp['w_gate'][e]))
-      out[moe + f'experts.{e}.w3.weight'] = _linear(np.asarray(mlp['w_up'][e]))
-      out[moe + f'experts.{e}.w2.weight'] = _linear(np.asarray(mlp['w_down'][e]))
+      for ours, theirs in zip(('w_gate', 'w_up', 'w_down'), names):
+        out[f'{experts}{e}.{theirs}.weight'] = _linear(mlp[ours][e])
+    if fam == 'qwen2_moe':
+      out.update(_zero_shared_expert(pre, d))
   out['model.norm.weight'] = np.asarray(state['final_norm']['scale'])
   if not cfg.tie_embeddings:
     out['lm_head.weight'] = _linear(np.asarray(state['head']))
   return out
+
+
+def _numpy(tree: dict) -> dict:
+  """A dict of arrays as numpy arrays."""
+  return {key: np.asarray(value) for key, value in tree.items()}
 
 
 def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, fam: str) -> dict:
@@ -223,7 +298,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, fam: str) -> dict:
     return np.ascontiguousarray(w.T).reshape(shape)
 
   layers = []
-  for i in range(cfg.num_layers):
+  for i, spec in enumerate(cfg.layer_specs()):
     pre = f'model.layers.{i}.'
     attn = {
       'wq': unlinear(pre + 'self_attn.q_proj.weight', (d, h, k)),
@@ -231,7 +306,7 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, fam: str) -> dict:
       'wv': unlinear(pre + 'self_attn.v_proj.weight', (d, g, k)),
       'wo': unlinear(pre + 'self_attn.o_proj.weight', (h, k, d)),
     }
-    if fam == 'llama':
+    if spec.feed_forward == 'mlp':
       f = cfg.mlp_dim
       mlp = {
         'w_gate': unlinear(pre + 'mlp.gate_proj.weight', (d, f)),
@@ -239,17 +314,18 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, fam: str) -> dict:
         'w_down': unlinear(pre + 'mlp.down_proj.weight', (f, d)),
       }
     else:
-      moe, f = pre + 'block_sparse_moe.', cfg.moe.hidden(cfg.mlp_dim)
-      experts = range(cfg.moe.num_experts)
-      stack = lambda w, shape: np.stack(
-        [unlinear(moe + f'experts.{e}.{w}.weight', shape) for e in experts]
-      )
-      mlp = {
-        'router': unlinear(moe + 'gate.weight', (d, cfg.moe.num_experts)),
-        'w_gate': stack('w1', (d, f)),
-        'w_up': stack('w3', (d, f)),
-        'w_down': stack('w2', (f, d)),
-      }
+      f, e_count = cfg.moe.hidden(cfg.mlp_dim), cfg.moe.num_experts
+      router, experts, names = _moe_names(fam, pre)
+      shapes = {'w_gate': (d, f), 'w_up': (d, f), 'w_down': (f, d)}
+      mlp = {'router': unlinear(router, (d, e_count))}
+      for ours, theirs in zip(shapes, names):
+        mlp[ours] = np.stack(
+          [unlinear(f'{experts}{e}.{theirs}.weight', shapes[ours]) for e in range(e_count)]
+        )
+      if fam == 'qwen2_moe':
+        for name in _zero_shared_expert(pre, d):
+          if take(name).size and name.endswith('_proj.weight'):
+            raise ExportError(f'{name}: a shared expert (sigmoid-gated) is not implemented')
     layers.append(
       {
         'attn_norm': {'scale': take(pre + 'input_layernorm.weight')},
