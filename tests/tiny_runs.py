@@ -75,9 +75,7 @@ def weights_only_run(workdir, config, seed: int = 0) -> schema.Config:
   from train.step import init_state  # pylint: disable=g-import-not-at-top
 
   cfg = schema.load(config, 1)
-  cfg = dataclasses.replace(
-    cfg, mesh=ONE_DEVICE, train=dataclasses.replace(cfg.train, seed=seed)
-  )
+  cfg = dataclasses.replace(cfg, mesh=ONE_DEVICE, train=dataclasses.replace(cfg.train, seed=seed))
   state = init_state(cfg, mesh_lib.make_mesh(ONE_DEVICE, jax.devices()[:1]), sharding.rules('dp'))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
