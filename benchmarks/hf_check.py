@@ -1,7 +1,8 @@
 """Claim: an exported Hugging Face folder computes what our model computes (`make hf-check`).
 
 Trains configs/tiny.py (-> LlamaForCausalLM), configs/moe_topk.py:tiny (-> MixtralForCausalLM) and
-the same MoE unrenormalised in every other layer of four (-> Qwen2MoeForCausalLM)
+the same MoE unrenormalised in every other layer of four (-> Qwen2MoeForCausalLM) and with q/k
+norms (-> OlmoeForCausalLM)
 for `--steps` steps in f32 (`--config.model.dtype=float32`; make_tiny already sets it), exports each
 with `eval.export_hf.export`, then compares with transformers, run by `benchmarks/hf_parity.py` in
 the torch environment `--hf_python` (a separate venv: this one has no torch):
@@ -61,6 +62,12 @@ MODELS = (  # name, experiment, expected class, overrides
     'configs/moe_topk.py:tiny',
     'Qwen2MoeForCausalLM',
     ('--config.moe.renormalize=False', '--config.moe.every=2', '--config.model.num_layers=4'),
+  ),
+  (  # q/k norms in the attention: OLMoE
+    'moe_qk_norm',
+    'configs/moe_topk.py:tiny',
+    'OlmoeForCausalLM',
+    ('--config.attention.qk_norm=True', '--config.moe.renormalize=False'),
   ),
 )
 PROMPT = 'class Foo:\n    def '

@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     0.999  # EMA decay of the k-means sums and counts (centroid update after each step)
   )
   a.routing_scale = 'rsqrt_dim'  # routing heads' logit scale after the no-affine LayerNorm of q: rsqrt_dim (K**-0.5) | none (1, as the paper's code)
+  a.qk_norm = False  # RMS-normalise the projected q and k over all heads' channels before RoPE (OLMoE); dense attention only
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 0  # experts per MoE layer; 0 = every feed-forward layer is the dense SwiGLU MLP

@@ -6,7 +6,9 @@ Three families have a transformers class whose forward pass is ours to float pre
   softmax over all experts, then top-k, then renormalised (no shared experts, no loss-free bias);
 - `qwen2_moe` (`Qwen2MoeForCausalLM`, no qkv bias, a zero-width shared expert): the same router
   with or without renormalisation (`norm_topk_prob`), MoE in every `moe.every`-th layer
-  (`decoder_sparse_step`) and dense MLPs between. Chosen where Mixtral cannot express the model.
+  (`decoder_sparse_step`) and dense MLPs between. Chosen where Mixtral cannot express the model;
+- `olmoe` (`OlmoeForCausalLM`): a top-k MoE in every layer under attention with q/k norms
+  (`attention.qk_norm`), renormalised or not (`norm_topk_prob`).
 Everything else is refused with the reason (`ExportError`), never approximated.
 
 `family(cfg)` picks the family from the layer plan; `hf_config` / `model_config` translate the
@@ -25,10 +27,11 @@ FAMILIES = {
   'llama': 'LlamaForCausalLM',
   'mixtral': 'MixtralForCausalLM',
   'qwen2_moe': 'Qwen2MoeForCausalLM',
+  'olmoe': 'OlmoeForCausalLM',
 }
 _SUPPORTED = (
   'dense (llama), top-k softmax MoE without shared experts or bias (mixtral when renormalised in '
-  'every layer, else qwen2_moe)'
+  'every layer, else qwen2_moe; olmoe with attention.qk_norm)'
 )
 
 
@@ -47,8 +50,14 @@ def family(cfg: ModelConfig) -> str:
         f'no transformers model computes; exportable: {_SUPPORTED}'
       )
   kinds = {layer.spec.feed_forward for layer in layers}
-  if kinds == {'mlp'}:
+  qk_norm = cfg.attention.qk_norm
+  if kinds == {'mlp'} and not qk_norm:
     return 'llama'
+  if qk_norm and kinds != {'moe'}:
+    raise ExportError(
+      'attention.qk_norm=True exports only as OLMoE, an MoE in every layer (moe.every=1); '
+      f'exportable: {_SUPPORTED}'
+    )
   if not kinds <= {'mlp', 'moe'}:
     raise ExportError(f'feed-forward layers {sorted(kinds)}: exportable: {_SUPPORTED}')
   m = cfg.moe
@@ -62,6 +71,8 @@ def family(cfg: ModelConfig) -> str:
   for refused, why in refusals:
     if refused:
       raise ExportError(f'{why} has no exact transformers equivalent; exportable: {_SUPPORTED}')
+  if qk_norm:
+    return 'olmoe'
   return 'mixtral' if kinds == {'moe'} and m.renormalize else 'qwen2_moe'
 
 
@@ -96,6 +107,17 @@ def hf_config(cfg: ModelConfig, fam: str, *, eos_id: int, max_positions: int) ->
   }
   if fam == 'llama':
     out.update(mlp_bias=False, pretraining_tp=1)
+  elif fam == 'olmoe':
+    m = cfg.moe
+    out.update(
+      intermediate_size=m.hidden(cfg.mlp_dim),
+      num_experts=m.num_experts,
+      num_experts_per_tok=m.top_k,
+      norm_topk_prob=m.renormalize,
+      clip_qkv=None,
+      router_aux_loss_coef=m.balance_weight,
+      output_router_logits=False,
+    )
   elif fam == 'qwen2_moe':
     m = cfg.moe
     out.update(
@@ -140,6 +162,7 @@ _MUST_BE = (
   ('use_sliding_window', (False, None)),
   ('mlp_only_layers', ([], None)),
   ('shared_expert_intermediate_size', (0, None)),  # Qwen2-MoE's sigmoid-gated shared expert
+  ('clip_qkv', (None,)),  # OLMoE's clamp of q, k and v
 )
 
 
@@ -194,6 +217,21 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
       bias_rate=0.0,
       jitter=0.0,
     )
+  if model_type == 'olmoe':
+    moe = dataclasses.replace(
+      base.moe,
+      num_experts=hf['num_experts'],
+      top_k=hf['num_experts_per_tok'],
+      router='topk',
+      score='softmax',
+      renormalize=bool(hf.get('norm_topk_prob', False)),
+      every=1,
+      expert_dim=0,
+      shared_experts=0,
+      execution='dropless',
+      bias_rate=0.0,
+      jitter=0.0,
+    )
   if model_type == 'qwen2_moe':
     moe = dataclasses.replace(
       base.moe,
@@ -209,7 +247,7 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
       bias_rate=0.0,
       jitter=0.0,
     )
-  attention = dataclasses.replace(base.attention, kind='dense')
+  attention = dataclasses.replace(base.attention, kind='dense', qk_norm=model_type == 'olmoe')
   uoe = dataclasses.replace(base.uoe, attention='dense', feed_forward='mlp')
   cfg = dataclasses.replace(base, **fields, moe=moe, attention=attention, uoe=uoe)
   cfg.validate()
@@ -257,6 +295,9 @@ def to_hf(state: dict, cfg: ModelConfig, fam: str) -> dict[str, np.ndarray]:
     out[pre + 'self_attn.k_proj.weight'] = _linear(np.asarray(attn['wk']).reshape(d, g * k))
     out[pre + 'self_attn.v_proj.weight'] = _linear(np.asarray(attn['wv']).reshape(d, g * k))
     out[pre + 'self_attn.o_proj.weight'] = _linear(np.asarray(attn['wo']).reshape(h * k, d))
+    if cfg.attention.qk_norm:
+      out[pre + 'self_attn.q_norm.weight'] = np.asarray(attn['q_norm']).reshape(h * k)
+      out[pre + 'self_attn.k_norm.weight'] = np.asarray(attn['k_norm']).reshape(g * k)
     if spec.feed_forward == 'mlp':
       out[pre + 'mlp.gate_proj.weight'] = _linear(mlp['w_gate'])
       out[pre + 'mlp.up_proj.weight'] = _linear(mlp['w_up'])
@@ -306,6 +347,14 @@ def from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, fam: str) -> dict:
       'wv': unlinear(pre + 'self_attn.v_proj.weight', (d, g, k)),
       'wo': unlinear(pre + 'self_attn.o_proj.weight', (h, k, d)),
     }
+    if cfg.attention.qk_norm:
+      for name, n in (('q_norm', h), ('k_norm', g)):
+        scale = take(pre + f'self_attn.{name}.weight')
+        if scale.shape != (n * k,):
+          raise ExportError(
+            f'{pre}self_attn.{name}.weight: shape {scale.shape}, expected {(n * k,)}'
+          )
+        attn[name] = scale.reshape(n, k)
     if spec.feed_forward == 'mlp':
       f = cfg.mlp_dim
       mlp = {

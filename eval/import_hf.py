@@ -1,5 +1,5 @@
 """`python -m eval.import_hf --model_dir=DIR --workdir=DIR [--config=EXPERIMENT]`: a Hugging Face
-Llama, Mixtral or Qwen2-MoE folder (safetensors) as a run directory of ours: config.json and a step-0
+Llama, Mixtral, Qwen2-MoE or OLMoE folder (safetensors) as a run directory of ours: config.json and a step-0
 checkpoint that trains (`--config=configs/from_run.py:DIR`), evaluates and samples.
 
 The model fields come from the folder's config.json (`eval.hf_format.model_config`: another

@@ -50,8 +50,17 @@ def causal_attention(
   )
 
 
+def qk_norm(x_BLNK: jax.Array, scale_NK: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm of a projection over all its heads' channels together (OLMoE's q/k norm), in f32."""
+  x32 = x_BLNK.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + eps)
+  return (y * scale_NK.astype(jnp.float32)).astype(x_BLNK.dtype)
+
+
 class Attention(nnx.Module):
-  """Projections around `causal_attention`: wq [D,H,K], wk/wv [D,G,K], wo [H,K,D]."""
+  """Projections around `causal_attention`: wq [D,H,K], wk/wv [D,G,K], wo [H,K,D]; with
+  `attention.qk_norm` the projected q and k are RMS-normalised over all their heads' channels
+  (scales q_norm [H,K], k_norm [G,K]) before RoPE, as OLMoE does."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
@@ -65,6 +74,11 @@ class Attention(nnx.Module):
     self.wo = axes.param(
       rngs, init_normal(cfg, output=True), (h, k, d), ('heads', 'kv', 'embed'), pd
     )
+    self.norm_eps = cfg.norm_eps
+    if cfg.attention.qk_norm:
+      ones = jax.nn.initializers.ones
+      self.q_norm = axes.param(rngs, ones, (h, k), ('heads', 'kv'), pd)
+      self.k_norm = axes.param(rngs, ones, (g, k), ('kv_heads', 'kv'), pd)
 
   METRICS = None  # prefix of the per-layer metrics it reports (None: none)
   GATED = False  # no learned router for the entropy trigger to monitor
@@ -77,14 +91,16 @@ class Attention(nnx.Module):
 
   @staticmethod
   def num_params(cfg: ModelConfig) -> int:
-    """wq and wo (D·H·K each), wk and wv (D·G·K each)."""
-    return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
+    """wq and wo (D·H·K each), wk and wv (D·G·K each); with qk_norm the scales (H·K + G·K)."""
+    heads = cfg.num_heads + cfg.num_kv_heads
+    norms = heads * cfg.head_dim if cfg.attention.qk_norm else 0
+    return 2 * cfg.d_model * cfg.head_dim * heads + norms
 
-  @classmethod
-  def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
-    """Matmul weights per token: every projection sees every token."""
+  @staticmethod
+  def active_params(cfg: ModelConfig, seq_len: int) -> float:
+    """Matmul weights per token: every projection sees every token (norm scales excluded)."""
     del seq_len
-    return cls.num_params(cfg)
+    return 2 * cfg.d_model * cfg.head_dim * (cfg.num_heads + cfg.num_kv_heads)
 
   @classmethod
   def score_flops(cls, cfg: ModelConfig, seq_len: int) -> float:
@@ -111,6 +127,9 @@ class Attention(nnx.Module):
     q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
     k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wk))
     v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
+    if hasattr(self, 'q_norm'):
+      q_BLHK = qk_norm(q_BLHK, self.q_norm[...], self.norm_eps)
+      k_BLGK = qk_norm(k_BLGK, self.k_norm[...], self.norm_eps)
     q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
     k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
     q_BLHK = axes.constrain(q_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))

@@ -41,6 +41,7 @@ class AttentionConfig:
   commitment_weight: float = 1e-4
   kmeans_decay: float = 0.999
   routing_scale: str = 'rsqrt_dim'
+  qk_norm: bool = False
 
   def routing_layers_resolved(self, num_layers: int) -> frozenset[int]:
     """Indices of the layers with routing heads (none unless kind == 'routing')."""
@@ -70,6 +71,10 @@ class AttentionConfig:
     for name in ('window', 'local_window'):
       if getattr(self, name) < 1:
         raise ConfigError(f'attention.{name}={getattr(self, name)}: expected a positive integer')
+    if self.qk_norm and self.kind != 'dense':
+      raise ConfigError(
+        f'attention.qk_norm=True: implemented for dense attention only (attention.kind={self.kind!r})'
+      )
     if self.num_clusters < 0:
       raise ConfigError(f'attention.num_clusters={self.num_clusters}: expected >= 0 (0 = derived)')
     if self.commitment_weight < 0:
@@ -385,6 +390,8 @@ class ModelConfig:
     self.moe.validate()
     self.entropy.validate()
     self.uoe.validate(self.num_layers, self.num_heads, self.mlp_dim)
+    if self.attention.qk_norm and self.uoe.attention != 'dense':
+      raise ConfigError('attention.qk_norm=True: not implemented for uoe.attention=smha')
     specs = self.layer_specs()
     if self.moe.erc_weight > 0 and not any(s.feed_forward == 'moe' for s in specs):
       raise ConfigError(

@@ -15,6 +15,7 @@ from flax import nnx
 from configs import base, moe_topk, schema
 from data.tokenizer import get_tokenizer
 from eval import export_hf, hf_format, hf_tokenizer, import_hf
+from model import plan
 from model.config import ConfigError
 from model.transformer import Transformer
 from train.restore import restore_model
@@ -47,16 +48,20 @@ def _folder(path, config, seed: int = 0) -> str:
     (moe_topk, {}, 'mixtral'),
     (moe_topk, {'renormalize': False}, 'qwen2_moe'),
     (moe_topk, {'every': 2}, 'qwen2_moe'),  # dense MLPs between the MoE layers
+    (moe_topk, {'renormalize': False, 'qk_norm': True}, 'olmoe'),
   ],
-  ids=['llama', 'mixtral', 'qwen2_moe', 'qwen2_moe_every_2'],
+  ids=['llama', 'mixtral', 'qwen2_moe', 'qwen2_moe_every_2', 'olmoe'],
 )
 def test_weights_round_trip_exactly(module, moe, expected):
   c = module.get_config('tiny')
+  c.attention.qk_norm = moe.pop('qk_norm', False)
   c.moe.update(**moe)
   c.model.num_layers = 4
   cfg = schema.load(c, 1).model
   fam = hf_format.family(cfg)
   assert fam == expected
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  assert plan.build(cfg).params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   params = _params(cfg)
   tensors = hf_format.to_hf(params, cfg, fam)
   assert all(t.ndim in (1, 2) for t in tensors.values())  # torch Linear layout [out, in]
@@ -143,6 +148,7 @@ def test_models_without_an_exact_equivalent_are_refused():
   assert 'moe.bias_rate' in _refusal(moe_lossfree, moe__score='softmax')
   assert "moe.score='sigmoid'" in _refusal(moe_topk, moe__score='sigmoid', moe__renormalize=True)
   assert 'moe.shared_experts=1' in _refusal(moe_topk, moe__shared_experts=1)
+  assert 'exports only as OLMoE' in _refusal(base, attention__qk_norm=True)
   assert 'capacity execution drops' in _refusal(
     moe_topk, moe__execution='capacity', moe__capacity_factor=1.0
   )
@@ -180,6 +186,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
   refused(lambda: import_hf.import_folder(bad, run, c), 'rope_scaling=.* is not supported')
   bad = edited(model_type='qwen2_moe', shared_expert_intermediate_size=64)
   refused(lambda: import_hf.import_folder(bad, run, c), 'shared_expert_intermediate_size=64')
+  bad = edited(model_type='olmoe', clip_qkv=8.0)
+  refused(lambda: import_hf.import_folder(bad, run, c), 'clip_qkv=8.0 is not supported')
   bad = edited(attention_bias=True)
   refused(lambda: import_hf.import_folder(bad, run, c), 'attention_bias=True is not supported')
   bad = edited(intermediate_size=96)
@@ -196,3 +204,48 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
   empty.mkdir()
   (empty / 'config.json').write_text((tmp_path / 'run' / 'config.json').read_text())
   refused(lambda: export_hf.export(str(empty), str(tmp_path / 'x')), 'no complete checkpoint')
+
+
+@pytest.mark.parametrize('model_type', ['unigram', 'bpe'])
+def test_sentencepiece_becomes_a_tokenizer_json_with_our_ids(tmp_path, model_type):
+  """A Unigram SentencePiece model converts (checked on the verification texts, with the EOS piece
+  special); a BPE one is refused in one line."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+  texts = hf_tokenizer.verification_texts(limit=60_000)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(texts),
+    model_prefix=str(tmp_path / 'sp'),
+    vocab_size=300,
+    model_type=model_type,
+    character_coverage=1.0,
+    minloglevel=2,
+  )
+  spec = f'sentencepiece:{tmp_path / "sp.model"}'
+  if model_type == 'bpe':
+    with pytest.raises(hf_format.ExportError, match='only Unigram SentencePiece models'):
+      hf_tokenizer.tokenizer_files(spec, 64)
+    return
+  files = hf_tokenizer.tokenizer_files(spec, 64)
+  tok = tokenizers.Tokenizer.from_str(files['tokenizer.json'])
+  ours = get_tokenizer(spec)
+  eos = json.loads(files['tokenizer_config.json'])['eos_token']
+  assert tok.token_to_id(eos) == ours.eos_id
+  text = 'def  f(x):\n\treturn  x  # é 日本\n'
+  assert (
+    tok.encode(text + eos, add_special_tokens=False).ids == ours.encode(text, add_eos=True).tolist()
+  )
+
+
+def test_hf_tokenizer_is_carried_over_with_an_eos(tmp_path):
+  from tests.tokenizer_files import write_bpe_tokenizer  # pylint: disable=g-import-not-at-top
+
+  docs = hf_tokenizer.verification_texts(limit=20_000)
+  spec = 'hf:' + write_bpe_tokenizer(docs, str(tmp_path / 'tokenizer.json'))
+  ours = get_tokenizer(spec)
+  files = hf_tokenizer.tokenizer_files(spec, 64)
+  tok = tokenizers.Tokenizer.from_str(files['tokenizer.json'])
+  eos = json.loads(files['tokenizer_config.json'])['eos_token']
+  assert tok.token_to_id(eos) == ours.eos_id
+  for text in docs[:20]:
+    assert tok.encode(text, add_special_tokens=False).ids == ours.encode(text).tolist()
