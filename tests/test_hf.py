@@ -200,6 +200,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
   with open(os.path.join(run, 'dataset.json'), 'w') as f:
     json.dump({'tokenizer': 'byte-v1', 'tokenizer_spec': 'byte'}, f)
   refused(lambda: export_hf.export(run, folder), 'exists and is not an empty directory')
+  export_hf.export(run, folder, overwrite=True)  # --overwrite replaces it whole
+  assert (
+    sorted(os.listdir(folder))[0] == 'README.md'
+    and str(tmp_path / 'run') in (tmp_path / 'hf' / 'README.md').read_text()
+  )
   empty = tmp_path / 'empty_run'
   empty.mkdir()
   (empty / 'config.json').write_text((tmp_path / 'run' / 'config.json').read_text())
