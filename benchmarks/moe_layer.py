@@ -2,7 +2,8 @@
 
 Forward+backward of the expert computation (router top-k included) on T tokens, D=512, dense
 hidden F_dense; each expert has F = F_dense / k so active FLOPs match. Variants: dropless
-(`moe.dropless_impl=auto`: blocked scan on CPU, ragged_dot on GPU), capacity 1.25 and 2.0 (groups
+(`--gmm_impl`, `moe.gmm_impl`, default auto: model/gmm.py's exact kernel of the platform, scan on
+CPU, megablox on TPU, mgpu / tokamax / scan on GPU), capacity 1.25 and 2.0 (groups
 of `--group` tokens). Dense and MoE are timed alternately in one run; the ratio is per round.
 For E=8, k=2 the dropless time is split into routing+sort+permute, grouped matmul, unsort+combine.
 
@@ -25,6 +26,7 @@ _GROUP = flags.DEFINE_integer('group', 1024, 'Tokens per capacity group.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Timed calls of each variant (min is reported).')
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'Numbers of experts.')
 _TOPK = flags.DEFINE_list('topk', ['1', '2', '8'], 'Experts per token.')
+_GMM = flags.DEFINE_string('gmm_impl', 'auto', 'Dropless grouped-matmul kernel (model/gmm.py).')
 _MAX_DISPATCH = 2**27  # elements of a [G, K, S, E, C] dispatch tensor we are willing to build
 
 
@@ -105,7 +107,7 @@ def main(argv):
           lambda x, a, b, c: jnp.sum((jax.nn.silu(x @ a) * (x @ b)) @ c), argnums=(0, 1, 2, 3)
         )
       )
-      variants = {'dropless': functools.partial(moe.experts_dropless, impl='auto')}
+      variants = {'dropless': functools.partial(moe.experts_dropless, impl=_GMM.value)}
       g = t // _GROUP.value
       for cf in (1.25, 2.0):
         c = capacity.capacity(_GROUP.value, k, e, cf)

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat = 'none'  # rematerialisation of each block: none | full | save_dots | save_dots_no_batch
 
   c.attention = a = ml_collections.ConfigDict()
-  a.impl = 'auto'  # jax.nn.dot_product_attention backend: auto (cudnn on GPU when it applies) | xla | cudnn
+  a.impl = 'auto'  # attention kernel (model/flash.py): auto (splash on TPU, cudnn on GPU in bf16/f16) | xla | cudnn | splash
   a.kind = 'dense'  # dense | routing (Routing Transformer heads in attention.routing_layers)
   a.non_routing = 'dense'  # kind='routing', layers not in routing_layers: dense (full causal) | local (only local heads, as the paper's code)
   a.routing_layers = (
@@ -76,9 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     0  # always-active shared experts (a dense SwiGLU of width shared_experts * expert width)
   )
   e.execution = 'dropless'  # token-choice execution: dropless (sort + grouped matmul) | capacity (einsum dispatch, drops overflow)
-  e.dropless_impl = (
-    'auto'  # grouped matmul: auto (ragged_dot on GPU/TPU, blocked on CPU) | ragged_dot | blocked
-  )
+  e.gmm_impl = 'auto'  # dropless grouped matmul (model/gmm.py): auto (cpu scan, tpu megablox, gpu mgpu > tokamax > scan) | scan | ragged_dot | tokamax | megablox | mgpu
   e.block_size = (
     256  # rows per block of the blocked (CPU) grouped matmul; groups are padded to multiples
   )

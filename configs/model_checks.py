@@ -11,6 +11,9 @@ def check(cfg) -> None:
   _routing(cfg)
   _uoe(cfg)
   _plan(cfg)
+  from model import gmm  # pylint: disable=g-import-not-at-top  (the grouped-matmul kernel runs here)
+
+  gmm.check_config(cfg.model)
 
 
 def _plan(cfg) -> None:

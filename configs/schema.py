@@ -189,7 +189,11 @@ def from_dict(tree: dict) -> Config:
   if unknown:
     raise ConfigError(f'{unknown[0]}: unknown config group; expected one of {sorted(_GROUPS)}')
   get = lambda name: dict(tree.get(name) or {})
-  model = _group('model', get('model'), **{g: _group(g, get(g)) for g in MODEL_GROUPS})
+  groups = {g: get(g) for g in MODEL_GROUPS}
+  if 'dropless_impl' in groups['moe']:  # config.json before moe.gmm_impl ('blocked' is 'scan')
+    old = groups['moe'].pop('dropless_impl')
+    groups['moe'].setdefault('gmm_impl', 'scan' if old == 'blocked' else old)
+  model = _group('model', get('model'), **{g: _group(g, v) for g, v in groups.items()})
   cfg = Config(
     model=model,
     **{g: _group(g, get(g)) for g in ('data', 'optimizer', 'train', 'checkpoint', 'mesh', 'eval')},

@@ -6,7 +6,7 @@ import math
 from model.capacity import capacity
 
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')  # model.flash.IMPLS
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -104,7 +104,7 @@ class AttentionConfig:
 
 MOE_SCORES = ('softmax', 'sigmoid')
 MOE_EXECUTIONS = ('dropless', 'capacity')
-MOE_DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
+MOE_GMM_IMPLS = ('auto', 'scan', 'ragged_dot', 'tokamax', 'megablox', 'mgpu')  # model/gmm.py
 MOE_BALANCE_CONVENTIONS = ('assignments', 'tokens')
 
 
@@ -119,7 +119,7 @@ class MoEConfig:
   expert_dim: int = 0
   shared_experts: int = 0
   execution: str = 'dropless'
-  dropless_impl: str = 'auto'
+  gmm_impl: str = 'auto'
   block_size: int = 256
   capacity_factor: float = 1.25
   balance_weight: float = 1e-2
@@ -147,7 +147,7 @@ class MoEConfig:
     for name, allowed in (
       ('score', MOE_SCORES),
       ('execution', MOE_EXECUTIONS),
-      ('dropless_impl', MOE_DROPLESS_IMPLS),
+      ('gmm_impl', MOE_GMM_IMPLS),
       ('balance_convention', MOE_BALANCE_CONVENTIONS),
     ):
       if getattr(self, name) not in allowed:

@@ -4,10 +4,11 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
 `w_gate_EDF, w_up_EDF, w_down_EFD`; expert e computes `(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`.
 - `experts_reference`: every expert on every token (E times the work); the definition.
 - `experts_dropless`: assignments sorted by expert, a grouped matmul over the groups, unsorted by
-  the inverse permutation. The grouped matmul is `jax.lax.ragged_dot` on GPU/TPU; XLA:CPU runs
-  ragged_dot densely over every group (measured: 10x the dense time at E=8, k=2), so on CPU the
-  groups are padded to blocks of `block_size` rows (MegaBlocks-style) and a scan multiplies each
-  block by its expert's weights: only routed work plus < E blocks of padding.
+  the inverse permutation. The grouped matmul is chosen by `impl` (`moe.gmm_impl`, model/gmm.py):
+  'scan' pads the groups to blocks of `block_size` rows (MegaBlocks-style) and a scan multiplies
+  each block by its expert's weights (only routed work plus < E blocks of padding; the CPU
+  default: XLA:CPU runs ragged_dot densely over every group, measured 10x the dense time at E=8,
+  k=2); 'ragged_dot', 'megablox', 'mgpu', 'tokamax' are plain grouped-matmul kernels.
   Row permutations are gathers in both directions (`_take_rows`): no scatter-add in the backward.
 - `experts_capacity`: GShard/Switch one-hot dispatch and combine einsums with
   C = ceil(capacity_factor * T * K / E) slots per expert; first choices take slots before second
@@ -17,10 +18,8 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
 import jax
 import jax.numpy as jnp
 
-from model import axes, validity
+from model import axes, gmm, validity
 from model.capacity import capacity
-
-DROPLESS_IMPLS = ('auto', 'ragged_dot', 'blocked')
 
 
 def _swiglu_E(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -74,15 +73,6 @@ def _sort(experts_TK, num_experts):
   return experts_A, order_A, rank_A, sizes_E
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' is ragged_dot on GPU/TPU and blocked on CPU (where ragged_dot computes densely)."""
-  if impl not in DROPLESS_IMPLS:
-    raise ValueError(f'dropless_impl={impl!r}: expected one of {DROPLESS_IMPLS}')
-  if impl == 'auto':
-    return 'blocked' if jax.default_backend() == 'cpu' else 'ragged_dot'
-  return impl
-
-
 def experts_dropless(
   x_TD,
   weights_TK,
@@ -93,18 +83,21 @@ def experts_dropless(
   *,
   impl: str = 'auto',
   block_size: int = 128,
+  interpret: bool = False,
 ):
-  """Every assignment computed exactly once: sort, grouped matmul, unsort, combine."""
+  """Every assignment computed exactly once: sort, grouped matmul, unsort, combine.
+  `impl` names the kernel (model/gmm.py; refused when it cannot run here); `interpret` runs the
+  Pallas kernels in interpret mode (CPU tests)."""
   e = w_gate_EDF.shape[0]
   k = experts_TK.shape[1]
   x_AD = jnp.repeat(x_TD, k, axis=0)  # row t*K + j is token t's j-th assignment
   experts_A, order_A, rank_A, sizes_E = _sort(experts_TK, e)
-  if resolve_impl(impl) == 'ragged_dot':
+  kernel = gmm.resolve(impl, interpret=interpret)
+  if kernel != 'scan':
+    mm = lambda x_AX, w_EXY: gmm.ragged_matmul(kernel, x_AX, w_EXY, sizes_E, interpret)
     xs_AD = _take_rows(x_AD, order_A, rank_A)
-    h_AF = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(
-      xs_AD, w_up_EDF, sizes_E
-    )
-    ys_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
+    h_AF = jax.nn.silu(mm(xs_AD, w_gate_EDF)) * mm(xs_AD, w_up_EDF)
+    ys_AD = mm(h_AF, w_down_EFD)
     return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
   return _combine(
     _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, block_size),

@@ -147,7 +147,7 @@ class MoE(nnx.Module):
         )
       else:
         y_TD = moe.experts_dropless(
-          x_TD, out.weights, out.indices, *ws, impl=m.dropless_impl, block_size=m.block_size
+          x_TD, out.weights, out.indices, *ws, impl=m.gmm_impl, block_size=m.block_size
         )
       assign_BLE = topk_assignment(out.indices, m.num_experts, kept_TK).reshape(b, l, -1)
       assign_BLE = assign_BLE & valid_BL[..., None]

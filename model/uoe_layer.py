@@ -211,7 +211,7 @@ class UnionMLP(_Gated):
         *ws,
         k=u.experts_per_token,
         gate_outputs=u.gate_outputs,
-        impl=cfg.moe.dropless_impl,
+        impl=cfg.moe.gmm_impl,
         block_size=cfg.moe.block_size,
         segment_ids_BL=segment_ids_BL,
       )

@@ -107,7 +107,7 @@ def _value_and_grads(fn, k, x, logits, ws):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, logits, *ws)
 
 
-@pytest.mark.parametrize('impl', ['blocked', 'ragged_dot'])
+@pytest.mark.parametrize('impl', ['scan', 'ragged_dot'])
 @pytest.mark.parametrize('t, e, k', [(7, 4, 2), (33, 8, 3), (64, 8, 1), (5, 16, 2)])
 def test_dropless_equals_reference(impl, t, e, k):
   x, logits, ws = _problem(t, e, k)
@@ -154,7 +154,7 @@ def test_single_expert_equals_dense_swiglu():
   x, _, (wg, wu, wd) = _problem(24, 1, 1, seed=3)
   dense = layers.swiglu(x[None], wg[0], wu[0], wd[0])[0]
   weights, experts = jnp.ones((24, 1)), jnp.zeros((24, 1), jnp.int32)
-  for impl in ('blocked', 'ragged_dot'):
+  for impl in ('scan', 'ragged_dot'):
     y = moe.experts_dropless(x, weights, experts, wg, wu, wd, impl=impl, block_size=8)
     np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-6)
   y, dropped = moe.experts_capacity(x, weights, experts, wg, wu, wd, 1.0)
