@@ -10,10 +10,12 @@
   On CPU it runs only in Pallas interpret mode (tests).
 - 'mgpu': the Pallas Mosaic-GPU kernels `ragged_dot_mgpu` (forward and input gradient, Hopper)
   and `transposed_ragged_dot_mgpu` (weight gradient), joined by `ragged_vjp`.
-- 'tokamax': `tokamax.ragged_dot` restricted to its GPU kernels (mosaic, triton): its default
-  list ends in 'xla', the dense fallback. Needs Python >= 3.12 and jax >= 0.11.1; imported lazily.
+- 'tokamax': `tokamax.ragged_dot` restricted to its Mosaic GPU kernel: its default list ends in
+  'xla', the dense fallback. tokamax 0.0.17 needs Python >= 3.12 and jax >= 0.11.1 (the `gpu`
+  extra installs it there); imported lazily.
 'auto' picks the fastest exact kernel of the platform: cpu -> scan, tpu -> megablox,
-gpu -> mgpu on Hopper, else tokamax if installed, else scan (never ragged_dot: dense on GPU).
+gpu -> mgpu on Hopper, else tokamax if installed, else scan (never ragged_dot: dense on GPU);
+for f32 on GPU scan (the GPU kernels' wgmma takes f32 as tf32, not exact).
 A kernel that cannot run here is refused in one line naming what is missing: never a fallback.
 """
 
@@ -38,7 +40,7 @@ def _compute_capability() -> str | None:
 
 
 def _has_tokamax() -> bool:
-  return sys.version_info >= (3, 12) and importlib.util.find_spec('tokamax') is not None
+  return importlib.util.find_spec('tokamax') is not None
 
 
 def missing(impl: str, platform: str, interpret: bool = False) -> str | None:
@@ -72,14 +74,15 @@ def missing(impl: str, platform: str, interpret: bool = False) -> str | None:
   return f'expected one of {MOE_GMM_IMPLS}'
 
 
-def resolve(impl: str, platform: str | None = None, interpret: bool = False) -> str:
+def resolve(impl: str, platform: str | None = None, interpret: bool = False, dtype=None) -> str:
   """The kernel `impl` names on `platform` (default: this process's backend); 'auto' is the
-  fastest exact one. Raises ConfigError naming what is missing when it cannot run."""
+  fastest exact one for operands of `dtype` (None: 16-bit). Raises ConfigError naming what is
+  missing when it cannot run."""
   platform = platform or jax.default_backend()
   if impl == 'auto':
     if platform == 'tpu':
       return 'megablox'
-    if platform == 'gpu':
+    if platform == 'gpu' and (dtype is None or jnp.dtype(dtype).itemsize <= 2):
       for name in ('mgpu', 'tokamax'):
         if missing(name, platform) is None:
           return name
@@ -163,7 +166,7 @@ def _mgpu():
 def _tokamax(x_MK, w_GKN, sizes_G):
   import tokamax  # pylint: disable=g-import-not-at-top  (Python >= 3.12 only)
 
-  return tokamax.ragged_dot(x_MK, w_GKN, sizes_G, implementation=('mosaic', 'triton'))
+  return tokamax.ragged_dot(x_MK, w_GKN, sizes_G, implementation='mosaic')
 
 
 def ragged_matmul(impl: str, x_MK, w_GKN, sizes_G, interpret: bool = False):

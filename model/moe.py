@@ -92,7 +92,7 @@ def experts_dropless(
   k = experts_TK.shape[1]
   x_AD = jnp.repeat(x_TD, k, axis=0)  # row t*K + j is token t's j-th assignment
   experts_A, order_A, rank_A, sizes_E = _sort(experts_TK, e)
-  kernel = gmm.resolve(impl, interpret=interpret)
+  kernel = gmm.resolve(impl, interpret=interpret, dtype=x_TD.dtype)
   if kernel != 'scan':
     mm = lambda x_AX, w_EXY: gmm.ragged_matmul(kernel, x_AX, w_EXY, sizes_E, interpret)
     xs_AD = _take_rows(x_AD, order_A, rank_A)

@@ -27,6 +27,9 @@ def test_auto_per_platform(monkeypatch, platform, hopper, tokamax, expected):
   monkeypatch.setattr(gmm, '_compute_capability', lambda: '9.0' if hopper else '8.0')
   monkeypatch.setattr(gmm, '_has_tokamax', lambda: tokamax)
   assert gmm.resolve('auto', platform) == expected
+  assert gmm.resolve('auto', platform, dtype=jnp.bfloat16) == expected
+  f32 = 'megablox' if platform == 'tpu' else 'scan'  # the GPU kernels take f32 as tf32
+  assert gmm.resolve('auto', platform, dtype=jnp.float32) == f32
 
 
 def test_explicit_kernels_resolve_where_they_run(monkeypatch):
