@@ -4,26 +4,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
+from model import axes, flash
 from model.config import ModelConfig
 from model.layers import apply_rope, init_normal
 
-_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-
-def attention_impl(impl: str, dtype) -> str:
-  """The `jax.nn.dot_product_attention` implementation for a config value.
-
-  'auto' picks cuDNN only on a GPU backend with a half-precision compute dtype (the only case cuDNN
-  flash attention handles); everywhere else it is the XLA reference implementation.
-  """
-  if impl in ('xla', 'cudnn'):
-    return impl
-  if impl != 'auto':
-    raise ValueError(f'attention.impl={impl!r}: expected auto, xla or cudnn')
-  if jax.default_backend() == 'gpu' and jnp.dtype(dtype) in _HALF_DTYPES:
-    return 'cudnn'
-  return 'xla'
+def attention_impl(impl: str, dtype, platform: str | None = None) -> str:
+  """The kernel for a config value (`model.flash.resolve_impl`): 'auto' is splash on TPU, cuDNN
+  on GPU with a half-precision compute dtype, XLA everywhere else."""
+  return flash.resolve_impl(impl, dtype, platform)
 
 
 def segment_mask(segment_ids_BL: jax.Array) -> jax.Array:
@@ -42,8 +31,11 @@ def causal_attention(
   """Causal softmax attention (softmax in f32); G kv heads serve H // G query heads each.
 
   With `segment_ids_BL`, a token attends only to earlier tokens of its own segment (packed
-  documents). The mask is a dense [B, 1, L, L] array; cuDNN receives it as an additive bias.
+  documents). 'xla' is the reference, a dense [B, 1, L, L] mask; 'cudnn' and 'splash' run the
+  platform's flash kernel (`model.flash.flash_attention`; cuDNN refuses segment ids).
   """
+  if impl != 'xla':
+    return flash.flash_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL, impl=impl)
   mask = None if segment_ids_BL is None else segment_mask(segment_ids_BL)
   return jax.nn.dot_product_attention(
     q_BLHK, k_BLGK, v_BLGK, mask=mask, is_causal=True, implementation=impl
@@ -65,7 +57,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.dtype = jnp.dtype(cfg.dtype)
     self.rope_theta = cfg.rope_theta
-    self.impl = cfg.attention.impl  # resolved per call: 'auto' depends on the backend
+    self.impl = cfg.attention.impl
+    self.kernel = flash.check_impl(self.impl, self.dtype)  # refuses a kernel this process lacks
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = cfg.param_dtype
     self.wq = axes.param(rngs, init_normal(cfg), (d, h, k), ('embed', 'heads', 'kv'), pd)
@@ -148,5 +141,5 @@ class Attention(nnx.Module):
       k_BLGK,
       v_BLGK,
       segment_ids_BL=segment_ids_BL,
-      impl=attention_impl(self.impl, self.dtype),
+      impl=flash.call_kernel(self.kernel, self.impl, segment_ids_BL is not None),
     )

@@ -4,12 +4,15 @@ The Routing Transformer's non-routing layers (`attention.non_routing='local'`): 
 makes every head of a layer without routing heads a local head, so the whole model is O(L·W) in
 time and memory instead of O(L²) for full causal attention. Same parameters, RoPE and grouped-query
 heads as the dense `Attention`; only the mask differs (`local_attention`: each block of
-`attention.local_window` queries sees its own block and the previous one).
+`attention.local_window` queries sees its own block and the previous one). With
+`attention.impl` resolving to splash the mask runs inside the splash kernel; elsewhere (cuDNN has
+only a sliding window, not this blocked mask) it is the XLA `local_attention`.
 """
 
 import jax
 from flax import nnx
 
+from model import flash
 from model.attention import Attention
 from model.config import ModelConfig
 from model.local_attention import local_attention
@@ -46,4 +49,8 @@ class LocalAttention(Attention):
     self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array | None
   ) -> jax.Array:
     window = min(self.local_window, q_BLHK.shape[1])  # a prefix shorter than the window: one block
+    if self.kernel == 'splash':  # the blocked mask inside the kernel; cuDNN has none: XLA
+      return flash.flash_attention(
+        q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL, impl='splash', local_window=window
+      )
     return local_attention(q_BLHK, k_BLGK, v_BLGK, window=window, segment_ids_BL=segment_ids_BL)

@@ -61,6 +61,30 @@ def _scatter_add(values_BHNW_: jax.Array, idx_BHNW: jax.Array, length: int) -> j
   return jax.vmap(jax.vmap(one))(values_BHNW_, idx_BHNW)
 
 
+def _folded(qc_BHNWK, vc_BHNWK, seg_BHNW, *, impl: str, causal: bool, scale: float):
+  """Shared-QK clusters as a batch of [W] sequences through a flash kernel: (out_c f32, seen).
+
+  A cluster's members are in time order and are its keys too, so the causal mask on original
+  positions is the plain causal mask on W and each query sees itself. Segment ids ride along per
+  cluster; a segment-0 query (the reference lets it see no key) sees only segment-0 keys here,
+  and its output is zeroed and left out of the average afterwards, as the reference does.
+  """
+  from model.flash import flash_attention
+
+  b, h, n, w, kd = qc_BHNWK.shape
+  fold = lambda x: x.reshape(b * h * n, w, 1, kd)
+  seg = None if seg_BHNW is None else seg_BHNW.reshape(b * h * n, w)
+  qf = fold(qc_BHNWK)
+  out = flash_attention(
+    qf, qf, fold(vc_BHNWK), segment_ids_BL=seg, impl=impl, causal=causal, scale=scale
+  )
+  out_c = out.reshape(b, h, n, w, kd).astype(jnp.float32)
+  if seg_BHNW is None:
+    return out_c, jnp.ones((b, h, n, w), bool)
+  seen_BHNW = seg_BHNW != 0
+  return jnp.where(seen_BHNW[..., None], out_c, 0.0), seen_BHNW
+
+
 class RoutingOutput(NamedTuple):
   out_BLHK: jax.Array
   picks_BHL: jax.Array  # int32: how many clusters picked each query (0: it gets zeros)
@@ -76,6 +100,7 @@ def routing_attention(
   causal: bool = True,
   scale: float | None = None,
   segment_ids_BL: jax.Array | None = None,
+  impl: str | None = None,
 ) -> RoutingOutput:
   """Clustered attention: `RoutingOutput(out_BLHK, picks_BHL)`, the output and how many clusters
   picked each query (a caller that drops the count under jit pays nothing for it).
@@ -87,6 +112,10 @@ def routing_attention(
   keys of its own segment and never a key of segment 0 (invisible tokens, ranked last by the
   selection). A query that sees no key inside a cluster gets nothing from that cluster and that
   cluster is left out of its average.
+
+  `impl` (a resolved `model.flash` kernel: 'xla', 'cudnn', 'splash') folds the clusters into the
+  batch axis and runs them through that kernel (`_folded`); None is the reference einsum path.
+  Folding needs shared QK: with separate keys the reference path runs whatever `impl` says.
   """
   b, l, h, kd = q_BLHK.shape
   if window > l:
@@ -101,25 +130,26 @@ def routing_attention(
   qc = _gather(q_BHLK, idx_q).astype(v_BLHK.dtype)
   kc = _gather(k_BHLK, idx_k).astype(v_BLHK.dtype)
   vc = _gather(v_BHLK, idx_k)
-  logits = jnp.einsum('bhnik,bhnjk->bhnij', qc, kc, preferred_element_type=jnp.float32) * scale
-  mask = jnp.ones(logits.shape, bool)
-  if causal:
-    mask = idx_q[..., :, None] >= idx_k[..., None, :]
+  seg_q = seg_k = None
   if segment_ids_BL is not None:
     seg_BHL = jnp.broadcast_to(segment_ids_BL[:, None, :], (b, h, l))
     take = jax.vmap(jax.vmap(lambda s_L, i_NW: s_L[i_NW]))
-    seg_k = take(seg_BHL, idx_k)
-    mask = (
-      mask
-      & (take(seg_BHL, idx_q)[..., :, None] == seg_k[..., None, :])
-      & (seg_k[..., None, :] != 0)
+    seg_q, seg_k = take(seg_BHL, idx_q), take(seg_BHL, idx_k)
+  if impl is not None and k_BLHK is q_BLHK:
+    out_c, seen_BHNW = _folded(qc, vc, seg_q, impl=impl, causal=causal, scale=scale)
+  else:
+    logits = jnp.einsum('bhnik,bhnjk->bhnij', qc, kc, preferred_element_type=jnp.float32) * scale
+    mask = jnp.ones(logits.shape, bool)
+    if causal:
+      mask = idx_q[..., :, None] >= idx_k[..., None, :]
+    if segment_ids_BL is not None:
+      mask = mask & (seg_q[..., :, None] == seg_k[..., None, :]) & (seg_k[..., None, :] != 0)
+    probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+    seen_BHNW = jnp.any(mask, axis=-1)
+    probs = jnp.where(seen_BHNW[..., None], probs, 0.0)
+    out_c = jnp.einsum(
+      'bhnij,bhnjk->bhnik', probs.astype(v_BLHK.dtype), vc, preferred_element_type=jnp.float32
     )
-  probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
-  seen_BHNW = jnp.any(mask, axis=-1)
-  probs = jnp.where(seen_BHNW[..., None], probs, 0.0)
-  out_c = jnp.einsum(
-    'bhnij,bhnjk->bhnik', probs.astype(v_BLHK.dtype), vc, preferred_element_type=jnp.float32
-  )
 
   total_BHLK = _scatter_add(out_c, idx_q, l)
   count_BHL = _scatter_add(seen_BHNW.astype(jnp.float32), idx_q, l)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, validity
+from model import axes, flash, validity
 from model.config import ModelConfig
 from model.layers import apply_rope, init_normal
 from model.local_attention import local_attention
@@ -54,6 +54,7 @@ class RoutingAttention(nnx.Module):
         'configs.schema.load, which derives it from train.seq_len // attention.window'
       )
     self.dtype = jnp.dtype(cfg.dtype)
+    self.impl, self.kernel = a.impl, flash.check_impl(a.impl, self.dtype)  # refuses a missing one
     self.rope_theta = cfg.rope_theta
     self.window, self.local_window = a.window, a.local_window
     self.decay, self.commitment_weight = a.kmeans_decay, a.commitment_weight
@@ -92,7 +93,9 @@ class RoutingAttention(nnx.Module):
     vr_BLRK = jnp.einsum('bld,drk->blrk', x_BLD, cast(self.wv_routing))
     means_RNK = self.means[...]
     window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
-    # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype
+    # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype,
+    # folded into the batch axis through the flash kernel (XLA: the reference einsum path)
+    kernel = flash.call_kernel(self.kernel, self.impl, segment_ids_BL is not None)
     out_r, picks_BRL = routing_attention(
       qr_BLRK,
       qr_BLRK,
@@ -101,6 +104,7 @@ class RoutingAttention(nnx.Module):
       window=window,
       scale=self.scale,
       segment_ids_BL=segment_ids_BL,
+      impl=None if kernel == 'xla' else kernel,
     )
     outs.append(out_r)
 
@@ -110,11 +114,14 @@ class RoutingAttention(nnx.Module):
       v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
       q_loc = apply_rope(q_BLHK[:, :, r:], positions_BL, self.rope_theta)
       k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
-      outs.append(
-        local_attention(
-          q_loc, k_BLGK, v_BLGK, window=min(self.local_window, l), segment_ids_BL=segment_ids_BL
+      local_w, seg = min(self.local_window, l), segment_ids_BL
+      if kernel == 'splash':  # the blocked mask inside the kernel; cuDNN has none: XLA
+        o_loc = flash.flash_attention(
+          q_loc, k_BLGK, v_BLGK, segment_ids_BL=seg, impl='splash', local_window=local_w
         )
-      )
+      else:
+        o_loc = local_attention(q_loc, k_BLGK, v_BLGK, window=local_w, segment_ids_BL=seg)
+      outs.append(o_loc)
     o_BLHK = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     o_BLHK = axes.constrain(o_BLHK.astype(self.dtype), ('batch', 'length', 'act_heads', 'act_kv'))
     y_BLD = jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))

@@ -177,3 +177,35 @@ def test_local_attention_equals_dense_with_banded_mask(l, window, g, segments):
     lambda q, k, v: local_attention(q, k, v, window=window, segment_ids_BL=segment_ids)
   )(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_folded_clusters_equal_the_reference_outputs_gradients_and_picks(causal):
+  """Shared-QK clusters folded into the batch axis and run through `jax.nn.dot_product_attention`
+  (the flash kernels' call, impl='xla') equal the einsum reference: packed segments, segment-0
+  padding (a query that sees no key), multi-picked averaging and unpicked zeros included."""
+  b, l, h, kd, n, w = 2, 24, 3, 8, 5, 8  # N·W = 40 > L: some tokens picked twice, some never
+  x, v, means = normal((b, l, h, kd), 30), normal((b, l, h, kd), 31), normal((h, n, kd), 32)
+  # row 0: 6 valid tokens < W, so every cluster also takes segment-0 queries that see no key
+  seg = jnp.asarray([[1] * 3 + [2] * 3 + [0] * 18, [1] * 10 + [2] * 14], jnp.int32)
+  cot = normal((b, l, h, kd), 33)
+
+  def run(impl, segment_ids):
+    def f(x, v, means):
+      return routing_attention(
+        x, x, v, means, window=w, causal=causal, scale=0.7, segment_ids_BL=segment_ids, impl=impl
+      )
+
+    out = jax.jit(f)(x, v, means)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).out_BLHK * cot), argnums=(0, 1)))(x, v, means)
+    return out, grads
+
+  for segment_ids in (None, seg):
+    (got, got_grads), (want, want_grads) = run('xla', segment_ids), run(None, segment_ids)
+    np.testing.assert_array_equal(got.picks_BHL, want.picks_BHL)
+    assert (want.picks_BHL > 1).any() and (want.picks_BHL == 0).any()
+    if segment_ids is not None:  # segment-0 queries were picked (and get zeros)
+      assert (want.picks_BHL[0][:, segment_ids[0] == 0] > 0).any()
+    np.testing.assert_allclose(got.out_BLHK, want.out_BLHK, rtol=1e-5, atol=1e-6)
+    for g_got, g_want in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
