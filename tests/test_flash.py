@@ -134,3 +134,33 @@ def test_routing_folded_through_splash_interpret_equals_the_reference(monkeypatc
     )
 
   _compare(routed('splash'), routed(None), (normal((b, l, h, kd), 10), normal((b, l, h, kd), 11)))
+
+
+@pytest.mark.parametrize('layer_cls', ['routing', 'local'])
+def test_layers_on_splash_interpret_equal_their_xla_path(layer_cls, monkeypatch):
+  """The routing layer (folded routing heads, local heads) and the local-only layer pick the
+  kernel built into them: switched to splash (interpret), their outputs equal the XLA path's."""
+  from model.local_layer import LocalAttention  # pylint: disable=g-import-not-at-top
+  from model.routing_layer import RoutingAttention  # pylint: disable=g-import-not-at-top
+
+  calls, kernel = [], flash.flash_attention
+
+  def interpreted(*args, **kw):
+    calls.append(kw['impl'])
+    return kernel(*args, interpret=True, **kw)
+
+  monkeypatch.setattr(flash, 'flash_attention', interpreted)
+  cfg = configs.schema.load(configs.routing_transformer.get_config('tiny'), 1).model
+  cls = RoutingAttention if layer_cls == 'routing' else LocalAttention
+  layer = cls(cfg, rngs=nnx.Rngs(0))
+  b, l = 2, 64
+  x = normal((b, l, cfg.d_model), 20)
+  pos = jnp.broadcast_to(jnp.arange(l), (b, l))
+  seg = jnp.asarray([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
+  out = lambda: jax.tree.leaves(layer(x, pos, seg))[0]
+  assert layer.kernel == 'xla'
+  want = out()
+  layer.kernel = 'splash'
+  assert not calls
+  np.testing.assert_allclose(out(), want, rtol=1e-5, atol=1e-5)
+  assert calls == (['splash', 'splash'] if layer_cls == 'routing' else ['splash'])

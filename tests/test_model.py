@@ -305,9 +305,15 @@ def test_count_params_and_flops(tie):
 def test_attention_impl_choice():
   assert attention_impl('xla', 'bfloat16') == 'xla'
   assert attention_impl('cudnn', 'float32') == 'cudnn'
+  assert attention_impl('splash', 'float32') == 'splash'
   assert attention_impl('auto', 'float32') == 'xla'
-  expected = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  expected = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
   assert attention_impl('auto', 'bfloat16') == expected
+  for platform, kernel in (('cpu', 'xla'), ('gpu', 'cudnn'), ('tpu', 'splash')):
+    assert attention_impl('auto', 'bfloat16', platform) == kernel
+  assert attention_impl('auto', 'float32', 'gpu') == 'xla'
+  with pytest.raises(ValueError, match="^attention.impl='flash': expected one of"):
+    attention_impl('flash', 'float32')
 
 
 def test_matmul_params_of_routing_attention_layers_match_the_model():
