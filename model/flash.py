@@ -34,12 +34,12 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
   return 'xla'
 
 
-def check_impl(impl: str, dtype, platform: str | None = None, *, interpret: bool = False) -> str:
+def check_impl(impl: str, dtype, platform: str | None = None) -> str:
   """The resolved kernel, or a one-line ValueError naming what this process lacks for it."""
   platform = platform or jax.default_backend()
   kernel = resolve_impl(impl, dtype, platform)
   need = _NEEDS.get(kernel)
-  if need and platform != need and not (kernel == 'splash' and interpret):
+  if need and platform != need:
     raise ValueError(
       f'attention.impl={impl!r}: {kernel} needs a {need.upper()} backend (this process has '
       f'{platform})'

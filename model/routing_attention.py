@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from model import flash
+
 _MASKED = -1e30  # finite, so fully masked rows give a uniform softmax (no NaN) that is then zeroed
 
 
@@ -69,13 +71,11 @@ def _folded(qc_BHNWK, vc_BHNWK, seg_BHNW, *, impl: str, causal: bool, scale: flo
   cluster; a segment-0 query (the reference lets it see no key) sees only segment-0 keys here,
   and its output is zeroed and left out of the average afterwards, as the reference does.
   """
-  from model.flash import flash_attention
-
   b, h, n, w, kd = qc_BHNWK.shape
   fold = lambda x: x.reshape(b * h * n, w, 1, kd)
   seg = None if seg_BHNW is None else seg_BHNW.reshape(b * h * n, w)
   qf = fold(qc_BHNWK)
-  out = flash_attention(
+  out = flash.flash_attention(
     qf, qf, fold(vc_BHNWK), segment_ids_BL=seg, impl=impl, causal=causal, scale=scale
   )
   out_c = out.reshape(b, h, n, w, kd).astype(jnp.float32)
