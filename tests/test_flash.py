@@ -99,7 +99,7 @@ def _compare(got_fn, want_fn, args, rtol=1e-5, atol=1e-5):
 SEG = jnp.asarray([[1] * 10 + [2] * 16 + [0] * 6, [3] * 32], jnp.int32)
 
 
-@pytest.mark.parametrize('local_window', [None, 8])
+@pytest.mark.parametrize('local_window', [None, pytest.param(8, marks=pytest.mark.slow)])
 def test_splash_interpret_equals_the_xla_references_gqa_packed(local_window):
   """Splash (Pallas interpret mode on CPU; padded to its 128-token blocks) with GQA (4 query heads
   on 2 kv heads) and packed segments: values and gradients of causal and blocked local attention."""
@@ -118,6 +118,7 @@ def test_splash_interpret_equals_the_xla_references_gqa_packed(local_window):
     _compare(functools.partial(xla, local_window=local_window), ref, args)
 
 
+@pytest.mark.slow  # the folding is proved in the default run through XLA (test_routing_attention)
 def test_routing_folded_through_splash_interpret_equals_the_reference(monkeypatch):
   """Routing clusters folded into the batch axis through splash (interpret) equal the einsum
   reference, with segment-0 queries that see no key and multi-picked tokens."""
@@ -136,7 +137,7 @@ def test_routing_folded_through_splash_interpret_equals_the_reference(monkeypatc
   _compare(routed('splash'), routed(None), (normal((b, l, h, kd), 10), normal((b, l, h, kd), 11)))
 
 
-@pytest.mark.parametrize('layer_cls', ['routing', 'local'])
+@pytest.mark.parametrize('layer_cls', [pytest.param('routing', marks=pytest.mark.slow), 'local'])
 def test_layers_on_splash_interpret_equal_their_xla_path(layer_cls, monkeypatch):
   """The routing layer (folded routing heads, local heads) and the local-only layer pick the
   kernel built into them: switched to splash (interpret), their outputs equal the XLA path's."""

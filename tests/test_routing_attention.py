@@ -179,7 +179,7 @@ def test_local_attention_equals_dense_with_banded_mask(l, window, g, segments):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('causal', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_folded_clusters_equal_the_reference_outputs_gradients_and_picks(causal):
   """Shared-QK clusters folded into the batch axis and run through `jax.nn.dot_product_attention`
   (the flash kernels' call, impl='xla') equal the einsum reference: packed segments, segment-0

@@ -107,6 +107,7 @@ def test_bad_init_from_is_one_line(dense_run, tmp_path):
     schema.load(c, 1)
 
 
+@pytest.mark.slow  # three short trainings; warm_start.load and place are tested above
 def test_training_starts_from_the_source_and_resumes_its_own_checkpoint(dense_run, tmp_path):
   from train.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
 
@@ -127,3 +128,23 @@ def test_training_starts_from_the_source_and_resumes_its_own_checkpoint(dense_ru
     cfg, train=dataclasses.replace(cfg.train, steps=4, init_from='/nowhere')
   )
   assert train_and_evaluate(later, workdir)['step'] == 4  # resumes; init_from is not read again
+
+
+def test_place_puts_the_model_on_the_fresh_state_shardings(dense_run):
+  from configs import sharding  # pylint: disable=g-import-not-at-top
+  from train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from train.step import make_step_fns  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config('tiny')
+  c.train.update(init_from=dense_run)
+  c.mesh.update(shape=(2, 4, 1, 1), rules='fsdp')
+  cfg = schema.load(c, jax.device_count())
+  fns = make_step_fns(cfg, mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules))
+  fresh = fns.init()
+  shardings = jax.tree.leaves(jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(fresh['model'])))
+  model_state = warm_start.load(cfg)
+  placed = jax.tree.leaves(nnx.to_pure_dict(warm_start.place(fresh, model_state)['model']))
+  for array, sharding_, value in zip(placed, shardings, jax.tree.leaves(model_state), strict=True):
+    assert array.sharding == sharding_
+    np.testing.assert_array_equal(array, value)
+  assert any(len(s.device_set) > 1 for s in shardings)  # really sharded
