@@ -332,6 +332,7 @@ def test_trigger_in_training_survives_checkpoint_and_resume_exactly(eight_device
   np.testing.assert_allclose(ramps, expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # a second whole training on one device; sharding itself: golden specs
 def test_trigger_fires_at_the_same_step_on_one_and_eight_devices(eight_devices):
   history8, final8, _, _, init = eight_devices
   history1, final1, _, _, _ = _train(1, init=init)  # the same initial values, placed on 1 device

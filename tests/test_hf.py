@@ -56,7 +56,6 @@ def test_weights_round_trip_exactly(module, moe, expected):
   c = module.get_config('tiny')
   c.attention.qk_norm = moe.pop('qk_norm', False)
   c.moe.update(**moe)
-  c.model.num_layers = 4
   cfg = schema.load(c, 1).model
   fam = hf_format.family(cfg)
   assert fam == expected
