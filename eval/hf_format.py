@@ -202,46 +202,16 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
     init_std=float(hf.get('initializer_range', base.init_std)),
   )
   moe = dataclasses.replace(base.moe, num_experts=0)
-  if model_type == 'mixtral':
+  if model_type != 'llama':  # a top-k softmax MoE: what each family calls its fields
     moe = dataclasses.replace(
       base.moe,
-      num_experts=hf['num_local_experts'],
+      num_experts=hf['num_local_experts' if model_type == 'mixtral' else 'num_experts'],
       top_k=hf['num_experts_per_tok'],
       router='topk',
       score='softmax',
-      renormalize=True,
-      every=1,
-      expert_dim=0,
-      shared_experts=0,
-      execution='dropless',
-      bias_rate=0.0,
-      jitter=0.0,
-    )
-  if model_type == 'olmoe':
-    moe = dataclasses.replace(
-      base.moe,
-      num_experts=hf['num_experts'],
-      top_k=hf['num_experts_per_tok'],
-      router='topk',
-      score='softmax',
-      renormalize=bool(hf.get('norm_topk_prob', False)),
-      every=1,
-      expert_dim=0,
-      shared_experts=0,
-      execution='dropless',
-      bias_rate=0.0,
-      jitter=0.0,
-    )
-  if model_type == 'qwen2_moe':
-    moe = dataclasses.replace(
-      base.moe,
-      num_experts=hf['num_experts'],
-      top_k=hf['num_experts_per_tok'],
-      router='topk',
-      score='softmax',
-      renormalize=bool(hf.get('norm_topk_prob', False)),
-      every=hf.get('decoder_sparse_step', 1),
-      expert_dim=hf['moe_intermediate_size'],
+      renormalize=model_type == 'mixtral' or bool(hf.get('norm_topk_prob', False)),
+      every=hf.get('decoder_sparse_step', 1) if model_type == 'qwen2_moe' else 1,
+      expert_dim=hf['moe_intermediate_size'] if model_type == 'qwen2_moe' else 0,
       shared_experts=0,
       execution='dropless',
       bias_rate=0.0,
