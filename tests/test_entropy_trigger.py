@@ -310,6 +310,7 @@ def eight_devices(tmp_path_factory):
   return _train(8, tmp_path_factory.mktemp('entropy_ckpt'))
 
 
+@pytest.mark.slow  # a whole 8-device training; the trigger's logic: the unit tests above
 def test_trigger_in_training_survives_checkpoint_and_resume_exactly(eight_devices):
   history, final, fns, ckpt, _ = eight_devices
   trig = _trigger(final)
