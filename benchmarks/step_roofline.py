@@ -267,8 +267,9 @@ def profile_top_ops(step_fn, n_steps: int, top: int = 15) -> dict:
     'containers_s_per_step': {k: v / n_steps for k, v in containers.most_common(8)},
     'note': ('complete (ph X) events summed by name on the XLA:CPU execution threads named in '
              'threads_counted, without the executor envelopes (ThunkExecutor*, end: *, '
-             'ThreadpoolListener*) and without control-flow containers (while*, conditional*: '
-             'their bodies are counted op by op; their totals are in containers_s_per_step); '
+             'ThreadpoolListener*, SlinkyThreadPool*) and without control-flow containers (while, '
+             'cond, conditional, call: their bodies are counted op by op; their totals are in '
+             'containers_s_per_step); '
              'share = summed duration / wall time of the profiled steps; ops on different threads '
              'overlap, so ops_s_per_step can exceed the step time')
     if ops else 'the trace has no per-op events on the XLA execution threads here',
@@ -276,7 +277,7 @@ def profile_top_ops(step_fn, n_steps: int, top: int = 15) -> dict:
 
 
 _EXEC_THREADS = ('tf_XLAPjRtCpuClient', 'tf_XLAEigen')  # XLA:CPU: the client and intra-op pool
-_SKIP = ('ThunkExecutor', 'ThreadpoolListener', 'end: ')
+_SKIP = ('ThunkExecutor', 'ThreadpoolListener', 'SlinkyThreadPool', 'end: ')  # envelopes, waits
 _CONTAINER = re.compile(r'(while|conditional|cond|call)(\.\d+)?$')  # bodies are counted op by op
 
 
