@@ -6,6 +6,7 @@ from benchmarks import step_roofline
 from configs import demo
 
 
+@pytest.mark.slow  # ~15 s of compiling and timing; the tool, not the model, is under test
 def test_smoke_result_fields():
   result = step_roofline.run(demo.get_config(), 'smoke', moe=False, steps=3)
   assert 0 < result['roofline_fraction'] <= 1.5
