@@ -37,11 +37,6 @@ from model.routing_attention import routing_attention
 from train import mesh as mesh_lib
 from train.step import make_step_fns
 
-_SMOKE = flags.DEFINE_bool('cpu_smoke', False, 'Every part at toy sizes on CPU, in seconds.')
-_OUT = flags.DEFINE_string('out', None, 'Write the JSON here (a smoke run writes nowhere else).')
-_BATCH = flags.DEFINE_integer('batch', 32, 'Sequences per step of the dense and MoE models.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
-
 # dense bf16 datasheet peaks per device (FLOP/s); a device not listed gets no datasheet MFU
 PEAKS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12}
 
@@ -231,6 +226,16 @@ def suite(s: Sizes, steps: int, reps: int = 5) -> dict:
   }
 
 
+def _define_flags() -> None:
+  """The command-line flags, defined only when run as a program (importing this module, as the
+  tests do, defines none, so several benchmarks can be imported into one process)."""
+  global _SMOKE, _OUT, _BATCH, _STEPS
+  _SMOKE = flags.DEFINE_bool('cpu_smoke', False, 'Every part at toy sizes on CPU, in seconds.')
+  _OUT = flags.DEFINE_string('out', None, 'Write the JSON here (a smoke run writes nowhere else).')
+  _BATCH = flags.DEFINE_integer('batch', 32, 'Sequences per step of the dense and MoE models.')
+  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -256,4 +261,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

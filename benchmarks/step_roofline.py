@@ -38,12 +38,6 @@ from train import mesh as mesh_lib
 from train import step as step_lib
 from train.optimizer import learning_rate_schedule, make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Experiment config.')
-_SHAPE = flags.DEFINE_string('shape', 'demo', 'Model shape: ' + ' | '.join(('demo', 'large')))
-_MOE = flags.DEFINE_bool('moe', False, '8 experts top-2 of width mlp_dim / 2, dropless.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls per program (median reported).')
-_SMOKE = flags.DEFINE_bool('smoke', False, 'Toy size in seconds; writes nothing.')
-
 SHAPES = {  # the issue's table; vocab 384 from the config
   'demo': dict(layers=4, d=128, heads=4, head_dim=32, mlp=384, seq=256, batch=16),
   'large': dict(layers=8, d=256, heads=4, head_dim=64, mlp=768, seq=512, batch=4),
@@ -320,6 +314,17 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   }
 
 
+def _define_flags() -> None:
+  """The command-line flags, defined only when run as a program (importing this module, as the
+  tests do, defines none, so several benchmarks can be imported into one process)."""
+  global _CONFIG, _SHAPE, _MOE, _STEPS, _SMOKE
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Experiment config.')
+  _SHAPE = flags.DEFINE_string('shape', 'demo', 'Model shape: ' + ' | '.join(('demo', 'large')))
+  _MOE = flags.DEFINE_bool('moe', False, '8 experts top-2 of width mlp_dim / 2, dropless.')
+  _STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls per program (median reported).')
+  _SMOKE = flags.DEFINE_bool('smoke', False, 'Toy size in seconds; writes nothing.')
+
+
 def main(argv):
   del argv
   shape = 'smoke' if _SMOKE.value else _SHAPE.value
@@ -341,4 +346,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
