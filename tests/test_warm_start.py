@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -31,17 +32,22 @@ def _target(module, dense_run, mode, **model):
 
 
 def _model(cfg: schema.Config, model_state: dict) -> Transformer:
-  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, model_state)
-  nnx.update(model, state)
+  """The model of `cfg` holding `model_state` (built abstractly: no random initialisation)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, model_state))
+  model = nnx.merge(graphdef, state)
   model.eval()
   return model
 
 
-def _loss(model, tokens) -> float:
+@nnx.jit
+def _jitted_loss(model, tokens):
   logits, _ = model(tokens[:, :-1])
-  return float(lm_loss(logits, tokens[:, 1:]))
+  return lm_loss(logits, tokens[:, 1:])
+
+
+def _loss(model, tokens) -> float:
+  return float(_jitted_loss(model, tokens))
 
 
 TOKENS = jax.random.randint(jax.random.key(0), (4, 65), 0, 257)
