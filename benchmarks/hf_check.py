@@ -269,6 +269,9 @@ def main(argv):
     'failures': failures,
     'tolerance': _TOLERANCE.value,
     'compute_dtype': 'float32 (trained with --config.model.dtype=float32; make_tiny sets it too)',
+    'logits': 'full-sequence logits of held-out windows; every exported model is causal, so '
+    'teacher-forced logits are exact',
+    'command': ' '.join(sys.argv),
     'steps': _STEPS.value,
     'prompt': PROMPT,
     'max_new_tokens': _MAX_NEW.value,

@@ -101,7 +101,8 @@ class SelectiveAttention(_Gated):
   @classmethod
   def active_params(cls, cfg: ModelConfig, seq_len: int) -> float:
     """The gate, and the projections on the C_h tokens each head takes (C_h/S of the dense cost)."""
-    return Attention.num_params(cfg) * cls._share(cfg, seq_len) + cfg.d_model * cfg.num_heads
+    projections = Attention.active_params(cfg, seq_len)
+    return projections * cls._share(cfg, seq_len) + cfg.d_model * cfg.num_heads
 
   @classmethod
   def score_flops(cls, cfg: ModelConfig, seq_len: int) -> float:
