@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat = 'none'  # rematerialisation of each block: none | full | save_dots | save_dots_no_batch
 
   c.attention = a = ml_collections.ConfigDict()
-  a.impl = 'auto'  # attention kernel (model/flash.py): auto (splash on TPU, cudnn on GPU in bf16/f16) | xla | cudnn | splash
+  a.impl = 'auto'  # attention kernel (model/flash.py): auto (splash on TPU, cudnn on GPU in bf16/f16, chunked on CPU) | xla | chunked | cudnn | splash
   a.kind = 'dense'  # dense | routing (Routing Transformer heads in attention.routing_layers)
   a.non_routing = 'dense'  # kind='routing', layers not in routing_layers: dense (full causal) | local (only local heads, as the paper's code)
   a.routing_layers = (

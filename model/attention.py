@@ -11,7 +11,7 @@ from model.layers import apply_rope, init_normal
 
 def attention_impl(impl: str, dtype, platform: str | None = None) -> str:
   """The kernel for a config value (`model.flash.resolve_impl`): 'auto' is splash on TPU, cuDNN
-  on GPU with a half-precision compute dtype, XLA everywhere else."""
+  on GPU with a half-precision compute dtype, chunked on CPU, XLA elsewhere."""
   return flash.resolve_impl(impl, dtype, platform)
 
 
@@ -31,7 +31,8 @@ def causal_attention(
   """Causal softmax attention (softmax in f32); G kv heads serve H // G query heads each.
 
   With `segment_ids_BL`, a token attends only to earlier tokens of its own segment (packed
-  documents). 'xla' is the reference, a dense [B, 1, L, L] mask; 'cudnn' and 'splash' run the
+  documents). 'xla' is the reference, a dense [B, 1, L, L] mask; 'chunked' scores query chunks
+  against their key prefix only (`model.chunked_attention`); 'cudnn' and 'splash' run the
   platform's flash kernel (`model.flash.flash_attention`; cuDNN refuses segment ids).
   """
   if impl != 'xla':

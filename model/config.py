@@ -6,7 +6,7 @@ import math
 from model.capacity import capacity
 
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')  # model.flash.IMPLS
+ATTENTION_IMPLS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')  # model.flash.IMPLS
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 

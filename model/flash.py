@@ -1,9 +1,10 @@
 """Flash attention kernels of the accelerators behind one call: cuDNN (GPU) and splash (TPU).
 
 `attention.impl` names the kernel: 'xla' is `jax.nn.dot_product_attention`'s XLA implementation
-with a dense mask (the reference), 'cudnn' its cuDNN flash kernel, 'splash' the Pallas TPU
+with a dense mask (the reference), 'chunked' plain XLA scoring each query chunk against its causal
+key prefix only (`model.chunked_attention`, exact), 'cudnn' its cuDNN flash kernel, 'splash' the Pallas TPU
 splash-attention kernel (segment ids and causal or blocked-local masks computed inside the kernel),
-'auto' the platform's kernel. A kernel the platform lacks is refused in one line by `check_impl`
+'auto' the platform's kernel (chunked on CPU). A kernel the platform lacks is refused in one line by `check_impl`
 (at model build), never replaced silently. cuDNN gets no segment ids: `jax.nn.dot_product_attention`
 would pass the segment mask to it as a dense bias (not flash), so packed rows are refused there.
 """
@@ -14,14 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+from model import chunked_attention
+
+IMPLS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _NEEDS = {'cudnn': 'gpu', 'splash': 'tpu'}
 
 
 def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
   """The kernel for a config value: 'auto' is splash on TPU, cuDNN on GPU with a half-precision
-  compute dtype (the only dtypes cuDNN flash attention takes), XLA everywhere else."""
+  compute dtype (the only dtypes cuDNN flash attention takes), chunked on CPU, XLA elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f'attention.impl={impl!r}: expected one of {IMPLS}')
   if impl != 'auto':
@@ -31,7 +34,7 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
     return 'splash'
   if platform == 'gpu' and jnp.dtype(dtype) in _HALF_DTYPES:
     return 'cudnn'
-  return 'xla'
+  return 'chunked' if platform == 'cpu' else 'xla'
 
 
 def check_impl(impl: str, dtype, platform: str | None = None) -> str:
@@ -158,13 +161,19 @@ def flash_attention(
   scale: float | None = None,
   interpret: bool = False,
 ) -> jax.Array:
-  """Softmax attention through kernel `impl` ('xla', 'cudnn' or 'splash'; already resolved).
+  """Softmax attention through kernel `impl` ('xla', 'chunked', 'cudnn' or 'splash'; resolved).
 
   A query sees keys of its own segment, earlier ones when `causal`; with `local_window` only those
   of its own and the previous block of that many positions (`model.local_attention`'s mask:
-  splash and xla only). `interpret` runs splash in Pallas interpret mode (any backend, slow).
+  splash and xla only; 'chunked' chunks causal attention only and is 'xla' otherwise).
+  `interpret` runs splash in Pallas interpret mode (any backend, slow).
   """
   scale = q_BLHK.shape[-1] ** -0.5 if scale is None else scale
+  if impl == 'chunked' and causal and local_window is None:
+    return chunked_attention.causal_attention(
+      q_BLHK, k_BLGK, v_BLGK, segment_ids_BL=segment_ids_BL, scale=scale
+    )
+  impl = 'xla' if impl == 'chunked' else impl
   if impl == 'splash':
     return _splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale, interpret)
   if impl == 'cudnn' and segment_ids_BL is not None:
@@ -174,7 +183,9 @@ def flash_attention(
   if impl == 'cudnn' and local_window is not None:
     raise ValueError("attention.impl='cudnn': no blocked local mask in cuDNN (sliding window only)")
   if impl not in ('xla', 'cudnn'):
-    raise ValueError(f'attention.impl={impl!r}: expected a resolved kernel (xla, cudnn, splash)')
+    raise ValueError(
+      f'attention.impl={impl!r}: expected a resolved kernel (xla, chunked, cudnn, splash)'
+    )
   l = q_BLHK.shape[1]
   mask = None
   if segment_ids_BL is not None:

@@ -94,7 +94,7 @@ class RoutingAttention(nnx.Module):
     means_RNK = self.means[...]
     window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
     # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype,
-    # folded into the batch axis through the flash kernel (XLA: the reference einsum path)
+    # folded into the batch axis through the flash kernel (xla, chunked: the reference einsum path)
     kernel = flash.call_kernel(self.kernel, self.impl, segment_ids_BL is not None)
     out_r, picks_BRL = routing_attention(
       qr_BLRK,
@@ -104,7 +104,7 @@ class RoutingAttention(nnx.Module):
       window=window,
       scale=self.scale,
       segment_ids_BL=segment_ids_BL,
-      impl=None if kernel == 'xla' else kernel,
+      impl=None if kernel in ('xla', 'chunked') else kernel,
     )
     outs.append(out_r)
 

@@ -306,10 +306,14 @@ def test_attention_impl_choice():
   assert attention_impl('xla', 'bfloat16') == 'xla'
   assert attention_impl('cudnn', 'float32') == 'cudnn'
   assert attention_impl('splash', 'float32') == 'splash'
-  assert attention_impl('auto', 'float32') == 'xla'
-  expected = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
+  assert attention_impl('chunked', 'float32') == 'chunked'
+  backend = jax.default_backend()
+  assert attention_impl('auto', 'float32') == {'cpu': 'chunked', 'tpu': 'splash'}.get(
+    backend, 'xla'
+  )
+  expected = {'gpu': 'cudnn', 'tpu': 'splash', 'cpu': 'chunked'}[backend]
   assert attention_impl('auto', 'bfloat16') == expected
-  for platform, kernel in (('cpu', 'xla'), ('gpu', 'cudnn'), ('tpu', 'splash')):
+  for platform, kernel in (('cpu', 'chunked'), ('gpu', 'cudnn'), ('tpu', 'splash')):
     assert attention_impl('auto', 'bfloat16', platform) == kernel
   assert attention_impl('auto', 'float32', 'gpu') == 'xla'
   with pytest.raises(ValueError, match="^attention.impl='flash': expected one of"):

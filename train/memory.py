@@ -15,6 +15,7 @@ from flax import nnx
 from configs.schema import Config, ConfigError
 from model import plan
 from model.attention import attention_impl
+from model.chunked_attention import scored_pairs
 from model.config import LayerSpec
 from train.step import _build
 
@@ -87,7 +88,8 @@ def _layer_terms(cfg: Config, spec: LayerSpec, batch: int) -> dict[str, int]:
 
   `resid` (block input) and `mid` (residual after attention) are the inputs of the two norms: one
   of input or output must be kept. A dense attention adds q/k/v and, with XLA attention, the
-  probabilities B·H·L·L and the output (input of wo); cuDNN flash attention keeps its output and
+  probabilities B·H·L·L and the output (input of wo); chunked attention keeps only the scored
+  pairs' probabilities (`chunked_attention.scored_pairs`); cuDNN flash attention keeps its output and
   B·H·L f32 softmax statistics instead (`flash`). The SwiGLU MLP adds gate and up (2·B·L·F).
   Other layer kinds (routing, local, SMHA, MoE, UoME) count only their input: a bound stays one.
   """
@@ -96,10 +98,12 @@ def _layer_terms(cfg: Config, spec: LayerSpec, batch: int) -> dict[str, int]:
   terms = {'resid': tokens * m.d_model, 'mid': tokens * m.d_model}
   if spec.attention == 'dense':
     terms['qkv'] = tokens * (h + 2 * m.num_kv_heads) * k
-    if attention_impl(cfg.attention.impl, m.dtype) == 'cudnn':
+    kernel = attention_impl(cfg.attention.impl, m.dtype)
+    if kernel == 'cudnn':
       terms['flash'] = tokens * h * k + tokens * h * 4 // jnp.dtype(m.dtype).itemsize
     else:
-      terms['probs'], terms['attn_out'] = batch * h * seq_len * seq_len, tokens * h * k
+      pairs = scored_pairs(seq_len) if kernel == 'chunked' else seq_len * seq_len
+      terms['probs'], terms['attn_out'] = batch * h * pairs, tokens * h * k
   if spec.feed_forward == 'mlp':
     terms['hidden'] = 2 * tokens * m.mlp_dim
   return terms
