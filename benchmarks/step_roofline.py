@@ -12,6 +12,7 @@ benchmarks/results/step_roofline_<shape>[_moe].json (--smoke: a toy size, writes
 """
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -32,7 +33,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from configs import schema, sharding
-from model import axes, plan
+from model import axes, chunked_attention, flash, plan
 from train import memory
 from train import mesh as mesh_lib
 from train import step as step_lib
@@ -78,7 +79,8 @@ def build_config(config, shape: str, moe: bool) -> schema.Config:
 
 
 def gemms(cfg: schema.Config) -> dict:
-  """{(batch, M, K, N): count per step} of every matmul of one step, and its provenance."""
+  """{(batch, M, K, N): count per step} of every matmul of one step, and its provenance: the
+  attention's as its kernel runs them (`attention.impl`, resolved on this platform)."""
   m, t = cfg.model, cfg.train
   tokens, hd = t.batch_size * t.seq_len, m.d_model // m.num_heads
   weights = []  # (name, rows, K, N, count per step)
@@ -106,13 +108,20 @@ def gemms(cfg: schema.Config) -> dict:
       shapes[key] += count
       names[key].add(f'{name}.{role}')
   bh, seq = t.batch_size * m.num_heads, t.seq_len
-  for _ in range(m.num_layers):  # s = q@kᵀ, o = p@v and their backward dp, dv, dq, dk
-    for key, role, count in (
-      ((bh, seq, hd, seq), 'attn.qk|dp', 2),
-      ((bh, seq, seq, hd), 'attn.pv|dv|dq|dk', 4),
-    ):
-      shapes[key] += count
-      names[key].add(role)
+  # s = q@kᵀ, o = p@v and their backward dp, dv, dq, dk, per query chunk against its key prefix
+  # (the 'xla' kernel: one chunk of all rows against all keys)
+  kernel = flash.resolve_impl(cfg.attention.impl, m.dtype)
+  chunk = chunked_attention.chunk_size(seq) if kernel == 'chunked' else seq
+  for _ in range(m.num_layers):
+    for start in range(0, seq, chunk):
+      rows, keys = min(chunk, seq - start), min(start + chunk, seq)
+      for key, role in (
+        ((bh, rows, hd, keys), 'attn.qk|dp'),
+        ((bh, rows, keys, hd), 'attn.pv|dq'),
+        ((bh, keys, rows, hd), 'attn.dv|dk'),
+      ):
+        shapes[key] += 2
+        names[key].add(role)
   return {'counts': dict(shapes), 'names': {k: sorted(v) for k, v in names.items()}}
 
 
@@ -158,10 +167,7 @@ def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
   """Median seconds of the whole step and of each part jitted on its own; also the step fn."""
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
   fns = step_lib.make_step_fns(cfg, mesh, rules)
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
-  toks = toks.astype(np.int32)
-  batch = jax.device_put({'inputs': toks[:, :-1], 'targets': toks[:, 1:]}, fns.batch_sharding)
+  batch = jax.device_put(_random_batch(cfg), fns.batch_sharding)
   state = fns.init()
   with axes.axis_rules(mesh, rules):
     graph, params, rest = nnx.split(fns.model(state), nnx.Param, ...)
@@ -214,6 +220,50 @@ def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
   out['backward_only'] = out['forward_backward'] - out['forward']
   out['unaccounted'] = out['step'] - sum(out[k] for k in parts if k != 'forward')
   return out, train_step
+
+
+def variant_configs(cfg: schema.Config) -> dict[str, schema.Config]:
+  """The step as configured, beside the attention reference kernel and the other layer loop."""
+  m = cfg.model
+  model = lambda **kw: dataclasses.replace(cfg, model=dataclasses.replace(m, **kw))
+  xla = dataclasses.replace(m.attention, impl='xla')
+  return {
+    'as_configured': cfg,
+    'attention_impl_xla': model(attention=xla),
+    f'scan_layers_{not m.scan_layers}': model(scan_layers=not m.scan_layers),
+    f'attention_impl_xla_scan_layers_{not m.scan_layers}': model(
+      attention=xla, scan_layers=not m.scan_layers
+    ),
+  }
+
+
+def interleaved_steps(cfgs: dict, calls_each: int) -> dict:
+  """Median and min seconds of each config's bare train step, the configs called in turn
+  (`common.time_alternating`), so that slow phases of a shared machine hit every variant alike."""
+  calls = {}
+  for name, cfg in cfgs.items():
+    mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
+    fns = step_lib.make_step_fns(cfg, mesh, rules)
+    batch = jax.device_put(_random_batch(cfg), fns.batch_sharding)
+    carried = [fns.init()]
+
+    def call(fns=fns, carried=carried, batch=batch):
+      carried[0], metrics = fns.train_step(carried[0], batch)
+      jax.block_until_ready(metrics)
+
+    calls[name] = call
+  times = common.time_alternating(calls, calls_each, warmup=2)
+  return {
+    name: {'median_s': statistics.median(t), 'min_s': min(t), 'calls': len(t)}
+    for name, t in times.items()
+  }
+
+
+def _random_batch(cfg) -> dict:
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
+  toks = toks.astype(np.int32)
+  return {'inputs': toks[:, :-1], 'targets': toks[:, 1:]}
 
 
 def profile_top_ops(step_fn, n_steps: int, top: int = 15) -> dict:
@@ -281,6 +331,7 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   roof = matmul_roofline(cfg, reps=max(3, steps // 2))
   parts, step_fn = step_breakdown(cfg, steps)
   profile = profile_top_ops(step_fn, n_steps=3)
+  variants = interleaved_steps(variant_configs(cfg), calls_each=steps)
   flops_tok = plan.build(cfg.model, cfg.train.seq_len).flops_per_token
   tokens = cfg.train.batch_size * cfg.train.seq_len
   return {
@@ -311,7 +362,11 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
     'breakdown_s': parts,
     **roof,
     'profile': profile,
-  }
+    'variants': variants,
+    'variants_note': ('bare train step of the same shape with the attention reference kernel '
+                      "('xla') and/or the other layer loop (scan or unrolled), called in turn in "
+                      'this run (timed_calls each): median and min seconds per step'),
+  }  # fmt: skip
 
 
 def _define_flags() -> None:
@@ -337,6 +392,8 @@ def main(argv):
   print(' '.join(f'{k}={v * 1e3:.1f}ms' for k, v in b.items()))
   print(f'roofline {result["roofline_step_s"] * 1e3:.1f} ms = {result["roofline_fraction"]:.2f} of '
         f'the step; {result["gflops_per_s_plan"]:.1f} GFLOP/s by the plan')  # fmt: skip
+  for name, v in result['variants'].items():
+    print(f'  step {name}: median {v["median_s"] * 1e3:.1f} ms, min {v["min_s"] * 1e3:.1f} ms')
   for op in result['profile']['top_ops']:
     print(f'  {op["share_of_step"]:6.1%}  {op["op"]}')
   if not _SMOKE.value:

@@ -4,6 +4,7 @@ import pytest
 
 from benchmarks import step_roofline
 from configs import demo
+from model import chunked_attention, plan
 
 
 @pytest.mark.slow  # ~15 s of compiling and timing; the tool, not the model, is under test
@@ -19,6 +20,29 @@ def test_smoke_result_fields():
   assert isinstance(result['profile']['top_ops'], list)
   for op in result['profile']['top_ops']:
     assert op['seconds_per_step'] >= 0 and 0 <= op['share_of_step'] <= 1.5
+  assert set(result['variants']) == {
+    'as_configured',
+    'attention_impl_xla',
+    'scan_layers_True',
+    'attention_impl_xla_scan_layers_True',
+  }
+  assert all(v['median_s'] >= v['min_s'] > 0 for v in result['variants'].values())
+
+
+@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+def test_gemm_flops_are_the_plan_flops_less_the_unscored_pairs(impl):
+  """With the reference kernel the listed matmuls sum exactly to the plan's FLOPs (which count
+  every key, PaLM's convention); the chunked kernel skips the pairs above its chunks' diagonal."""
+  config = demo.get_config()
+  config.attention.impl = impl
+  cfg = step_roofline.build_config(config, 'demo', moe=False)
+  counts = step_roofline.gemms(cfg)['counts']
+  flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in counts.items())
+  m, t = cfg.model, cfg.train
+  planned = plan.build(m, t.seq_len).flops_per_token * t.batch_size * t.seq_len
+  pairs = chunked_attention.scored_pairs(t.seq_len) if impl == 'chunked' else t.seq_len**2
+  unscored = t.seq_len**2 - pairs  # per row and head: 6 matmuls of 2 FLOPs per pair and channel
+  assert flops == planned - 12 * m.num_layers * t.batch_size * m.num_heads * m.head_dim * unscored
 
 
 def test_unknown_shape_is_one_line():
