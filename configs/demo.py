@@ -26,6 +26,9 @@ def get_config(arg: str | None = None):
   c.model.update(
     num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384, dtype='float32'
   )  # f32: XLA:CPU runs bf16 matmuls slower than f32
+  # 4 layers unrolled: on CPU the scan's stacked residual buffers (zero-filled, then written and
+  # read by dynamic slices every step) cost more than the longer compile (docs/performance.md)
+  c.model.scan_layers = False
   c.train.update(steps=300, batch_size=16, seq_len=256, log_every=25, peak_tflops=0.0)
   c.optimizer.update(learning_rate=3e-3, warmup_steps=30)
   c.checkpoint.update(every_steps=100)
