@@ -120,7 +120,7 @@ class MoEConfig:
   shared_experts: int = 0
   execution: str = 'dropless'
   gmm_impl: str = 'auto'
-  block_size: int = 256
+  block_size: int = 0
   capacity_factor: float = 1.25
   balance_weight: float = 1e-2
   balance_convention: str = 'assignments'
@@ -174,8 +174,8 @@ class MoEConfig:
       raise ConfigError(
         f'moe.erc_weight={self.erc_weight}: the ERC loss needs MoE layers (moe.num_experts > 0)'
       )
-    if self.block_size < 1:
-      raise ConfigError(f'moe.block_size={self.block_size}: expected >= 1')
+    if self.block_size < 0:
+      raise ConfigError(f'moe.block_size={self.block_size}: expected >= 0 (0: auto)')
     if self.router == 'expert_choice' and self.score != 'softmax':
       raise ConfigError(f'moe.score={self.score!r}: expert_choice routing uses softmax scores')
 

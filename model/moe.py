@@ -82,12 +82,13 @@ def experts_dropless(
   w_down_EFD,
   *,
   impl: str = 'auto',
-  block_size: int = 128,
+  block_size: int = 0,
   interpret: bool = False,
 ):
   """Every assignment computed exactly once: sort, grouped matmul, unsort, combine.
-  `impl` names the kernel (model/gmm.py; refused when it cannot run here); `interpret` runs the
-  Pallas kernels in interpret mode (CPU tests)."""
+  `impl` names the kernel (model/gmm.py; refused when it cannot run here); `block_size` the rows
+  per block of 'scan' (0: `block_rows` picks); `interpret` runs the Pallas kernels in interpret
+  mode (CPU tests)."""
   e = w_gate_EDF.shape[0]
   k = experts_TK.shape[1]
   x_AD = jnp.repeat(x_TD, k, axis=0)  # row t*K + j is token t's j-th assignment
@@ -99,10 +100,26 @@ def experts_dropless(
     h_AF = jax.nn.silu(mm(xs_AD, w_gate_EDF)) * mm(xs_AD, w_up_EDF)
     ys_AD = mm(h_AF, w_down_EFD)
     return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
+  b = block_rows(x_AD.shape[0], e, x_AD.shape[1], block_size)
   return _combine(
-    _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, block_size),
-    weights_TK,
+    _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b), weights_TK
   )
+
+
+def block_rows(assignments: int, num_experts: int, width: int, block_size: int) -> int:
+  """Rows per block of the 'scan' kernel: `block_size`, or with 0 (auto) the largest power of two
+  up to half the mean rows per expert and up to 2**17 / `width` (the model width), within
+  [128, 512].
+
+  The rule fits three measurements on 2 CPU cores (docs/performance.md, docs/moe.md):
+  - width 128, 1024 rows per expert: 512 fastest (0.94x the step at 128);
+  - width 256, 512 rows per expert: 256 fastest (at 512, half of the blocks would be padding);
+  - width 512, 2048 rows per expert: 256 beat 128 and 512 (the layer alone).
+  """
+  if block_size:
+    return block_size
+  limit = min(max(1, assignments // num_experts // 2), max(1, (1 << 17) // width))
+  return min(512, max(128, 1 << (limit.bit_length() - 1)))
 
 
 def _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b):

@@ -276,7 +276,7 @@ def uome_expert_selection(
   k: int,
   gate_outputs: bool = True,
   impl: str = 'auto',
-  block_size: int = 256,
+  block_size: int = 0,
   segment_ids_BL: jax.Array | None = None,
 ) -> tuple[jax.Array, Gate]:
   """UoME expert selection for a causal LM: the gate reads the prefix mean (of the token's

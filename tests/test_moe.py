@@ -122,6 +122,24 @@ def test_dropless_equals_reference(impl, t, e, k):
     _close(a, b)
 
 
+def test_block_rows_auto_rule_and_auto_blocks_equal_reference():
+  """0 picks the largest power of two up to half the mean rows per expert and up to 2**17 / width,
+  within [128, 512]; the blocked kernel with the picked rows (128, most of them padding) equals
+  the reference."""
+  assert moe.block_rows(8192, 8, 128, 0) == 512  # the demo shape: 1024 rows per expert
+  assert moe.block_rows(4096, 8, 256, 0) == 256
+  assert moe.block_rows(16384, 8, 512, 0) == 256  # the width caps it
+  assert moe.block_rows(3000, 8, 128, 0) == 128  # half of 375 is 187: the power of two below
+  assert moe.block_rows(64, 8, 64, 0) == 128 and moe.block_rows(10**6, 8, 64, 0) == 512
+  assert moe.block_rows(8192, 8, 128, 64) == 64  # an explicit size is kept
+  x, logits, ws = _problem(40, 4, 2)
+  (_, y_ref), g_ref = _value_and_grads(moe.experts_reference, 2, x, logits, ws)
+  (_, y), g = _value_and_grads(lambda *a: moe.experts_dropless(*a, impl='scan'), 2, x, logits, ws)
+  _close(y, y_ref)
+  for a, b in zip(g, g_ref):
+    _close(a, b)
+
+
 @pytest.mark.parametrize('groups', [1, 2])
 def test_capacity_equals_reference_when_nothing_drops(groups):
   t, e, k = 32, 4, 2
