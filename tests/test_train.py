@@ -88,6 +88,25 @@ def test_workdir_from_before_a_new_field_still_resumes(tmp_path, cache_dir):
     write_config(changed, str(tmp_path))
 
 
+def test_kernel_choices_are_free_on_resume(tmp_path, cache_dir):
+  """The attention kernel and the MoE grouped-matmul kernel and blocks compute the same values:
+  a resumed run may change them; the model's shape may not."""
+  from train.train import write_config
+
+  cfg = tiny_train_config(cache_dir)
+  write_config(cfg, str(tmp_path))
+  m = cfg.model
+  faster = dataclasses.replace(
+    m,
+    attention=dataclasses.replace(m.attention, impl='xla'),
+    moe=dataclasses.replace(m.moe, gmm_impl='scan', block_size=64),
+  )
+  write_config(dataclasses.replace(cfg, model=faster), str(tmp_path))  # no error
+  wider = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=m.moe.top_k + 1))
+  with pytest.raises(schema.ConfigError, match='moe.top_k=.* but'):
+    write_config(dataclasses.replace(cfg, model=wider), str(tmp_path))
+
+
 def test_in_training_evaluation_compiles_once_and_is_labelled_by_its_state(
   tmp_path, cache_dir, monkeypatch
 ):

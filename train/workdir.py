@@ -13,8 +13,13 @@ from train.checkpoint import Checkpointer
 
 # Groups that must not change under an existing workdir (they define what the checkpoint is).
 _FROZEN_GROUPS = ('model', *schema.MODEL_GROUPS, 'data')
-# Data fields that only change how fast batches arrive, not which: free to change on resume.
-_FREE_FIELDS = {'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads', 'verify')}
+# Fields that only change how fast batches arrive or how a kernel computes the same values (data
+# loading, the attention kernel, the MoE grouped-matmul kernel and its blocks): free on resume.
+_FREE_FIELDS = {
+  'data': ('cache_dir', 'worker_count', 'prefetch', 'read_threads', 'verify'),
+  'attention': ('impl',),
+  'moe': ('gmm_impl', 'block_size'),
+}
 
 
 def check_dataset(workdir: str, dataset_dir: str) -> dict:
