@@ -331,7 +331,10 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   roof = matmul_roofline(cfg, reps=max(3, steps // 2))
   parts, step_fn = step_breakdown(cfg, steps)
   profile = profile_top_ops(step_fn, n_steps=3)
-  variants = interleaved_steps(variant_configs(cfg), calls_each=steps)
+  variants = variant_configs(cfg)
+  if moe:  # the dense step of equal active FLOPs, in the same run: the MoE/dense ratio
+    variants['dense_equal_active_flops'] = build_config(config, shape, moe=False)
+  variants = interleaved_steps(variants, calls_each=steps)
   flops_tok = plan.build(cfg.model, cfg.train.seq_len).flops_per_token
   tokens = cfg.train.batch_size * cfg.train.seq_len
   return {
@@ -364,8 +367,11 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
     'profile': profile,
     'variants': variants,
     'variants_note': ('bare train step of the same shape with the attention reference kernel '
-                      "('xla') and/or the other layer loop (scan or unrolled), called in turn in "
-                      'this run (timed_calls each): median and min seconds per step'),
+                      "('xla') and/or the other layer loop (scan or unrolled), and for --moe the "
+                      'dense step of equal active FLOPs, called in turn in this run (timed_calls '
+                      'each): median and min seconds per step'),
+    'moe_over_dense': (variants['as_configured']['median_s']
+                       / variants['dense_equal_active_flops']['median_s']) if moe else None,
   }  # fmt: skip
 
 
@@ -394,6 +400,8 @@ def main(argv):
         f'the step; {result["gflops_per_s_plan"]:.1f} GFLOP/s by the plan')  # fmt: skip
   for name, v in result['variants'].items():
     print(f'  step {name}: median {v["median_s"] * 1e3:.1f} ms, min {v["min_s"] * 1e3:.1f} ms')
+  if result['moe_over_dense']:
+    print(f'MoE step / dense step of equal active FLOPs: {result["moe_over_dense"]:.2f}')
   for op in result['profile']['top_ops']:
     print(f'  {op["share_of_step"]:6.1%}  {op["op"]}')
   if not _SMOKE.value:

@@ -8,12 +8,12 @@ layers mix 2 routing-attention heads (online k-means, 4 clusters of 64 tokens) w
 Usage: python -m train.train --config=configs/demo.py --workdir=runs/demo
        python -m eval.routing_report --workdir=runs/demo
   (`:dense` for the dense baseline of equal active parameters, `:tiny` for a smoke run)
-Hardware: 2 CPU cores: about 3 minutes of training (0.53-0.65 s per step), 4-5 for `make demo`.
-Expected (measured): held-out bits per byte 2.49 +- 0.09 exact-prefix (640 positions: routing
-attention reads the future, so each position is scored from its prefix alone; teacher-forced 2.37)
+Hardware: 2 CPU cores: about 3 minutes of training (0.46-0.59 s per step), 3.5-5 for `make demo`.
+Expected (measured): held-out bits per byte 2.50 +- 0.09 exact-prefix (640 positions: routing
+attention reads the future, so each position is scored from its prefix alone; teacher-forced 2.36)
 after 300 steps, against 8.17 untrained; per MoE
-layer alpha* (coupling level) 0.86-0.94 at the end (below 1: coupled), load CV 0.13-0.31, no dead
-experts; in the routing layers ~26-29% of tokens picked by no cluster and uneven k-means clusters
+layer alpha* (coupling level) 0.85-0.92 at the end (below 1: coupled), load CV 0.08-0.28, no dead
+experts; in the routing layers ~24-25% of tokens picked by no cluster and uneven k-means clusters
 (a head's smallest cluster near empty) at this short length.
 """
 
@@ -42,7 +42,6 @@ def get_config(arg: str | None = None):
     num_experts=8,
     top_k=2,
     expert_dim=192,
-    block_size=128,
     router='topk',
     score='softmax',
     balance_weight=1e-2,

@@ -27,6 +27,7 @@ def test_smoke_result_fields():
     'attention_impl_xla_scan_layers_True',
   }
   assert all(v['median_s'] >= v['min_s'] > 0 for v in result['variants'].values())
+  assert result['moe_over_dense'] is None
 
 
 @pytest.mark.parametrize('impl', ['xla', 'chunked'])
