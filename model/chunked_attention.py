@@ -20,20 +20,22 @@ import numpy as np
 
 _ROWS = 32  # chunk sizes are multiples of this
 _CHUNKS = 4
+_MIN_CHUNK = 64
 _MAX_CHUNK = 512
 
 
 def chunk_size(length: int) -> int:
-  """Query rows per chunk: length / 4 rounded up to a multiple of 32, within [32, 512].
+  """Query rows per chunk: length / 4 rounded up to a multiple of 32, within [64, 512].
 
   Measured on 2 CPU cores (docs/performance.md). Attention alone, forward and backward, at length
   256 (head dim 32): chunks of 32 and 64 take 0.42x and 0.44x the reference's time, 16 take 0.61x.
   At length 512 (head dim 64): 64 takes 0.46x, 32 takes 0.64x. In the whole demo train step, where
   each chunk's key slices and their gradients' padding cost extra copies, 64 (4 chunks) beat 32
-  and 128. Lengths above 512 are not measured; there the cap keeps chunks at 512 rows.
+  and 128, hence the floor of 64: sequences up to 64 are one chunk. Lengths above 512 are not
+  measured; there the cap keeps chunks at 512 rows.
   """
   rows = math.ceil(length / _CHUNKS / _ROWS) * _ROWS
-  return min(_MAX_CHUNK, max(_ROWS, rows))
+  return min(_MAX_CHUNK, max(_MIN_CHUNK, rows))
 
 
 def scored_pairs(length: int, chunk: int | None = None) -> int:

@@ -93,6 +93,7 @@ def test_packing_is_refused_with_the_reason_for_models_that_read_the_future():
   assert schema.load(config, jax.device_count()).data.packing
 
 
+@pytest.mark.slow  # ~17 s (a short training, then every sampled prefix run alone)
 def test_exact_prefix_evaluation_scores_each_position_from_its_prefix_alone():
   """eval.evaluate on a non-causal model: `loss` is the mean cross-entropy of the sampled
   positions, each predicted from its prefix alone (checked against prefixes run unpadded);

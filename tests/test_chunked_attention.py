@@ -34,10 +34,10 @@ def attention_and_grads(impl, q, k, v, seg, chunk=None):
   return jax.jit(out)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-@pytest.mark.parametrize('chunk', [1, 5, 8, 32, 64])
+@pytest.mark.parametrize('chunk', [3, 8, 32, 64])
 @pytest.mark.parametrize('packed', [False, True])
 def test_chunked_equals_reference_with_grads(chunk, packed):
-  """GQA (4 query heads on 2 kv heads), length 37 (ragged last chunk for every size but 1)."""
+  """GQA (4 query heads on 2 kv heads), length 37 (a ragged last chunk for every size)."""
   b, length, h, g, kd = 2, 37, 4, 2, 8
   q, k, v = (normal((b, length, n, kd), s) for s, n in enumerate((h, g, g)))
   seg = None
@@ -66,7 +66,7 @@ def test_chunked_bf16_matches_reference_bf16():
 
 def test_chunk_size_rule():
   lengths = (8, 64, 256, 300, 512, 4096)
-  assert [chunked_attention.chunk_size(n) for n in lengths] == [32, 32, 64, 96, 128, 512]
+  assert [chunked_attention.chunk_size(n) for n in lengths] == [64, 64, 64, 96, 128, 512]
 
 
 def test_chunked_is_cpu_auto_and_plain_xla_elsewhere():
@@ -77,8 +77,9 @@ def test_chunked_is_cpu_auto_and_plain_xla_elsewhere():
   np.testing.assert_array_equal(both('chunked'), both('xla'))
 
 
-def test_model_with_chunked_attention_equals_reference():
-  """The tiny config's loss and gradients with impl 'chunked' and 'xla' agree."""
+def test_model_with_chunked_attention_equals_reference(monkeypatch):
+  """The tiny config's loss and gradients with impl 'chunked' (4 chunks of 16) and 'xla' agree."""
+  monkeypatch.setattr(chunked_attention, 'chunk_size', lambda length: 16)
   c = configs.tiny.get_config()
   c.attention.impl = 'xla'
   ref_cfg = configs.schema.load(c, 1).model

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import schema, sharding, tiny
@@ -46,6 +47,7 @@ def _one_step(cfg):
   return jax.device_get(nnx.to_pure_dict(state['model'])), jax.device_get(metrics)
 
 
+@pytest.mark.slow  # ~15 s: two step compilations (one and four microbatches)
 def test_gradient_accumulation_equals_one_big_batch():
   cfg = _cfg(batch_size=16)
   params_1, metrics_1 = _one_step(cfg)
