@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import common
 from benchmarks import step_roofline as sr
 from configs import demo, sharding
 from model import axes
@@ -87,13 +88,8 @@ def nanodo_step(spec: dict, src: str):
 
 
 def time_steps(step, n: int) -> list[float]:
-  """Wall seconds of each of n synchronised steps."""
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  return times
+  """Wall seconds of each of n synchronised steps (no untimed warm-up: `warm` did it)."""
+  return common.time_calls(step, n, warmup=0)
 
 
 def warm(make_step, warmup_steps: int = 3):
