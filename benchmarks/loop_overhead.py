@@ -23,8 +23,13 @@ from train import mesh as mesh_lib
 from train.step import make_step_fns
 from train.train import train_and_evaluate
 
-_STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps of each run.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Loop runs, each between two bare runs.')
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when run as a program (importing this module defines
+  none, so several benchmarks can be imported into one process)."""
+  global _STEPS, _ROUNDS
+  _STEPS = flags.DEFINE_integer('steps', 30, 'Timed steps of each run.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Loop runs, each between two bare runs.')
 
 
 def bare_tokens_per_sec(cfg, steps: int) -> float:
@@ -123,4 +128,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
