@@ -34,7 +34,7 @@ def attention_and_grads(impl, q, k, v, seg, chunk=None):
   return jax.jit(out)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
-@pytest.mark.parametrize('chunk', [3, 8, 32, 64])
+@pytest.mark.parametrize('chunk', [8, 32, 64])  # 5, 2 and 1 chunks
 @pytest.mark.parametrize('packed', [False, True])
 def test_chunked_equals_reference_with_grads(chunk, packed):
   """GQA (4 query heads on 2 kv heads), length 37 (a ragged last chunk for every size)."""
@@ -78,8 +78,8 @@ def test_chunked_is_cpu_auto_and_plain_xla_elsewhere():
 
 
 def test_model_with_chunked_attention_equals_reference(monkeypatch):
-  """The tiny config's loss and gradients with impl 'chunked' (4 chunks of 16) and 'xla' agree."""
-  monkeypatch.setattr(chunked_attention, 'chunk_size', lambda length: 16)
+  """The tiny config's loss and gradients with impl 'chunked' (2 chunks of 32) and 'xla' agree."""
+  monkeypatch.setattr(chunked_attention, 'chunk_size', lambda length: 32)
   c = configs.tiny.get_config()
   c.attention.impl = 'xla'
   ref_cfg = configs.schema.load(c, 1).model
