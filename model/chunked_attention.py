@@ -4,8 +4,7 @@ The causal score matrix is lower-triangular, and the 'xla' reference (`jax.nn.do
 computes all of it and then masks the upper half away. Here the queries are cut into chunks of C
 rows, and chunk i is scored against keys [0, (i+1)·C) only. The softmax of each row is the
 reference's: a masked key adds exp(large negative) = 0 to the reference's sum, so only the order of
-the summation differs. The work drops to (n+1)/2n of the full matrix for n chunks, and each chunk's
-scores fit in cache.
+the summation differs. The work drops to (n+1)/2n of the full matrix for n chunks.
 
 `attention.impl='chunked'` selects it, and 'auto' resolves to it on CPU. There, attention is bound by
 the elementwise passes over the score matrix (mask, softmax and their backward) rather than by its
