@@ -14,14 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from benchmarks import common
 from benchmarks import step_roofline as sr
-from configs import demo, sharding
-from model import axes
-from train import mesh as mesh_lib
-from train import step as step_lib
+from configs import demo
+from model import plan
 
 
 def _tokens_BL(spec: dict):
@@ -31,20 +28,8 @@ def _tokens_BL(spec: dict):
 
 def project_step(cfg):
   """(step, info): our jitted train step on one random batch, state carried, outputs awaited."""
-  mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
-  fns = step_lib.make_step_fns(cfg, mesh, rules)
-  toks_BL = _tokens_BL({'vocab': cfg.model.vocab_size, 'batch': cfg.train.batch_size,
-                        'seq': cfg.train.seq_len})  # fmt: skip
-  batch = jax.device_put({'inputs': toks_BL[:, :-1], 'targets': toks_BL[:, 1:]}, fns.batch_sharding)
-  state = [fns.init()]
-  with axes.axis_rules(mesh, rules):
-    params = nnx.split(fns.model(state[0]), nnx.Param, ...)[1]
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-
-  def step():
-    state[0], metrics = fns.train_step(state[0], batch)
-    jax.block_until_ready((state[0], metrics))
-
+  step = sr.random_batch_step(cfg)[0]
+  n_params = plan.build(cfg.model, cfg.train.seq_len).params  # equal to the built model's (tested)
   return step, {'params': n_params, 'class': 'ours (train.step.make_step_fns)'}
 
 

@@ -157,11 +157,28 @@ def _median_s(fn, reps: int) -> float:
   return statistics.median(common.time_calls(lambda: jax.block_until_ready(fn()), reps))
 
 
+def random_batch_step(cfg) -> tuple[callable, step_lib.StepFns, dict]:
+  """(step, fns, batch): `cfg`'s jitted train step on one fixed random batch, the state carried
+  from call to call; `step()` waits for the new state and metrics (a synchronised step)."""
+  mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
+  fns = step_lib.make_step_fns(cfg, mesh, rules)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
+  toks = toks.astype(np.int32)
+  batch = jax.device_put({'inputs': toks[:, :-1], 'targets': toks[:, 1:]}, fns.batch_sharding)
+  carried = [fns.init()]
+
+  def step():
+    carried[0], metrics = fns.train_step(carried[0], batch)
+    jax.block_until_ready((carried[0], metrics))
+
+  return step, fns, batch
+
+
 def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
   """Median seconds of the whole step and of each part jitted on its own; also the step fn."""
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
-  fns = step_lib.make_step_fns(cfg, mesh, rules)
-  batch = jax.device_put(_random_batch(cfg), fns.batch_sharding)
+  train_step, fns, batch = random_batch_step(cfg)
   state = fns.init()
   with axes.axis_rules(mesh, rules):
     graph, params, rest = nnx.split(fns.model(state), nnx.Param, ...)
@@ -196,12 +213,6 @@ def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
       return schedule(step), step_lib._count_metrics(model, aux['stats']), nnx.state(model)  # pylint: disable=protected-access
 
   new = fns.init()  # a second state: the guard selects between two
-  carried = [fns.init()]
-
-  def train_step():
-    carried[0], m = fns.train_step(carried[0], batch)
-    return m
-
   parts = {
     'forward': lambda: fwd(params, rest, batch),
     'forward_backward': lambda: grad(params, rest, batch),
@@ -234,30 +245,12 @@ def variant_configs(cfg: schema.Config) -> dict[str, schema.Config]:
 def interleaved_steps(cfgs: dict, calls_each: int) -> dict:
   """Median and min seconds of each config's bare train step, the configs called in turn
   (`common.time_alternating`), so that slow phases of a shared machine hit every variant alike."""
-  calls = {}
-  for name, cfg in cfgs.items():
-    mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
-    fns = step_lib.make_step_fns(cfg, mesh, rules)
-    batch = jax.device_put(_random_batch(cfg), fns.batch_sharding)
-    carried = [fns.init()]
-
-    def call(fns=fns, carried=carried, batch=batch):
-      carried[0], metrics = fns.train_step(carried[0], batch)
-      jax.block_until_ready(metrics)
-
-    calls[name] = call
+  calls = {name: random_batch_step(cfg)[0] for name, cfg in cfgs.items()}
   times = common.time_alternating(calls, calls_each, warmup=2)
   return {
     name: {'median_s': statistics.median(t), 'min_s': min(t), 'calls': len(t)}
     for name, t in times.items()
   }
-
-
-def _random_batch(cfg) -> dict:
-  rng = np.random.default_rng(0)
-  toks = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
-  toks = toks.astype(np.int32)
-  return {'inputs': toks[:, :-1], 'targets': toks[:, 1:]}
 
 
 def run(config, shape: str, moe: bool, steps: int) -> dict:

@@ -1,7 +1,7 @@
 """benchmarks/accelerator_suite.py at toy sizes on CPU (its `--cpu_smoke`), so the device suite
-cannot rot between sessions that have a device. The default run checks every part but the two
-training steps (whose code, `train.step`, the training tests compile anyway); the whole smoke
-run is in the slow set."""
+cannot rot between sessions that have a device. All of it is in the slow set (~10 s for the
+kernel parts, more for the two training steps), run by `make test-all`: the tool, not the model,
+is under test."""
 
 import math
 
@@ -10,6 +10,7 @@ import pytest
 from benchmarks import accelerator_suite as suite
 
 
+@pytest.mark.slow  # ~10 s of toy-size kernels: the benchmark tool, not the model, is under test
 def test_kernel_parts_run_and_report_their_numbers():
   assert suite.matmul_tflops(suite.SMOKE.gemm, 'float32', reps=1) > 0
   gmm = suite.grouped_matmul(suite.SMOKE, reps=1)
