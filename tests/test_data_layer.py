@@ -325,6 +325,7 @@ def test_resume_mid_epoch_through_orbax_on_tensorstore(tmp_path, prepared, packi
       np.testing.assert_array_equal(x[k], y[k])
 
 
+@pytest.mark.slow  # ~14 s: two trainings on a prepared store
 def test_trains_on_prepared_dataset_and_refuses_a_switch(tmp_path, prepared, tokenizer_files):
   from model.config import ConfigError
   from train.train import train_and_evaluate

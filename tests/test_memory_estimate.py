@@ -41,7 +41,7 @@ def test_state_bytes_equal_the_real_model_and_optimizer():
   assert est.optimizer > 2 * est.gradients  # AdamW: two moments plus the step count
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
+@pytest.mark.parametrize('remat', ['none', pytest.param('full', marks=pytest.mark.slow)])
 def test_estimate_is_below_what_xla_allocates_for_the_train_step(remat):
   cfg = _cfg(remat=remat)
   est = memory.estimate(cfg, 1)

@@ -77,7 +77,7 @@ def _greedy_exact_prefix(model, prompt, steps):
   return ids
 
 
-@pytest.mark.parametrize('name', _types(fast={'moe_topk', 'moe_expert_choice'}))
+@pytest.mark.parametrize('name', _types(fast={'moe_expert_choice'}))  # ~8-11 s each
 def test_sampling_is_deterministic_per_seed_and_exact(name):
   c = MODEL_TYPES[name]('tiny')
   model = random_model(c)
