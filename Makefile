@@ -42,7 +42,7 @@ test: $(STAMP)
 
 # Everything, the slow proofs included (whole sharded trainings, multi-process runs, every model type).
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m '' $(PYTEST_ARGS)
+	ROUTED_TEST_FULL_XLA=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope -m '' $(PYTEST_ARGS)
 
 # Style: ruff (configured in pyproject.toml); `make format` rewrites, `make lint` only checks (CI).
 lint: $(STAMP)
