@@ -66,6 +66,47 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(_ctx.mesh, spec))
 
 
+def mesh_ways(name: str) -> int:
+  """Devices the bound mesh splits logical axis `name` over (1 without `axis_rules`)."""
+  if _ctx.mesh is None:
+    return 1
+  part = logical_to_spec((name,), _ctx.rules, _ctx.mesh)[0]
+  ways = 1
+  for a in (part,) if isinstance(part, str) else tuple(part or ()):
+    ways *= _ctx.mesh.shape[a]
+  return ways
+
+
+def shard_call(fn: Callable, *args, names: Sequence[Names]) -> jax.Array:
+  """`fn(*args)` on each device's shard (`jax.shard_map`) when a mesh is bound, else plainly.
+
+  For kernels XLA cannot partition (Pallas/Mosaic calls) whose work is independent along the
+  dimensions named here; `names` gives each argument's logical names. The one output has the
+  first argument's shape and sharding. A dimension that its mesh axes do not divide is kept whole
+  (computed redundantly on those devices), never split unevenly.
+  """
+  mesh = _ctx.mesh
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+
+  def spec(shape, dim_names):
+    parts = []
+    for size, part in zip(shape, logical_to_spec(dim_names, _ctx.rules, mesh), strict=True):
+      ways = 1
+      for a in (part,) if isinstance(part, str) else tuple(part or ()):
+        ways *= mesh.shape[a]
+      parts.append(part if size % ways == 0 else None)
+    return PartitionSpec(*parts)
+
+  in_specs = tuple(spec(jnp.shape(a), n) for a, n in zip(args, names, strict=True))
+  out = jax.eval_shape(fn, *args)
+  if out.shape != jnp.shape(args[0]):
+    raise ValueError(f'shard_call: output {out.shape} is not shaped like the first argument')
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=in_specs[0], check_vma=False)(
+    *args
+  )
+
+
 def param(
   rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Names, dtype=jnp.float32
 ) -> nnx.Param:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import chunked_attention
+from model import axes, chunked_attention
+from model import platform as target_platform
 
 IMPLS = ('auto', 'xla', 'chunked', 'cudnn', 'splash')
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -29,7 +30,7 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
     raise ValueError(f'attention.impl={impl!r}: expected one of {IMPLS}')
   if impl != 'auto':
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform.current()
   if platform == 'tpu':
     return 'splash'
   if platform == 'gpu' and jnp.dtype(dtype) in _HALF_DTYPES:
@@ -39,7 +40,7 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
 
 def check_impl(impl: str, dtype, platform: str | None = None) -> str:
   """The resolved kernel, or a one-line ValueError naming what this process lacks for it."""
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform.current()
   kernel = resolve_impl(impl, dtype, platform)
   need = _NEEDS.get(kernel)
   if need and platform != need:
@@ -113,7 +114,8 @@ def _splash_kernel(heads: int, length: int, causal: bool, local_window, interpre
     block_kv_dq=b,
   )
   mask = sm.MultiHeadMask([one] * heads)
-  return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+  with jax.ensure_compile_time_eval():  # cached: its mask arrays must not be one trace's tracers
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale, interpret):
@@ -142,6 +144,34 @@ def _splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale,
     per_row = lambda q, k, v, s: jax.vmap(one, (0, 0, 0, None))(q, k, v, s)
     out = jax.vmap(per_row)(q_BGRLK, k_BGLK, v_BGLK, seg_BL)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, l + pad, h, kd)[:, :l]
+
+
+def _sharded_splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale, interpret):
+  """`_splash` on each device's rows and heads: XLA cannot partition a Mosaic kernel. Heads are
+  split only when query and key/value heads split alike (each device keeps whole GQA groups)."""
+  ways = axes.mesh_ways('act_heads')
+  split_heads = ways == axes.mesh_ways('act_kv_heads') and k_BLGK.shape[2] % ways == 0
+  q_names = ('batch', 'length', 'act_heads' if split_heads else None, None)
+  kv_names = ('batch', 'length', 'act_kv_heads' if split_heads else None, None)
+  run = functools.partial(
+    _splash, causal=causal, local_window=local_window, scale=scale, interpret=interpret
+  )
+  if segment_ids_BL is None:
+    return axes.shard_call(
+      lambda q, k, v: run(q, k, v, None),
+      q_BLHK,
+      k_BLGK,
+      v_BLGK,
+      names=(q_names, kv_names, kv_names),
+    )
+  return axes.shard_call(
+    run,
+    q_BLHK,
+    k_BLGK,
+    v_BLGK,
+    segment_ids_BL,
+    names=(q_names, kv_names, kv_names, ('batch', 'length')),
+  )
 
 
 def _local_mask(length: int, window: int) -> np.ndarray:
@@ -175,7 +205,9 @@ def flash_attention(
     )
   impl = 'xla' if impl == 'chunked' else impl
   if impl == 'splash':
-    return _splash(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale, interpret)
+    return _sharded_splash(
+      q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal, local_window, scale, interpret
+    )
   if impl == 'cudnn' and segment_ids_BL is not None:
     raise ValueError(
       "attention.impl='cudnn': packed segment ids would reach cuDNN only as a dense bias; use xla"

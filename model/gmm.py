@@ -26,9 +26,11 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from model import platform as target_platform
 from model.config import MOE_GMM_IMPLS, ConfigError
 
 RAGGED = ('ragged_dot', 'megablox', 'mgpu', 'tokamax')  # the plain (x, w, sizes) kernels
+PALLAS = ('megablox', 'mgpu', 'tokamax')  # custom kernels XLA cannot partition (moe.py shards them)
 
 
 def _compute_capability() -> str | None:
@@ -78,7 +80,7 @@ def resolve(impl: str, platform: str | None = None, interpret: bool = False, dty
   """The kernel `impl` names on `platform` (default: this process's backend); 'auto' is the
   fastest exact one for operands of `dtype` (None: 16-bit). Raises ConfigError naming what is
   missing when it cannot run."""
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform.current()
   if impl == 'auto':
     if platform == 'tpu':
       return 'megablox'

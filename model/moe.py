@@ -15,6 +15,8 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
   choices; overflow is dropped and counted (`capacity_kept` says which assignments ran).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -89,21 +91,45 @@ def experts_dropless(
   `impl` names the kernel (model/gmm.py; refused when it cannot run here); `block_size` the rows
   per block of 'scan' (0: `block_rows` picks); `interpret` runs the Pallas kernels in interpret
   mode (CPU tests)."""
-  e = w_gate_EDF.shape[0]
-  k = experts_TK.shape[1]
-  x_AD = jnp.repeat(x_TD, k, axis=0)  # row t*K + j is token t's j-th assignment
-  experts_A, order_A, rank_A, sizes_E = _sort(experts_TK, e)
   kernel = gmm.resolve(impl, interpret=interpret, dtype=x_TD.dtype)
+  if kernel in gmm.PALLAS:  # XLA cannot partition them: each device sorts its own tokens
+    ragged = functools.partial(_dropless_ragged, kernel=kernel, interpret=interpret)
+    token, whole = ('batch', None), (None, None, None)
+    return axes.shard_call(
+      ragged,
+      x_TD,
+      weights_TK,
+      experts_TK,
+      w_gate_EDF,
+      w_up_EDF,
+      w_down_EFD,
+      names=(token, token, token, whole, whole, whole),
+    )
   if kernel != 'scan':
-    mm = lambda x_AX, w_EXY: gmm.ragged_matmul(kernel, x_AX, w_EXY, sizes_E, interpret)
-    xs_AD = _take_rows(x_AD, order_A, rank_A)
-    h_AF = jax.nn.silu(mm(xs_AD, w_gate_EDF)) * mm(xs_AD, w_up_EDF)
-    ys_AD = mm(h_AF, w_down_EFD)
-    return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
+    return _dropless_ragged(
+      x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, kernel, interpret
+    )
+  e = w_gate_EDF.shape[0]
+  x_AD = jnp.repeat(x_TD, experts_TK.shape[1], axis=0)  # row t*K + j is token t's j-th assignment
+  experts_A, _, rank_A, sizes_E = _sort(experts_TK, e)
   b = block_rows(x_AD.shape[0], e, x_AD.shape[1], block_size)
   return _combine(
     _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b), weights_TK
   )
+
+
+def _dropless_ragged(
+  x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, kernel, interpret
+):
+  """Dropless through a plain grouped-matmul kernel: sort, three ragged matmuls, unsort."""
+  k = experts_TK.shape[1]
+  x_AD = jnp.repeat(x_TD, k, axis=0)
+  _, order_A, rank_A, sizes_E = _sort(experts_TK, w_gate_EDF.shape[0])
+  mm = lambda x_AX, w_EXY: gmm.ragged_matmul(kernel, x_AX, w_EXY, sizes_E, interpret)
+  xs_AD = _take_rows(x_AD, order_A, rank_A)
+  h_AF = jax.nn.silu(mm(xs_AD, w_gate_EDF)) * mm(xs_AD, w_up_EDF)
+  ys_AD = mm(h_AF, w_down_EFD)
+  return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
 
 
 def block_rows(assignments: int, num_experts: int, width: int, block_size: int) -> int:
