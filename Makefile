@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The tests also plan TPU topologies (train.plan), with libtpu's compiler where it has a wheel.
+TPU_STAMP := $(VENV)/.installed-tpu
+$(TPU_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,tpu]'
+	touch $(TPU_STAMP)
+
 env: $(STAMP)
 
 $(HF_STAMP):
@@ -37,11 +43,11 @@ demo: $(STAMP)
 # Two worker processes: compilation is single-threaded, so the 2-core CI machine runs ~20% faster.
 # --dist loadscope keeps each test module on one worker, so a module's fixtures (a reference run)
 # are built once, not on both workers (284 s against 298 s, cold compilation cache).
-test: $(STAMP)
+test: $(TPU_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope $(PYTEST_ARGS)
 
 # Everything, the slow proofs included (whole sharded trainings, multi-process runs, every model type).
-test-all: $(STAMP)
+test-all: $(TPU_STAMP)
 	ROUTED_TEST_FULL_XLA=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope -m '' $(PYTEST_ARGS)
 
 # Style: ruff (configured in pyproject.toml); `make format` rewrites, `make lint` only checks (CI).

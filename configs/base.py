@@ -20,7 +20,7 @@ def check_variant(path: str, arg: str | None, variants: tuple[str, ...] = ('tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  check_variant('configs/base.py', arg)
+  check_variant('configs/base.py', arg, ('tiny', '1b'))
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
@@ -196,7 +196,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   v.every_steps = 0  # held-out evaluation during training every N steps; 0 = never
   v.positions_per_window = 4  # non-causal models: positions per held-out window scored from their exact prefix (one forward pass each)
 
+  if arg == '1b':
+    make_1b(c)
   return make_tiny(c) if arg == 'tiny' else c
+
+
+def make_1b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Scales any experiment to about 1B parameters, for pod-slice plans (`python -m train.plan`,
+  docs/scaling.md): 20 layers of width 2048, 16 heads of 128, SwiGLU 5632 (1.03B parameters
+  dense), sequence 2048, global batch 256, bf16 compute, FSDP over every device. MoE configs get
+  8 experts of 1408 (top-k as configured; 1.7B parameters, 0.68B active at top-2), experts split
+  4 ways inside a host (`fsdp_ep`)."""
+  c.model.update(
+    num_layers=20, d_model=2048, num_heads=16, num_kv_heads=16, mlp_dim=5632, dtype='bfloat16'
+  )
+  c.train.update(seq_len=2048, batch_size=256)
+  c.eval.batch_size = 256
+  c.mesh.update(shape=(1, -1, 1, 1), rules='fsdp')
+  if c.moe.num_experts:
+    c.moe.update(num_experts=8, expert_dim=1408)
+    c.mesh.update(shape=(1, -1, 1, 4), rules='fsdp_ep')
+  return c
 
 
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -14,9 +14,11 @@ from configs import base, moe_topk, sweeps
 
 
 def get_config(arg: str | None = None):
-  base.check_variant('configs/moe_erc.py', arg)
+  base.check_variant('configs/moe_erc.py', arg, ('tiny', '1b'))
   c = moe_topk.get_config()
   c.moe.update(erc_weight=1.0, erc_alpha=1.0, erc_grad_to_router=False)
+  if arg == '1b':
+    base.make_1b(c)
   if arg == 'tiny':
     base.make_tiny(c)
   return c

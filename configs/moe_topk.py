@@ -12,7 +12,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  base.check_variant('configs/moe_topk.py', arg)
+  base.check_variant('configs/moe_topk.py', arg, ('tiny', '1b'))
   c = base.get_config()
   c.moe.update(
     num_experts=8,
@@ -23,6 +23,8 @@ def get_config(arg: str | None = None):
     balance_weight=1e-2,
     z_loss_weight=1e-3,
   )
+  if arg == '1b':
+    base.make_1b(c)
   if arg == 'tiny':
     base.make_tiny(c)
   return c

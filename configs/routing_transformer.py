@@ -19,7 +19,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  base.check_variant('configs/routing_transformer.py', arg)
+  base.check_variant('configs/routing_transformer.py', arg, ('tiny', '1b'))
   c = base.get_config()
   c.model.update(num_layers=8, d_model=512, num_heads=8, num_kv_heads=8, mlp_dim=1536)
   c.attention.update(
@@ -36,6 +36,10 @@ def get_config(arg: str | None = None):
   c.train.update(steps=20000, batch_size=16, seq_len=2048)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=1000)
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')
+  if arg == '1b':  # at sequence 8192: 32 clusters of 256 per routing head
+    base.make_1b(c)
+    c.train.update(seq_len=8192, batch_size=64)
+    c.eval.batch_size = 64
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers (both routing), 4 heads (2 routing), sequence 64
     c.attention.update(window=16, local_window=16)  # 4 clusters of 16 tokens

@@ -25,7 +25,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  base.check_variant('configs/uoe.py', arg)
+  base.check_variant('configs/uoe.py', arg, ('tiny', '1b'))
   c = base.get_config()
   c.uoe.update(
     attention='smha',
@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
     balance_weight=1e-2,
     z_loss_weight=1e-3,
   )
+  if arg == '1b':
+    base.make_1b(c)
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers, 4 heads (2 per token), MLP 128 = 4 experts of 32, sequence 64
   return c

@@ -1,6 +1,6 @@
 """Golden sharding specs: the partition spec of every parameter, routing state and activation
-constraint of each experiment's tiny model under each mesh preset, compared as text with
-tests/golden/sharding.txt.
+constraint of each experiment's tiny model under each mesh preset, compared as text with one
+golden file per preset, tests/golden/sharding_PRESET.txt.
 
 This is how the default run checks sharding: it takes a second of tracing, no compilation. That
 sharded runs compute what the unsharded run computes (values and gradients) is proven by the slow
@@ -24,7 +24,13 @@ from model import axes
 from train import mesh as mesh_lib
 from train.step import build_model
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'sharding.txt')
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
+
+
+def golden_path(preset: str) -> str:
+  return os.path.join(GOLDEN_DIR, f'sharding_{preset}.txt')
+
+
 CONFIGS = {
   'tiny': tiny,
   'moe_topk': moe_topk,
@@ -90,26 +96,22 @@ def _lines(name: str, preset: str) -> list[str]:
   return out
 
 
-def _all_lines() -> str:
-  return (
-    '\n'.join(line for name in CONFIGS for preset in MESHES for line in _lines(name, preset)) + '\n'
-  )
-
-
-def test_sharding_specs_match_the_golden_file():
-  text = _all_lines()
+@pytest.mark.parametrize('preset', list(MESHES))
+def test_sharding_specs_match_the_golden_file(preset):
+  text = '\n'.join(line for name in CONFIGS for line in _lines(name, preset)) + '\n'
+  golden_file = golden_path(preset)
   if os.environ.get('UPDATE_GOLDEN'):
-    os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
-    with open(GOLDEN, 'w') as f:
+    os.makedirs(GOLDEN_DIR, exist_ok=True)
+    with open(golden_file, 'w') as f:
       f.write(text)
-  with open(GOLDEN) as f:
+  with open(golden_file) as f:
     golden = f.read()
   if text != golden:
     diff = ''.join(
       difflib.unified_diff(golden.splitlines(True), text.splitlines(True), 'golden', 'now', n=0)
     )
     pytest.fail(
-      f'sharding specs differ from {GOLDEN} (UPDATE_GOLDEN=1 records an intended '
+      f'sharding specs differ from {golden_file} (UPDATE_GOLDEN=1 records an intended '
       f'change):\n{diff[:6000]}'
     )
 
@@ -117,8 +119,10 @@ def test_sharding_specs_match_the_golden_file():
 def test_golden_file_shards_what_each_preset_promises():
   """The golden file itself is meaningful: fsdp splits the embedding dimension of parameters,
   fsdp_tp splits heads and MLP over 'tensor', fsdp_ep splits experts, dp splits only batches."""
-  with open(GOLDEN) as f:
-    lines = f.read().splitlines()
+  lines = []
+  for preset in MESHES:
+    with open(golden_path(preset)) as f:
+      lines += f.read().splitlines()
   by = lambda preset, kind: [l for l in lines if l.split()[1] == preset and l.split()[2] == kind]
   assert all("'fsdp'" not in l and "'tensor'" not in l for l in by('dp', 'var'))
   assert any("'fsdp'" in l for l in by('fsdp', 'var'))
