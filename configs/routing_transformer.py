@@ -38,8 +38,7 @@ def get_config(arg: str | None = None):
   c.mesh.update(shape=(-1, 1, 1, 1), rules='dp')
   if arg == '1b':  # at sequence 8192: 32 clusters of 256 per routing head
     base.make_1b(c)
-    c.train.update(seq_len=8192, batch_size=64)
-    c.eval.batch_size = 64
+    c.train.seq_len = 8192
   if arg == 'tiny':
     base.make_tiny(c)  # 2 layers (both routing), 4 heads (2 routing), sequence 64
     c.attention.update(window=16, local_window=16)  # 4 clusters of 16 tokens

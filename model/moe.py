@@ -92,23 +92,13 @@ def experts_dropless(
   per block of 'scan' (0: `block_rows` picks); `interpret` runs the Pallas kernels in interpret
   mode (CPU tests)."""
   kernel = gmm.resolve(impl, interpret=interpret, dtype=x_TD.dtype)
+  args = (x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+  ragged = functools.partial(_dropless_ragged, kernel=kernel, interpret=interpret)
   if kernel in gmm.PALLAS:  # XLA cannot partition them: each device sorts its own tokens
-    ragged = functools.partial(_dropless_ragged, kernel=kernel, interpret=interpret)
     token, whole = ('batch', None), (None, None, None)
-    return axes.shard_call(
-      ragged,
-      x_TD,
-      weights_TK,
-      experts_TK,
-      w_gate_EDF,
-      w_up_EDF,
-      w_down_EFD,
-      names=(token, token, token, whole, whole, whole),
-    )
+    return axes.shard_call(ragged, *args, names=(token,) * 3 + (whole,) * 3)
   if kernel != 'scan':
-    return _dropless_ragged(
-      x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, kernel, interpret
-    )
+    return ragged(*args)
   e = w_gate_EDF.shape[0]
   x_AD = jnp.repeat(x_TD, experts_TK.shape[1], axis=0)  # row t*K + j is token t's j-th assignment
   experts_A, _, rank_A, sizes_E = _sort(experts_TK, e)

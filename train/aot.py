@@ -263,7 +263,7 @@ def _parameter_shardings(fns) -> list[str]:
   lines = []
   flat = jax.tree_util.tree_leaves_with_path(fns.abstract_state()['model'])
   for path, leaf in flat:
-    where = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    where = '/'.join(str(getattr(k, 'key', k)) for k in path).removesuffix('/.value')
     spec = ', '.join('None' if p is None else repr(p) for p in leaf.sharding.spec)
     lines.append(f'{where} {tuple(leaf.shape)} -> ({spec})')
   return lines

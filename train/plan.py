@@ -161,6 +161,8 @@ def _main(argv, flag) -> int:
   report['config'] = config_flags.get_config_filename(flags.FLAGS['config'])
   report['command'] = ' '.join(['python -m train.plan'] + sys.argv[1:])
   print(aot.describe(report))
+  print('parameter shardings (path, global shape -> partition spec):')
+  print('\n'.join('  ' + line for line in report['parameters']))
   if flag['fit'].value:
     for r in flag['fit_remats'].value:
       if r not in REMAT_POLICIES:
