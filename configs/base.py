@@ -188,7 +188,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   h.rules = (
     'fsdp'  # logical->mesh rule preset from configs/sharding.py: dp | fsdp | fsdp_tp | fsdp_ep
   )
-  h.dcn_shape = ()  # multi-process: processes (hosts/slices) per mesh axis, product = process count; () = the outermost axis they divide (data, then fsdp, ...)
+  h.dcn_shape = ()  # multi-process: processes (CPU/GPU hosts; TPU: slices) per mesh axis, product = their count; () = the outermost axis they divide (data, then fsdp, ...)
 
   c.eval = v = ml_collections.ConfigDict()
   v.batch_size = 16  # evaluation batch in sequences
