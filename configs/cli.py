@@ -1,10 +1,12 @@
 """Command-line parsing that turns every flag or config-override mistake into one clear line, and
 keeps the console to the run's own lines (library INFO logging only with an explicit --verbosity)."""
 
+import importlib.util
 import logging
 import os
 import re
 import sys
+from importlib import metadata
 
 from absl import flags
 from absl import logging as absl_logging
@@ -32,8 +34,30 @@ def quiet_libraries() -> None:
     handler.addFilter(_OwnInfoOnly())
 
 
+def leave_out_absent_tpu() -> None:
+  """libtpu (the `tpu` extra, for `train.plan`) on a machine without TPU chips makes jax start
+  the TPU runtime, which prints warnings and finds nothing. There, with no GPU plugin installed
+  and JAX_PLATFORMS unset, jax starts on the CPU alone."""
+  if 'JAX_PLATFORMS' in os.environ or importlib.util.find_spec('libtpu') is None:
+    return
+  names = {(d.metadata['Name'] or '').lower().replace('_', '-') for d in metadata.distributions()}
+  if any(n.startswith(('jax-cuda', 'jax-rocm')) for n in names):
+    return
+  try:  # jax's own test of the PCI bus for TPU chips
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+
+    chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # pylint: disable=broad-except  (a jax without it: leave jax as it is)
+    return
+  if chips == 0:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(..., flags_parser=parse_flags)`; exits 2 with one line on error."""
+  leave_out_absent_tpu()
   try:
     remaining = flags.FLAGS(argv)
     quiet_libraries()

@@ -191,3 +191,19 @@ def test_flagship_plans(config, topo, tmp_path):
     assert 0.9 < report['flops_per_step']['xla_over_model'] < 1.15
   counts = [v['count'] for v in report['collectives_per_step'].values()]
   assert sum(counts) > 0 and report['collective_loops_unknown'] == 0
+
+
+@needs_libtpu
+def test_commands_leave_the_absent_tpu_runtime_out():
+  """With libtpu installed on a machine without TPU chips, the commands start jax on the CPU
+  alone instead of a TPU runtime that prints warnings and finds nothing (configs/cli.py)."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  code = (
+    'from configs import cli; cli.leave_out_absent_tpu(); import jax; '
+    'print(jax.config.jax_platforms, jax.default_backend())'
+  )
+  run = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True
+  )
+  assert run.stdout.split() == ['cpu', 'cpu'], run.stderr[-2000:]
+  assert 'TPU_ACCELERATOR_TYPE' not in run.stderr

@@ -84,8 +84,12 @@ def devices_for(name: str) -> Topology:
     )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
-  # Compiling touches no chip: several planning processes (test workers) may load libtpu at once.
+  # Compiling touches no chip: several planning processes (test workers) may load libtpu at once,
+  # and off a TPU VM there are no workers to look up (libtpu would print an error about them).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  platforms = jax.config.jax_platforms or ''
+  if platforms and 'tpu' not in platforms:  # this process runs no TPU (configs/cli.py)
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 
   try:
     desc = topologies.get_topology_desc(name, platform='tpu')
