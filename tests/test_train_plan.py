@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import schema, tiny
+from configs import moe_topk, schema, tiny
 from model import plan as layer_plan
 from model.config import ConfigError
 from train import aot, plan, topology
@@ -207,3 +207,14 @@ def test_commands_leave_the_absent_tpu_runtime_out():
   )
   assert run.stdout.split() == ['cpu', 'cpu'], run.stderr[-2000:]
   assert 'TPU_ACCELERATOR_TYPE' not in run.stderr
+
+
+def test_fit_searches_the_expert_parallel_size_of_moe_configs():
+  topo = topology.devices_for('cpu:8')
+  c = moe_topk.get_config('tiny')
+  c.mesh.shape, c.mesh.rules = (1, -1, 1, 1), 'fsdp'
+  cfg = aot.load(c, topo)
+  rows = plan.fit(cfg, topo, remats=('full',), accums=(1,), max_per_device=1, log=lambda s: None)
+  eps = [e for e in (1, 2, 4, 8) if cfg.moe.num_experts % e == 0]
+  assert [r.expert_parallel for r in rows] == eps and all(r.fits for r in rows)
+  assert all(r.global_batch == 8 for r in rows)  # one row per device: the batch spans every axis

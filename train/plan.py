@@ -73,11 +73,14 @@ class FitRow:
   step_s: float | None
 
 
-def _with(cfg: schema.Config, remat, ep, accum, per_device, topo) -> schema.Config:
+def _with(cfg: schema.Config, remat, ep, accum, per_device, topo) -> schema.Config | None:
+  """`cfg` at one point of the search; None when the expert axis cannot be `ep` here."""
   n = len(topo.devices)
   shape = list(cfg.mesh.resolved_shape(n))
-  if ep != shape[3]:  # expert-parallel size taken from fsdp (or data)
-    i = 1 if shape[1] * shape[3] % ep == 0 else 0
+  if ep != shape[3]:  # the expert axis trades devices with fsdp (or else data)
+    i = next((i for i in (1, 0) if shape[i] * shape[3] % ep == 0), None)
+    if i is None:
+      return None
     shape[i], shape[3] = shape[i] * shape[3] // ep, ep
   rules = 'fsdp_ep' if ep > 1 else cfg.mesh.rules
   dp = math.prod(shape) // shape[2]
@@ -110,10 +113,14 @@ def fit(
         best, b = None, 1
         while b <= max_per_device:
           c = _with(cfg, remat, ep, accum, b, topo)
+          if c is None:
+            break
           try:
             report = aot.analyse(c, topo)
-          except Exception as e:  # pylint: disable=broad-except  (XLA refused: too large)
-            log(f'  {remat} ep {ep} accum {accum} x {b}: did not compile ({str(e)[:80]})')
+          except Exception as e:  # pylint: disable=broad-except  (this point cannot be planned)
+            log(
+              f'  {remat} ep {ep} accum {accum} x {b}: not planned ({str(e).splitlines()[0][:100]})'
+            )
             break
           m = report['memory_per_device']
           row = FitRow(
