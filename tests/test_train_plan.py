@@ -209,6 +209,21 @@ def test_commands_leave_the_absent_tpu_runtime_out():
   assert 'TPU_ACCELERATOR_TYPE' not in run.stderr
 
 
+def test_fit_points_trade_fsdp_for_the_expert_axis():
+  """The mesh and batch of each --fit point, without compiling: the expert axis takes its
+  devices from fsdp, the batch covers every data-like axis, and an impossible size is skipped."""
+  topo = topology.devices_for('cpu:8')
+  c = moe_topk.get_config('tiny')
+  c.mesh.shape, c.mesh.rules = (1, -1, 1, 1), 'fsdp'
+  cfg = aot.load(c, topo)
+  four = plan._with(cfg, 'full', 4, 2, 3, topo)
+  assert four.mesh.shape == (1, 2, 1, 4) and four.mesh.rules == 'fsdp_ep'
+  assert (four.train.batch_size, four.train.grad_accum, four.model.remat) == (3 * 8 * 2, 2, 'full')
+  assert plan._with(cfg, 'none', 1, 1, 1, topo).mesh.shape == (1, 8, 1, 1)
+  assert plan._with(cfg, 'none', 16, 1, 1, topo) is None
+
+
+@pytest.mark.slow  # one compilation per expert-parallel size (~30 s)
 def test_fit_searches_the_expert_parallel_size_of_moe_configs():
   topo = topology.devices_for('cpu:8')
   c = moe_topk.get_config('tiny')
