@@ -7,6 +7,10 @@ import time
 
 import jax
 
+from configs import cli
+
+cli.leave_out_absent_tpu()  # a benchmark starts jax as the commands do (no absent TPU runtime)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 

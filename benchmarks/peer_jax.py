@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common
+from benchmarks import common, peer_protocol
 from benchmarks import step_roofline as sr
 from configs import demo
 from model import plan
@@ -89,8 +89,7 @@ def warm(make_step, warmup_steps: int = 3):
 
 def worker(system: str, args: dict) -> None:
   """A JAX worker: warm up, say ready on the protocol stream, then time steps on request."""
-  proto = os.fdopen(os.dup(1), 'w')  # the protocol stream: nothing else may write to it
-  os.dup2(2, 1)
+  proto = peer_protocol.protocol_stream()
   t0 = time.perf_counter()
   if system == 'project':
     cfg = sr.build_config(demo.get_config(), args['shape'], args['moe'])
@@ -98,14 +97,7 @@ def worker(system: str, args: dict) -> None:
   else:
     step, info = warm(lambda: nanodo_step(args['spec'], args['nanodo_src']))
   info.update(ready=True, build_and_warmup_s=time.perf_counter() - t0)
-  proto.write(json.dumps(info) + '\n')
-  proto.flush()
-  for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get('quit'):
-      return
-    proto.write(json.dumps({'times': time_steps(step, int(msg['steps']))}) + '\n')
-    proto.flush()
+  peer_protocol.serve(proto, info, lambda n: time_steps(step, n))
 
 
 if __name__ == '__main__':

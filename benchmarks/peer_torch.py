@@ -25,6 +25,9 @@ import numpy as np
 import torch
 import transformers
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a file
+from benchmarks import peer_protocol  # noqa: E402  (standard library only)
+
 
 def build_model(spec: dict) -> torch.nn.Module:
   """LlamaForCausalLM or MixtralForCausalLM (8 experts top-2 of width mlp/2) at spec's shape."""
@@ -97,26 +100,18 @@ def warm_up(spec: dict) -> tuple[Stepper, dict]:
   return stepper, info
 
 
-def serve(step, proto, ready: dict) -> None:
-  """Answers {"steps": n} lines from stdin with the wall time of each of n steps."""
-  proto.write(json.dumps(ready) + '\n')
-  proto.flush()
-  for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get('quit'):
-      return
-    times = []
-    for _ in range(int(msg['steps'])):
-      t0 = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - t0)
-    proto.write(json.dumps({'times': times}) + '\n')
-    proto.flush()
+def time_steps(step, n: int) -> list[float]:
+  """Wall seconds of each of n steps (each step returns only once its work is done)."""
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return times
 
 
 def main() -> None:
-  proto = os.fdopen(os.dup(1), 'w')  # the protocol stream: nothing else may write to it
-  os.dup2(2, 1)
+  proto = peer_protocol.protocol_stream()
   spec = json.loads(sys.argv[1])
   torch.set_num_threads(os.cpu_count())
   torch._dynamo.config.suppress_errors = False  # pylint: disable=protected-access
@@ -126,7 +121,7 @@ def main() -> None:
     ready=True, build_and_warmup_s=time.perf_counter() - t0, threads=torch.get_num_threads(),
     torch=torch.__version__, transformers=transformers.__version__,
   )  # fmt: skip
-  serve(stepper, proto, info)
+  peer_protocol.serve(proto, info, lambda n: time_steps(stepper, n))
 
 
 if __name__ == '__main__':

@@ -41,7 +41,7 @@ def _independent_state_bytes(cfg, topo) -> int:
   report_mesh = dict(
     zip(('data', 'fsdp', 'tensor', 'expert'), cfg.mesh.resolved_shape(len(topo.devices)))
   )
-  fns, _, _ = aot.compile_step(cfg, topo)
+  fns, _ = aot.step_fns(cfg, topo)
   total = 0
   for leaf in jax.tree.leaves(fns.abstract_state()):
     shape = list(leaf.shape)

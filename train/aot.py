@@ -50,16 +50,16 @@ def _per_device_bytes(abstract_tree) -> int:
   return total
 
 
-def _step_fns(cfg: schema.Config, topo: topology.Topology):
+def step_fns(cfg: schema.Config, topo: topology.Topology):
+  """(StepFns, the abstract batch) of `cfg` on the topology's devices: shapes and shardings only."""
   with target_platform.compiling_for(topo.platform):
     mesh = mesh_lib.make_mesh(cfg.mesh, topo.devices)
     fns = make_step_fns(cfg, mesh, sharding.rules(cfg.mesh.rules))
     return fns, abstract_batch(cfg, fns.batch_sharding)
 
 
-def compile_step(cfg: schema.Config, topo: topology.Topology):
-  """(StepFns, the compiled train step, the abstract batch) for the topology, nothing run."""
-  fns, batch = _step_fns(cfg, topo)
+def _compile(fns, batch, topo: topology.Topology):
+  """The train step compiled for the topology's devices; nothing runs."""
   with target_platform.compiling_for(topo.platform):
     lowered = fns.train_step.lower(fns.abstract_state(), batch)
     # A program for devices this process lacks cannot be cached (or read back) here.
@@ -68,7 +68,7 @@ def compile_step(cfg: schema.Config, topo: topology.Topology):
     try:
       with warnings.catch_warnings():  # the cache, if already on, tries to read it back anyway
         warnings.filterwarnings('ignore', 'Error reading persistent compilation cache entry')
-        return fns, lowered.compile(), batch
+        return lowered.compile()
     finally:
       jax.config.update('jax_enable_compilation_cache', cached)
 
@@ -88,14 +88,14 @@ def analyse(cfg: schema.Config, topo: topology.Topology) -> dict:
   """The plan of `cfg` on `topo`: memory, FLOPs, collectives and a roofline estimate (a dict
   that is also the JSON report). A step the TPU compiler refuses for lack of HBM is reported as
   not fitting, with the compiler's numbers."""
+  fns, batch = step_fns(cfg, topo)
+  report = _report(cfg, topo, fns, batch)
   try:
-    fns, compiled, batch = compile_step(cfg, topo)
+    compiled = _compile(fns, batch, topo)
   except jax.errors.JaxRuntimeError as e:
     refused = _REFUSED.search(str(e))
     if refused is None:
       raise
-    fns, batch = _step_fns(cfg, topo)
-    report = _report(cfg, topo, fns, batch)
     m = report['memory_per_device']
     temps, available = _gib_text(*refused.group(1, 2)), _gib_text(*refused.group(3, 4))
     m.update(
@@ -110,7 +110,6 @@ def analyse(cfg: schema.Config, topo: topology.Topology) -> dict:
     return report
   n = len(topo.devices)
   mem = compiled.memory_analysis()
-  report = _report(cfg, topo, fns, batch)
   capacity, capacity_source = _capacity(topo)
   total = (
     mem.argument_size_in_bytes
@@ -215,11 +214,11 @@ def reference_flops(cfg: schema.Config) -> float:
     train=dataclasses.replace(cfg.train, grad_accum=1),  # the accumulation loop counts once too
     mesh=schema.MeshConfig(shape=(1, 1, 1, 1)),
   )
+  cpu = topology.Topology('cpu:1', 'cpu', tuple(jax.devices('cpu')[:1]), None)
+  fns, batch = step_fns(one, cpu)
   with target_platform.compiling_for('cpu'):
-    mesh = mesh_lib.make_mesh(one.mesh, jax.devices('cpu')[:1])
-    fns = make_step_fns(one, mesh, sharding.rules(one.mesh.rules))
-    lowered = fns.train_step.lower(fns.abstract_state(), abstract_batch(one, fns.batch_sharding))
-    return float(_first(lowered.cost_analysis()).get('flops', 0.0))
+    lowered = fns.train_step.lower(fns.abstract_state(), batch)
+  return float(_first(lowered.cost_analysis()).get('flops', 0.0))
 
 
 def _capacity(topo: topology.Topology) -> tuple[int | None, str]:

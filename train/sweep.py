@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from absl import app, flags, logging
 
-from configs import schema
+from configs import cli, schema
 from model.config import ConfigError
 
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/NAME.py[:ARG]).')
@@ -236,6 +236,7 @@ def main(argv):
 
 
 def run():
+  cli.leave_out_absent_tpu()
   flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
   app.run(main)
 
