@@ -39,3 +39,21 @@ def uninterrupted(tmp_path_factory, cache_dir):  # pylint: disable=redefined-out
   cfg = tiny_train_config(cache_dir, steps=16, log_every=1)
   train_and_evaluate(cfg, str(workdir))
   return workdir, cfg
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """A local fake-gcs-server (127.0.0.1, a free port) for the whole test process, reached through
+  the environment variables a user sets for an emulator; stopped at the end."""
+  from tests.gcs import start_fake_gcs  # pylint: disable=g-import-not-at-top
+
+  with start_fake_gcs() as url:
+    yield url
+
+
+@pytest.fixture
+def bucket(gcs_server, request):  # pylint: disable=redefined-outer-name
+  """A new empty bucket on the local server: 'gs://NAME'."""
+  from tests.gcs import create_bucket  # pylint: disable=g-import-not-at-top
+
+  return create_bucket(gcs_server, request.node.name)

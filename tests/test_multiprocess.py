@@ -4,7 +4,6 @@ The fast tests check the pieces; the slow ones start real 2-process runs (gloo c
 4 CPU devices each) against the 1-process, 8-device run of this test process.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ import pytest
 from configs import schema, tiny
 from data import corpus, pipeline
 from model.config import ConfigError
+from tests.tiny_runs import metrics_rows
 from train import distributed, launch
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
@@ -157,8 +157,7 @@ def _launch(args, **kw):
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
+  return {r['step']: r['loss'] for r in metrics_rows(workdir) if 'loss' in r}
 
 
 @pytest.fixture(scope='module')
@@ -200,6 +199,46 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(
   resumed = _losses(other)
   for step in range(11, 21):
     np.testing.assert_allclose(resumed[step], reference[step], rtol=2e-5, err_msg=f'step {step}')
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_a_bucket_like_one(bucket, cache_dir, reference):
+  """A pod slice's layout on one machine: both processes write their checkpoint shards and
+  iterator states to the same gs:// workdir, process 0 alone writes metrics; same numbers."""
+  workdir = f'{bucket}/two'
+  assert _launch(_train_args(workdir, cache_dir, '--config.train.stop_after=10')) == 0
+  assert _launch(_train_args(workdir, cache_dir)) == 0  # resumed from the bucket
+  two = _losses(workdir)
+  assert sorted(two) == list(range(1, 21))
+  for step in reference:
+    np.testing.assert_allclose(two[step], reference[step], rtol=2e-5, err_msg=f'step {step}')
+  assert (
+    Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).data_process_count(20) == 2
+  )
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused(tmp_path):
+  """The same relative --workdir names a different directory in each process (as each host's own
+  disk would): every process stops with one line, before the lock or any checkpoint."""
+  port = launch.free_port()
+  args = _train_args('run', tmp_path / 'corpus', '--config.train.steps=20')  # refused before use
+  args[3] = f'--config={ROOT}/configs/tiny.py'
+  procs = []
+  for i in range(2):
+    (tmp_path / f'host{i}').mkdir()
+    env = dict(launch.process_env(i, 2, port, 4), PYTHONPATH=ROOT)
+    procs.append(
+      subprocess.Popen(
+        args, cwd=tmp_path / f'host{i}', env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+      )
+    )  # fmt: skip
+  errors = [p.communicate(timeout=240)[1] for p in procs]
+  for i, (p, err) in enumerate(zip(procs, errors)):
+    assert p.returncode != 0, err[-2000:]
+    assert 'processes of this run do not all see the same files there' in err, err[-2000:]
+    assert 'Traceback' not in err
+    assert sorted(os.listdir(tmp_path / f'host{i}' / 'run')) == []
 
 
 @pytest.mark.slow

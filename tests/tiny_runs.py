@@ -45,8 +45,10 @@ def tiny_train_config(cache_dir, **train) -> schema.Config:
 
 def metrics_rows(workdir) -> list[dict]:
   """Every row of DIR/metrics.jsonl as written (no de-duplication: tests check there is none)."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  from data import storage  # pylint: disable=g-import-not-at-top  (the workdir may be gs://)
+
+  text = storage.read_text(storage.join(str(workdir), 'metrics.jsonl'))
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def checkpoint_state(workdir, cfg: schema.Config, step: int | None = None) -> tuple[int, dict]:

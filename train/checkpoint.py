@@ -7,8 +7,6 @@ and restores onto whatever mesh and process count the abstract state's shardings
 when complete, so a half-written step is never listed and never chosen for restore.
 """
 
-import json
-import os
 import re
 import time
 
@@ -17,7 +15,19 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs.schema import CheckpointConfig
+from data import storage
 from train import distributed
+
+
+def check_location(workdir: str) -> str:
+  """The canonical workdir, refused in one line where Orbax cannot write checkpoints."""
+  workdir = storage.resolve(workdir)
+  if storage.scheme(workdir) == 's3':
+    raise storage.StorageError(
+      f'{workdir}: checkpoints cannot be written to s3:// (Orbax writes arrays only to local '
+      'paths and gs://); use gs://BUCKET/PATH or a local --workdir'
+    )
+  return workdir
 
 
 class Checkpointer:
@@ -30,8 +40,9 @@ class Checkpointer:
       create=not read_only,
       read_only=read_only,
     )
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.quarantine = os.path.join(os.path.abspath(workdir), 'checkpoints_damaged')
+    workdir = check_location(workdir)
+    self.directory = storage.join(workdir, 'checkpoints')
+    self.quarantine = storage.join(workdir, 'checkpoints_damaged')
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -42,8 +53,7 @@ class Checkpointer:
 
   def data_process_count(self, step: int) -> int | None:
     """How many processes wrote `step`'s data-iterator states (grain writes one file each)."""
-    directory = os.path.join(self.directory, str(step), 'data')
-    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = storage.listdir(storage.join(self.directory, str(step), 'data'))
     counts = {
       int(m.group(1)) for m in map(re.compile(r'process_\d+-of-(\d+)\.json').match, names) if m
     }
@@ -53,16 +63,13 @@ class Checkpointer:
     """What is visibly wrong with `step` (items missing, unreadable metadata or iterator states),
     or None. It reads the same files in every process (no collectives), so all processes agree
     before a restore starts; damage inside the array data shows during the restore itself."""
-    root = os.path.join(self.directory, str(step))
+    root = storage.join(self.directory, str(step))
     for item in ('model', 'opt'):
-      if not os.path.isfile(os.path.join(root, item, '_METADATA')):
+      if not storage.isfile(storage.join(root, item, '_METADATA')):
         return f'{item}/_METADATA is missing'
     count = self.data_process_count(step)
-    data_dir = os.path.join(root, 'data')
-    if (
-      count is None
-      and os.path.isdir(data_dir)
-      and any(n.endswith('.json') for n in os.listdir(data_dir))
+    if count is None and any(
+      n.endswith('.json') for n in storage.listdir(storage.join(root, 'data'))
     ):
       return 'data/ holds no consistent set of iterator states'
     # No iterator state at all (a converted checkpoint): the stream is repositioned by step.
@@ -70,8 +77,7 @@ class Checkpointer:
       f'data/process_{i}-of-{count}.json' for i in range(count or 0)
     ]:
       try:
-        with open(os.path.join(root, name)) as f:
-          json.load(f)
+        storage.read_json(storage.join(root, name))
       except (OSError, ValueError) as e:
         return f'{name} does not read ({type(e).__name__})'
     return None
@@ -79,10 +85,10 @@ class Checkpointer:
   def move_aside(self, step: int) -> str:
     """Moves a damaged step out of the checkpoint directory (kept for inspection under
     `checkpoints_damaged/`) so that it is never chosen again; returns where it went."""
-    target = os.path.join(self.quarantine, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    target = storage.join(self.quarantine, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0:
-      os.makedirs(self.quarantine, exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
+      storage.makedirs(self.quarantine)
+      storage.move(storage.join(self.directory, str(step)), target)
     distributed.barrier(f'checkpoint_moved_aside_{step}')  # every process then sees it gone
     self.manager.reload()
     return target

@@ -3,11 +3,12 @@ the progress line."""
 
 import json
 import math
-import os
 import time
 
 import numpy as np
 from absl import logging
+
+from data import storage
 
 # Metrics reported as their value at the logging step rather than a window mean: by name, and by
 # suffix for per-layer state (entropy trigger: a window mean of the trigger step means nothing).
@@ -38,16 +39,13 @@ VECTOR_SUMMARIES = {'expert_counts': _expert_summary, 'cluster_counts': _cluster
 def drop_records_after(path: str, step: int) -> int:
   """Rewrites the JSONL file at `path` without the records whose 'step' exceeds `step` (atomic:
   a temporary file renamed over it); returns how many were dropped. A missing file is fine."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
   keep = [line for line in lines if not line.strip() or _step_of(line) <= step]
   if len(keep) == len(lines):
     return 0
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+  storage.write_text(path, ''.join(keep))
   return len(lines) - len(keep)
 
 
@@ -59,22 +57,21 @@ def _step_of(line: str) -> float:
 
 
 def _read_jsonl(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'{path} not found: --workdir must be a directory written by train.train'
     )
   records = []
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ValueError(f'{path} line {number}: not JSON ({e})') from None
-        if not isinstance(record, dict) or 'step' not in record:
-          raise ValueError(f'{path} line {number}: not a metrics record with a step')
-        records.append(record)
+  for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+    if line.strip():
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f'{path} line {number}: not JSON ({e})') from None
+      if not isinstance(record, dict) or 'step' not in record:
+        raise ValueError(f'{path} line {number}: not a metrics record with a step')
+      records.append(record)
   return records
 
 
@@ -92,6 +89,42 @@ def read_metrics(workdir: str) -> list[dict]:
 def read_eval_metrics(workdir: str) -> list[dict]:
   """Held-out evaluation records of DIR/metrics.jsonl (`eval_loss`, no `loss`), one per step."""
   return _one_per_step([r for r in _read_jsonl(workdir) if 'eval_loss' in r and 'loss' not in r])
+
+
+class _ObjectEventsFile:
+  """A TensorBoard events file on object storage, written through data.storage: the whole object
+  is uploaded at every flush (tensorboardX's own gs:// writer does the same, but uploads again when
+  it is garbage-collected, retrying for minutes when the endpoint is gone)."""
+
+  def __init__(self, location: str):
+    self.location, self._data, self._closed = location, bytearray(), False
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    if not self._closed:
+      storage.write_bytes(self.location, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+    self._closed = True
+
+
+class _ObjectEventsFactory:
+  def open(self, location: str) -> _ObjectEventsFile:
+    return _ObjectEventsFile(location)
+
+  def directory_check(self, location: str) -> None:
+    pass  # object stores have no directories
+
+
+def _summary_writer(location: str):
+  from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+
+  for kind in storage.REMOTE_SCHEMES:
+    record_writer.register_writer_factory(kind, _ObjectEventsFactory())
+  return SummaryWriter(location)
 
 
 class MetricsLogger:
@@ -123,13 +156,10 @@ class MetricsLogger:
     self._t0 = time.perf_counter()
     self._jsonl = self._tb = None
     if primary:
-      os.makedirs(workdir, exist_ok=True)
       if resume_step is not None:
-        drop_records_after(os.path.join(workdir, 'metrics.jsonl'), resume_step)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+        drop_records_after(storage.join(workdir, 'metrics.jsonl'), resume_step)
+      self._jsonl = storage.AppendLog(storage.join(workdir, 'metrics.jsonl'))
+      self._tb = _summary_writer(storage.join(workdir, 'tb'))
 
   def restart_clock(self) -> None:
     """Starts a fresh timing window (after compilation, restore or evaluation)."""
@@ -183,6 +213,7 @@ class MetricsLogger:
     if not self.primary:
       return
     self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
     for name, value in record.items():
       if name != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, step)

@@ -8,8 +8,6 @@ good checkpoint intact (`train.on_nonfinite='stop'`) or drops that batch and goe
 stopping after `train.nonfinite_patience` such steps in a row).
 """
 
-import json
-import os
 import signal
 import sys
 import time
@@ -21,17 +19,23 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import cli, schema, sharding
-from data import corpus, pipeline, sources
+from data import corpus, pipeline, sources, storage
 from model import plan
 from model.config import ConfigError
 from train import distributed, memory, warm_start
 from train import evaluation as eval_lib
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, check_location
 from train.lock import WorkdirLock, WorkdirLocked
 from train.metrics import MetricsLogger
 from train.step import make_step_fns
-from train.workdir import check_dataset, describe_os_error, os_error_in, write_config
+from train.workdir import (
+  check_dataset,
+  check_shared,
+  describe_os_error,
+  os_error_in,
+  write_config,
+)
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +80,9 @@ def train_and_evaluate(cfg: schema.Config, workdir: str) -> dict:
       estimate.describe(),
       jax.device_count(),
     )
+  workdir = check_location(workdir)
+  storage.probe(workdir)  # every process writes checkpoint shards there: refuse before step 1
+  check_shared(workdir)
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(cfg, workdir)
 
@@ -90,8 +97,7 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
     warm = warm_start.load(cfg)
   write_config(cfg, workdir)
   if primary:
-    with open(os.path.join(workdir, 'dataset.json'), 'w') as f:
-      json.dump(ident, f, indent=2)
+    storage.write_json(storage.join(workdir, 'dataset.json'), ident, indent=2)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   rules = sharding.rules(cfg.mesh.rules)
   fns = make_step_fns(cfg, mesh, rules)
@@ -122,12 +128,11 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
       table = parameter_overview.get_parameter_overview(
         nnx.to_pure_dict(state['model']), include_stats=False
       )
-      with open(os.path.join(workdir, 'parameters.txt'), 'w') as f:
-        f.write(table + '\n')
+      storage.write_text(storage.join(workdir, 'parameters.txt'), table + '\n')
       logging.info(
         'parameters: %s; per array in %s',
         table.splitlines()[-1].removeprefix('Total: '),
-        os.path.join(workdir, 'parameters.txt'),
+        storage.join(workdir, 'parameters.txt'),
       )
 
   tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -227,7 +232,7 @@ def _train(cfg: schema.Config, workdir: str) -> dict:
 
 
 def _has_checkpoint(workdir: str, cfg: schema.Config) -> bool:
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not storage.isdir(storage.join(workdir, 'checkpoints')):
     return False
   return bool(Checkpointer(workdir, cfg.checkpoint, read_only=True).all_steps())
 

@@ -2,13 +2,14 @@
 (a resumed run must match them), and the one line a failed write ends in."""
 
 import json
-import os
 
 import jax
+import numpy as np
 
 from configs import schema
-from data import corpus
+from data import corpus, storage
 from model.config import ConfigError
+from train import distributed
 from train.checkpoint import Checkpointer
 
 # Groups that must not change under an existing workdir (they define what the checkpoint is).
@@ -29,12 +30,11 @@ def check_dataset(workdir: str, dataset_dir: str) -> dict:
     'tokenizer': meta['tokenizer']['fingerprint'],
     'tokenizer_spec': meta['tokenizer']['spec'],
     'dataset': meta['fingerprint'],
-    'path': os.path.abspath(dataset_dir),
+    'path': storage.resolve(dataset_dir),
   }
-  path = os.path.join(workdir, 'dataset.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = storage.join(workdir, 'dataset.json')
+  if storage.exists(path):
+    old = storage.read_json(path)
     for key, what in (('tokenizer', 'tokenizer'), ('dataset', 'dataset')):
       if old.get(key) != ident[key]:
         raise corpus.DataError(
@@ -47,12 +47,11 @@ def check_dataset(workdir: str, dataset_dir: str) -> dict:
 
 def write_config(cfg: schema.Config, workdir: str) -> None:
   """Writes DIR/config.json; refuses a workdir whose model or data differ from this config."""
-  path = os.path.join(workdir, 'config.json')
+  path = storage.join(workdir, 'config.json')
   new = cfg.to_dict()
-  if os.path.exists(path):
-    with open(path) as f:
-      # Fields added since then read as their defaults; JSON round trip makes tuples lists on both sides.
-      old = json.loads(json.dumps(schema.from_dict(json.load(f)).to_dict()))
+  if storage.exists(path):
+    # Fields added since then read as their defaults; JSON round trip makes tuples lists on both sides.
+    old = json.loads(json.dumps(schema.from_dict(storage.read_json(path)).to_dict()))
     for group in _FROZEN_GROUPS:
       for field, value in new[group].items():
         if field in _FREE_FIELDS.get(group, ()):
@@ -64,10 +63,36 @@ def write_config(cfg: schema.Config, workdir: str) -> None:
             'use a new --workdir'
           )
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(new, f, indent=2)
-    os.replace(path + '.tmp', path)
+    storage.write_json(path, new, indent=2)
+
+
+def check_shared(workdir: str) -> None:
+  """Refuses, in every process, a workdir that the processes of a multi-process run do not share
+  (each host's own local disk): process 0 writes a marker with a fresh number, and every process
+  must read that number back. Checked, not guessed from the path."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  nonce = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1, 2**31 - 1))))
+  marker = storage.join(workdir, f'.shared-marker-{nonce}')
+  if jax.process_index() == 0:
+    storage.write_text(marker, str(nonce))
+  distributed.barrier('workdir_marker_written')
+  try:
+    seen = storage.read_text(marker).strip() == str(nonce)
+  except OSError:
+    seen = False
+  shared = distributed.all_processes(seen)
+  if jax.process_index() == 0:
+    storage.remove(marker)
+  if not shared:
+    raise storage.StorageError(
+      f'{workdir}: the {jax.process_count()} processes of this run do not all see the same '
+      f'files there (process {jax.process_index()} '
+      f'{"does" if seen else "does not"} see the marker process 0 wrote); a multi-process run '
+      'needs a workdir that every process shares: gs://BUCKET/PATH or a shared file system'
+    )
 
 
 def os_error_in(e: BaseException) -> OSError | None:
@@ -90,7 +115,7 @@ def describe_os_error(e: OSError, workdir: str) -> str:
   except Exception:  # pylint: disable=broad-except  (the storage itself may be the problem)
     latest = None
   last = (
-    f'last good checkpoint: step {latest} in {os.path.join(workdir, "checkpoints")}'
+    f'last good checkpoint: step {latest} in {storage.join(workdir, "checkpoints")}'
     if latest is not None
     else 'no complete checkpoint yet'
   )
