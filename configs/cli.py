@@ -11,14 +11,14 @@ from importlib import metadata
 from absl import flags
 from absl import logging as absl_logging
 
-_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # local: source
 
 
 class _OwnInfoOnly(logging.Filter):
   """Passes warnings and errors from anywhere, and lower levels only from this project's code."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    path = os.path.abspath(record.pathname)
+    path = os.path.abspath(record.pathname)  # local: a Python source file's name
     return record.levelno >= logging.WARNING or (
       path.startswith(_PROJECT) and 'site-packages' not in path
     )

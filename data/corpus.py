@@ -4,23 +4,23 @@ Why the stdlib: it is on every machine, needs no download, and is ~30 MB of real
 checkout can train and evaluate out of the box. It is prepared by the same code as
 `python -m data.prepare` (one document per file, split by a hash of the file's relative path, so
 the split is stable across machines and does not move when files are added) into a cache
-directory keyed by Python version, tokenizer fingerprint and file listing. Preparation happens in
-a temporary directory renamed into place, so concurrent preparers never leave a half-written
-dataset behind; a directory without metadata.json is never used.
+directory (`data.cache_dir`, local or gs://) keyed by Python version, tokenizer fingerprint and
+file listing. Preparation happens in a temporary directory moved into place (locally one rename; on
+object storage file by file, metadata.json last), so concurrent preparers never leave a
+half-written dataset behind; a directory without metadata.json is never used.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import pathlib
-import shutil
 import sys
 import sysconfig
-import tempfile
+import uuid
 
 import numpy as np
 
-from data import prepare, sources, verify
+from data import prepare, sources, storage, verify
 from data.errors import DataError
 from data.tokenizer import get_tokenizer
 
@@ -33,50 +33,45 @@ def stdlib_files() -> tuple[str, list[str]]:
   """(stdlib dir, sorted relative paths of its `*.py` files), without site-packages or venvs."""
   root = sysconfig.get_paths()['stdlib']
   files = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [
-      d
-      for d in dirnames
-      if d not in _SKIP_DIRS and not os.path.exists(os.path.join(dirpath, d, 'pyvenv.cfg'))
-    ]
-    files += [
-      os.path.relpath(os.path.join(dirpath, f), root) for f in filenames if f.endswith('.py')
-    ]
-  return root, sorted(pathlib.PurePath(f).as_posix() for f in files)
+  # The interpreter's own source files: always local, never a user path.
+  for dirpath, dirnames, filenames in os.walk(root):  # local: the stdlib
+    venv = lambda d: os.path.exists(os.path.join(dirpath, d, 'pyvenv.cfg'))  # local: the stdlib
+    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not venv(d)]
+    rel = os.path.relpath(dirpath, root)  # local: the stdlib
+    files += [f if rel == '.' else f'{rel}/{f}' for f in filenames if f.endswith('.py')]
+  return root, sorted(f.replace(os.sep, '/') for f in files)
 
 
 def _cache_root(data_cfg) -> str:
-  root = (
-    data_cfg.cache_dir
-    or os.environ.get('ROUTED_CACHE')
-    or os.path.join(os.path.expanduser('~'), '.cache', 'routed_transformers')
-  )
-  return os.path.abspath(root)
+  root = data_cfg.cache_dir or os.environ.get('ROUTED_CACHE')
+  if not root:
+    root = os.path.join(os.path.expanduser('~'), '.cache', 'routed_transformers')  # local: ~
+  return storage.resolve(root)
 
 
 def _is_complete(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, 'metadata.json'))
+  return storage.isfile(storage.join(directory, 'metadata.json'))
 
 
 def prepare_default_corpus(data_cfg) -> str:
   """Prepares the stdlib corpus into the cache once and returns its directory (fast when cached)."""
   tokenizer = get_tokenizer(data_cfg.tokenizer)
   root, files = stdlib_files()
-  listing = ''.join(f'{f}\t{os.path.getsize(os.path.join(root, f))}\n' for f in files)
+  size = lambda f: os.path.getsize(os.path.join(root, f))  # local: the stdlib's own files
+  listing = ''.join(f'{f}\t{size(f)}\n' for f in files)
   list_hash = hashlib.sha256(listing.encode()).hexdigest()
   version = '.'.join(map(str, sys.version_info[:3]))
   name = (
     f'stdlib-py{version}-heldout{data_cfg.heldout_fraction!r}-{tokenizer.fingerprint}-'
     f'{list_hash[:12]}-v3'
   )
-  final = os.path.join(_cache_root(data_cfg), name)
+  final = storage.join(_cache_root(data_cfg), name)
   if _is_complete(final):
     return final
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.tmp-{name}-', dir=os.path.dirname(final))
+  tmp = storage.join(_cache_root(data_cfg), f'.tmp-{name}-{uuid.uuid4().hex[:8]}')
   try:
     meta = prepare.prepare_dataset(
-      os.path.join(root, '**/*.py'),
+      os.path.join(root, '**/*.py'),  # local: the stdlib (recorded as the input, never globbed)
       tmp,
       fmt='text',
       tokenizer=tokenizer.spec,
@@ -89,25 +84,33 @@ def prepare_default_corpus(data_cfg) -> str:
         f'data.heldout_fraction={data_cfg.heldout_fraction} leaves an empty split '
         f'of the {len(files)} stdlib files in {root}'
       )
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0o700
     _move_into_place(tmp, final)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed; removes ours if we lost a race
+    with contextlib.suppress(OSError):  # a no-op once moved; removes ours if we lost a race
+      storage.rmtree(tmp)
   return final
 
 
 def _move_into_place(tmp: str, final: str) -> None:
-  """Renames `tmp` to `final`; a complete `final` that appeared meanwhile wins."""
-  if os.path.isdir(final) and not _is_complete(final):
-    stale = tempfile.mkdtemp(prefix='.stale-', dir=os.path.dirname(final))
+  """Moves `tmp` to `final`; a complete `final` that appeared meanwhile wins. On object storage,
+  which cannot rename a directory, file by file with metadata.json last: a reader never sees it
+  before the rest, and two preparers racing write the same bytes (preparing is deterministic)."""
+  if storage.is_remote(final):
+    if not _is_complete(final):
+      for rel in sorted(storage.walk_files(tmp), key=lambda rel: rel == 'metadata.json'):
+        storage.move(storage.join(tmp, rel), storage.join(final, rel))
+    return
+  if storage.isdir(final) and not _is_complete(final):
+    stale = storage.join(storage.parent(final), f'.stale-{uuid.uuid4().hex[:8]}')
     try:
       if not _is_complete(final):
-        os.rename(final, os.path.join(stale, 'old'))  # incomplete leftovers: set aside
+        storage.move(final, stale)  # incomplete leftovers: set aside
     except FileNotFoundError:
       pass  # another preparer moved it first
-    shutil.rmtree(stale, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      storage.rmtree(stale)
   try:
-    os.rename(tmp, final)
+    storage.move(tmp, final)
   except OSError:
     if not _is_complete(final):
       raise
@@ -122,11 +125,14 @@ def load_split(directory: str, split: str) -> np.ndarray:
 
 
 def load_metadata(directory: str) -> dict:
-  path = os.path.join(directory, 'metadata.json')
-  if not os.path.isfile(path):
+  return json.loads(_metadata_text(directory))
+
+
+def _metadata_text(directory: str) -> str:
+  path = storage.join(directory, 'metadata.json')
+  if not storage.isfile(path):
     raise DataError(f'{directory} has no metadata.json: not a (complete) prepared dataset')
-  with open(path) as fh:
-    return json.load(fh)
+  return storage.read_text(path)
 
 
 def resolve_dataset(data_cfg) -> str:
@@ -139,24 +145,22 @@ def resolve_dataset(data_cfg) -> str:
     needed = (
       ['metadata.json'] + [f'{s}/offsets.npy' for s in SPLITS] + [f'{s}/tokens' for s in SPLITS]
     )
-    missing = [n for n in needed if not os.path.exists(os.path.join(directory, n))]
+    missing = [n for n in needed if not storage.exists(storage.join(directory, n))]
     if missing:
       raise DataError(
         f'data.path={directory!r} is not a prepared dataset: missing '
         f'{", ".join(missing)} (run python -m data.prepare --output=...)'
       )
-  mode = data_cfg.verify
-  key = (
-    os.path.abspath(directory),
-    mode,
-    os.stat(os.path.join(directory, 'metadata.json')).st_mtime_ns,
-  )
+  text = _metadata_text(directory)
+  key = (storage.resolve(directory), data_cfg.verify, hashlib.sha256(text.encode()).hexdigest())
   if key not in _VERIFIED:
-    _VERIFIED[key] = verify.check(directory, load_metadata(directory), mode)
+    _VERIFIED[key] = verify.check(directory, json.loads(text), data_cfg.verify)
   return directory
 
 
-_VERIFIED = {}  # (directory, data.verify, metadata.json mtime) -> the mode the check ran in
+# (directory, data.verify, sha256 of metadata.json) -> the mode the check ran in: a dataset
+# prepared again in the same place (a new metadata.json) is checked again
+_VERIFIED = {}
 
 
 def dataset_tokenizer(directory: str):

@@ -1,10 +1,17 @@
 """Reading a corpus's input files for `data.prepare`: which files, which format, and each file's
-documents, with bad records skipped (or repaired) and counted by reason rather than raised."""
+documents, with bad records skipped (or repaired) and counted by reason rather than raised.
+
+Input files are local: a glob needs a file system to expand it and the tokenizer workers read each
+file whole, so `--input=gs://...` is refused in one line (copy the corpus to this machine first).
+Only the prepared dataset (`--output`) may live on gs://.
+"""
 
 import glob
 import json
 import os
+import posixpath
 
+from data import storage
 from data.errors import DataError
 
 FORMATS = ('text', 'jsonl', 'parquet', 'arrayrecord')
@@ -21,23 +28,39 @@ _EXTENSIONS = {
 
 def list_inputs(pattern: str) -> tuple[str, list[str]]:
   """(common root, sorted relative paths) of the files matching a glob or naming one file."""
-  matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-  files = sorted(
-    f for f in matches if not os.path.isdir(f)
-  )  # other unreadable ones are skipped later
+  if storage.scheme(pattern):
+    raise DataError(
+      f'--input={pattern!r}: inputs must be local files (a glob or a file on this machine); '
+      'copy them here first (only --output may be gs://BUCKET/PATH)'
+    )
+  pattern = os.path.expanduser(pattern.removeprefix('file://'))  # local: see the module docstring
+  matches = glob.glob(pattern, recursive=True)  # local: input files (see the module docstring)
+  # Directories are left out; other unreadable files are skipped (and counted) later.
+  files = sorted(f for f in matches if not os.path.isdir(f))  # local: input files
   if not files:
     raise DataError(
       f'--input={pattern!r} matches no files'
       + (' (only directories; use a glob such as DIR/**/*.txt)' if matches else '')
     )
-  files = [os.path.abspath(f) for f in files]
-  root = os.path.dirname(files[0]) if len(files) == 1 else os.path.commonpath(files)
-  return root, [os.path.relpath(f, root) for f in files]
+  files = [os.path.abspath(f) for f in files]  # local: input files
+  one = len(files) == 1
+  root = os.path.dirname(files[0]) if one else os.path.commonpath(files)  # local: input files
+  return root, [os.path.relpath(f, root) for f in files]  # local: input files
+
+
+def input_stat(path: str) -> tuple[int, int]:
+  """(size, mtime_ns) of an input file; (0, 0) for one that cannot be stat'ed (its reading fails
+  and is counted)."""
+  try:
+    st = os.stat(path)  # local: input files
+    return st.st_size, st.st_mtime_ns
+  except OSError:
+    return 0, 0
 
 
 def infer_format(rel_paths: list[str]) -> str:
   """The format named by the files' extension (all must agree), else text."""
-  kinds = {_EXTENSIONS.get(os.path.splitext(f)[1].lower(), 'text') for f in rel_paths}
+  kinds = {_EXTENSIONS.get(posixpath.splitext(f)[1].lower(), 'text') for f in rel_paths}
   return kinds.pop() if len(kinds) == 1 else 'text'
 
 
@@ -45,10 +68,10 @@ def read_records(path: str, fmt: str, field: str):
   """Yields (text, None) per document, (text, repair) per repaired one (a REPAIRS reason) or
   (None, reason) per skipped record of one file. OSError means the file cannot be read."""
   if fmt == 'text':
-    with open(path, 'rb') as fh:
+    with open(path, 'rb') as fh:  # local: input files (see the module docstring)
       yield _decode(fh.read())
   elif fmt == 'jsonl':
-    with open(path, 'rb') as fh:
+    with open(path, 'rb') as fh:  # local: input files
       for line in fh:
         if line.strip():
           yield _json_field(line, field)

@@ -1,6 +1,7 @@
 """Tokenizing input files into piece files for `data.prepare`: groups of about GROUP_BYTES of input,
 each tokenized (in worker processes when asked) into one .npz piece written atomically, with the
-documents split between train and held-out by a hash of their key."""
+documents split between train and held-out by a hash of their key. Input files are local
+(`data.inputs`); the pieces go through `data.storage`, next to the dataset (local or gs://)."""
 
 import hashlib
 import json
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 
+from data import storage
 from data.inputs import REPAIRS, SKIPS, read_records, unreadable_reason
 from data.tokenizer import get_tokenizer
 
@@ -65,7 +67,7 @@ def _tokenize_file(task: dict, path: str, rel: str) -> tuple[dict, dict]:
   tok = _tokenizer(task['tokenizer'])
   ids = {s: [] for s in SPLITS}
   pending = {s: [] for s in SPLITS}
-  counts = _new_counts(os.path.getsize(path))
+  counts = _new_counts(os.path.getsize(path))  # local: input files (data.inputs)
   n_train = 0
 
   def flush(split):
@@ -124,9 +126,7 @@ def tokenize_group(task: dict) -> dict:
     arrays[f'{s}_lengths'] = np.array([len(x) for x in ids[s]], dtype=np.int64)
     arrays[f'{s}_tokens'] = (np.concatenate(ids[s]) if ids[s] else np.zeros(0)).astype(dtype)
   arrays['counts'] = np.frombuffer(json.dumps(counts).encode(), dtype=np.uint8)
-  tmp = task['piece'] + f'.tmp{os.getpid()}.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, task['piece'])
+  storage.save_npz(task['piece'], **arrays)  # atomic: a piece is whole or absent
   return counts
 
 
@@ -137,13 +137,13 @@ def piece_groups(root: str, rel: list[str], sizes: list[int]) -> list[list[tuple
     if current and (size + n > GROUP_BYTES or len(current) >= GROUP_FILES):
       groups.append(current)
       current, size = [], 0
-    current.append((os.path.join(root, f), f))
+    current.append((os.path.join(root, f), f))  # local: input files (data.inputs)
     size += n
   return groups + [current]
 
 
 def piece_counts(piece: str) -> dict:
-  with np.load(piece) as z:
+  with storage.open_npz(piece) as z:
     return json.loads(z['counts'].tobytes())
 
 

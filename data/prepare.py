@@ -8,6 +8,9 @@ Tokenizes a corpus into the layout `data.sources` reads and `--config.data.path=
   DIR/metadata.json                      written last: a directory without it is never used;
                                          it records every file's size and sha256 (data.verify)
 
+DIR may be local or gs://BUCKET/PATH (every write goes through `data.storage`, atomic per file);
+the input files must be local.
+
 Inputs: text files (one document per file), JSONL (one document per line, `--field`), Parquet
 (column `--field`) or ArrayRecord (one UTF-8 document per record). A document goes to held-out when
 a hash of its key (file path, plus record index for record formats) falls below
@@ -28,21 +31,22 @@ MAX_SKIPPED_SHARE of the records skipped, an `--output` that is not a directory,
 does not load) stop with one line and leave nothing behind that this run created.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
 
-from data import pieces, sources, verify
+from data import pieces, sources, storage, verify
 from data.errors import DataError
 from data.inputs import (
   FORMATS,
   REPAIRS,
   SKIPS,
   infer_format,
+  input_stat,
   list_inputs,
 )
 from data.pieces import (  # noqa: F401  (SPLITS and is_heldout are part of this module's API)
@@ -55,12 +59,6 @@ from data.pieces import (  # noqa: F401  (SPLITS and is_heldout are part of this
 from data.tokenizer import get_tokenizer
 
 MAX_SKIPPED_SHARE = 0.8  # more skipped records than this share of all records fails the run
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path + '.tmp', 'w') as fh:
-    json.dump(obj, fh, indent=2)
-  os.replace(path + '.tmp', path)
 
 
 def prepare_dataset(
@@ -85,7 +83,7 @@ def prepare_dataset(
   if fmt not in FORMATS:
     raise DataError(f'--format={fmt!r}: expected one of {FORMATS}')
   tok = get_tokenizer(tokenizer)
-  stats = [_stat(os.path.join(root, f)) for f in rel]
+  stats = [input_stat(os.path.join(root, f)) for f in rel]  # local: input files (data.inputs)
   listing = ''.join(f'{f}\t{size}\t{mtime}\n' for f, (size, mtime) in zip(rel, stats))
   plan = {
     'input': input_pattern,
@@ -98,15 +96,14 @@ def prepare_dataset(
     'heldout_fraction': heldout_fraction,
     'file_list_sha256': hashlib.sha256(listing.encode()).hexdigest(),
   }
-  meta_path, work = os.path.join(output, 'metadata.json'), os.path.join(output, '.work')
-  if os.path.exists(output) and not os.path.isdir(output):
+  meta_path, work = storage.join(output, 'metadata.json'), storage.join(output, '.work')
+  if storage.isfile(output):
     raise DataError(
       f'--output={output!r} is an existing file; expected a directory (new or prepared)'
     )
-  if os.path.isfile(meta_path):
+  if storage.isfile(meta_path):
     try:
-      with open(meta_path) as fh:
-        meta = json.load(fh)
+      meta = storage.read_json(meta_path)
     except (OSError, ValueError) as e:
       raise DataError(
         f'--output={output!r} holds an unreadable metadata.json ({type(e).__name__}); '
@@ -117,44 +114,37 @@ def prepare_dataset(
         f'--output={output!r} already holds a different prepared dataset; choose another directory'
       )
     return meta
-  created = [d for d in (output, work) if not os.path.lexists(d)][:1]  # removed again on DataError
+  created = [d for d in (output, work) if not storage.exists(d)][:1]  # removed again on DataError
   try:
     return _prepare(
       output, work, plan, root, rel, stats, tok, processes, progress, source or input_pattern
     )
   except DataError:
     for d in created:
-      shutil.rmtree(d, ignore_errors=True)
+      with contextlib.suppress(OSError):  # what is left is never taken for a dataset (no metadata)
+        storage.rmtree(d)
     raise
-
-
-def _stat(path: str) -> tuple[int, int]:
-  """(size, mtime_ns); (0, 0) for a path that cannot be stat'ed (its reading fails and is counted)."""
-  try:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-  except OSError:
-    return 0, 0
 
 
 def _prepare(output, work, plan, root, rel, stats, tok, processes, progress, source) -> dict:
   try:
-    os.makedirs(work, exist_ok=True)
+    if storage.is_remote(output):
+      storage.probe(output)  # no bucket, no credentials: one line now, not after tokenizing
+    storage.makedirs(work)
   except OSError as e:
     raise DataError(
       f'--output={output!r}: cannot create {work!r} ({e.strerror or type(e).__name__}); '
       'expected a writable directory'
     ) from None
-  plan_path = os.path.join(work, 'plan.json')
-  if os.path.isfile(plan_path):
-    with open(plan_path) as fh:
-      if json.load(fh) != plan:
-        raise DataError(
-          f'--output={output!r} holds an interrupted preparation of other inputs or '
-          'settings; remove it or choose another directory'
-        )
+  plan_path = storage.join(work, 'plan.json')
+  if storage.isfile(plan_path):
+    if storage.read_json(plan_path) != plan:
+      raise DataError(
+        f'--output={output!r} holds an interrupted preparation of other inputs or '
+        'settings; remove it or choose another directory'
+      )
   else:
-    _write_json(plan_path, plan)
+    storage.write_json(plan_path, plan, indent=2)
   tasks = [
     {
       'files': g,
@@ -162,15 +152,19 @@ def _prepare(output, work, plan, root, rel, stats, tok, processes, progress, sou
       'field': plan['field'],
       'tokenizer': tok.spec,
       'heldout_fraction': plan['heldout_fraction'],
-      'piece': os.path.join(work, f'piece-{i:07d}.npz'),
+      'piece': storage.join(work, f'piece-{i:07d}.npz'),
     }
     for i, g in enumerate(piece_groups(root, rel, [size for size, _ in stats]))
   ]
-  counts = {t['piece']: piece_counts(t['piece']) for t in tasks if os.path.isfile(t['piece'])}
+  done = set(storage.listdir(work))  # one listing, not a request per piece
+  counts = {
+    t['piece']: piece_counts(t['piece']) for t in tasks if storage.basename(t['piece']) in done
+  }
   todo = [t for t in tasks if t['piece'] not in counts]
   run_tasks(todo, counts, processes, progress, resumed=len(counts))
   meta = _assemble(output, work, tasks, counts, tok, plan, source)
-  shutil.rmtree(work, ignore_errors=True)
+  with contextlib.suppress(OSError):
+    storage.rmtree(work)
   return meta
 
 
@@ -196,13 +190,12 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
         f'no training documents in {plan["input"]!r} ({len(tasks)} files); '
         'check --format and --field (skipped records are counted per reason)'
       )
-    os.makedirs(os.path.join(output, s), exist_ok=True)
+    storage.makedirs(storage.join(output, s))
     store = sources.create_token_array(
-      os.path.join(output, s, 'tokens'), int(offsets[-1]), tok.dtype
+      storage.join(output, s, 'tokens'), int(offsets[-1]), tok.dtype
     )
     _write_stream(store, (_piece_array(t['piece'], f'{s}_tokens', move) for t in tasks))
-    np.save(os.path.join(output, s, 'offsets.tmp.npy'), offsets)
-    os.replace(os.path.join(output, s, 'offsets.tmp.npy'), os.path.join(output, s, 'offsets.npy'))
+    storage.save_npy(storage.join(output, s, 'offsets.npy'), offsets)  # atomic
     meta_counts[s] = (len(doc_lengths), int(offsets[-1]))
   total = lambda key: {s: sum(c[key][s] for c in counts.values()) for s in SPLITS}
   text_bytes = total('text_bytes')
@@ -246,7 +239,7 @@ def _assemble(output, work, tasks, counts, tok, plan, source) -> dict:
     json.dumps([plan, meta['tokens'], meta['documents']], sort_keys=True).encode()
   ).hexdigest()[:16]
   meta['checksums'] = verify.record(output, SPLITS)  # size and sha256 of every stored file
-  _write_json(os.path.join(output, 'metadata.json'), meta)
+  storage.write_json(storage.join(output, 'metadata.json'), meta, indent=2)  # last
   return meta
 
 
@@ -290,7 +283,7 @@ def _forced_heldout(tasks, counts, plan):
 
 def _piece_array(piece, key, move):
   """One array of a piece file, with the document `move` names taken from train into held-out."""
-  with np.load(piece) as z:
+  with storage.open_npz(piece) as z:
     arr = z[key]
     if not move or move[0] != piece:
       return arr
@@ -341,9 +334,11 @@ def prepare_or_exit(input_pattern: str, output: str, **kwargs) -> dict:
   except DataError as e:
     message = str(e)
   except OSError as e:
+    where = str(e.filename or '')  # a file of the dataset, else (a buffer, the store) the dataset
+    where = where if where.startswith(storage.resolve(output)) else output
     message = (
-      f'cannot write {e.filename or output}: {e.strerror or e}; finished pieces are kept '
-      f'in {os.path.join(output, ".work")}: rerun the same command to resume'
+      f'cannot write {where}: {e.strerror or e}; finished pieces are kept '
+      f'in {storage.join(output, ".work")}: rerun the same command to resume'
     )
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)

@@ -18,11 +18,11 @@ Sources work on a `TokenArray` (TensorStore) or any numpy array (tests, in-memor
 
 import dataclasses
 import mmap
-import os
 
 import numpy as np
 import tensorstore as ts
 
+from data import storage
 from data.errors import DataError
 
 SHARD_TOKENS = 1 << 22  # tokens per zarr3 shard file (one file on disk)
@@ -31,7 +31,8 @@ _CACHE_BYTES = 64 << 20  # TensorStore chunk cache per opened array
 
 
 def token_spec(path: str) -> dict:
-  return {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.abspath(path)}}
+  """The zarr3 spec of the token array at `path` (a local directory, gs:// or s3://)."""
+  return {'driver': 'zarr3', 'kvstore': storage.kvstore(path)}
 
 
 def _damaged(path: str, error: Exception) -> DataError:
@@ -66,10 +67,11 @@ def create_token_array(path: str, size: int, dtype, crc32c: bool = True) -> ts.T
 
 
 class TokenArray:
-  """A read-only flat token array in TensorStore; pickles as its path (each worker reopens it)."""
+  """A read-only flat token array in TensorStore; pickles as its location (an absolute path or a
+  gs:// / s3:// URL: each worker reopens it)."""
 
   def __init__(self, path: str):
-    self.path = os.path.abspath(path)
+    self.path = storage.resolve(path)
     self._store = None
     self._shape_dtype = None
     _ = self.store
@@ -143,10 +145,10 @@ class Split:
 
 def open_split(directory: str, split: str) -> Split:
   """The `split` ('train' or 'heldout') of the prepared dataset in `directory`."""
-  if not os.path.isfile(os.path.join(directory, 'metadata.json')):
+  if not storage.isfile(storage.join(directory, 'metadata.json')):
     raise DataError(f'{directory} has no metadata.json: not a (complete) prepared dataset')
-  offsets = np.load(os.path.join(directory, split, 'offsets.npy'))
-  return Split(TokenArray(os.path.join(directory, split, 'tokens')), offsets)
+  offsets = storage.load_npy(storage.join(directory, split, 'offsets.npy'))
+  return Split(TokenArray(storage.join(directory, split, 'tokens')), offsets)
 
 
 class WindowSource:
@@ -188,7 +190,9 @@ class WindowSource:
     t = state['tokens']
     if isinstance(t, tuple) and t[0] == 'memmap':
       _, filename, offset, dtype, shape = t
-      state['tokens'] = np.memmap(filename, dtype=dtype, mode='r', offset=offset, shape=shape)
+      state['tokens'] = np.memmap(  # local: a numpy memmap (tests) maps this machine's disk
+        filename, dtype=dtype, mode='r', offset=offset, shape=shape
+      )
     self.__dict__.update(state)
 
   def __repr__(self) -> str:

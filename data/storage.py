@@ -17,7 +17,6 @@ No other module calls `os.path` or `open()` on a user path (tests/test_storage.p
 """
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -255,15 +254,6 @@ def open_npz(location: str):
     yield arrays
 
 
-def sha256(location: str, block_bytes: int = 8 << 20) -> str:
-  """The hex sha256 of a file's content, read in blocks."""
-  digest = hashlib.sha256()
-  with open_file(location, 'rb') as fh:
-    while block := fh.read(block_bytes):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def remove(location: str, missing_ok: bool = True) -> None:
   path(location).unlink(missing_ok=missing_ok)
 
@@ -272,14 +262,6 @@ def rmtree(location: str) -> None:
   p = path(location)
   if p.exists():
     p.rmtree()
-
-
-def rmtree_quietly(location: str) -> None:
-  """`rmtree` for best-effort cleanup: errors are ignored (as shutil's ignore_errors=True)."""
-  try:
-    rmtree(location)
-  except OSError:
-    pass
 
 
 def move(source: str, target: str) -> None:

@@ -1,5 +1,6 @@
 """Tokenizers: byte level (default), SentencePiece (`sentencepiece:PATH`) and Hugging Face
-`tokenizers` (`hf:PATH` to a tokenizer.json). Files are local; nothing is ever downloaded.
+`tokenizers` (`hf:PATH` to a tokenizer.json). PATH is a local file or a gs:// / s3:// object (read
+through `data.storage`); nothing else is ever downloaded.
 
 Byte level: ids 0..255 are the bytes themselves, id 256 (EOS) ends a document. No text is ever
 out of vocabulary, and a token covers exactly one byte of text (EOS none), which is what lets
@@ -14,6 +15,7 @@ import hashlib
 
 import numpy as np
 
+from data import storage
 from data.errors import DataError
 
 
@@ -82,14 +84,14 @@ class _FileTokenizer:
     self.path = path
     self.spec = f'{self.kind}:{path}'
     try:
-      with open(path, 'rb') as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
+      data = storage.read_bytes(path)
     except OSError as e:
       raise TokenizerError(
-        f'tokenizer {self.spec!r}: cannot read the file ({e.strerror})'
+        f'tokenizer {self.spec!r}: cannot read the file ({e.strerror or type(e).__name__})'
       ) from None
+    digest = hashlib.sha256(data).hexdigest()
     try:
-      self._load(path)
+      self._load(data)
     except Exception as e:  # the libraries raise assorted types for a bad file
       msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise TokenizerError(f'tokenizer {self.spec!r} does not load: {msg}') from None
@@ -126,10 +128,10 @@ class _FileTokenizer:
 class SentencePieceTokenizer(_FileTokenizer):
   kind = 'sentencepiece'
 
-  def _load(self, path):
+  def _load(self, data: bytes):
     import sentencepiece as spm
 
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self._sp = spm.SentencePieceProcessor(model_proto=data)
     self._base_vocab = self._sp.get_piece_size()
 
   def _find_eos(self):
@@ -147,10 +149,10 @@ class HFTokenizer(_FileTokenizer):
   kind = 'hf'
   EOS_NAMES = ('</s>', '<|endoftext|>', '<eos>', '<|end_of_text|>', '[EOS]')
 
-  def _load(self, path):
+  def _load(self, data: bytes):
     import tokenizers
 
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    self._tok = tokenizers.Tokenizer.from_str(data.decode('utf-8'))
     self._base_vocab = self._tok.get_vocab_size(with_added_tokens=True)
 
   def _find_eos(self):

@@ -2,7 +2,7 @@
 
 Restores a checkpoint in a fresh process (config from DIR/config.json), evaluates the held-out
 split, writes DIR/eval/step_N.json and prints one JSON line last. `--baseline` also evaluates the
-same architecture at initialisation, for comparison.
+same architecture at initialisation, for comparison. DIR may be local or gs://BUCKET/PATH.
 
 Numbers are honest for every model (docs/causality.md): a causal model is scored teacher-forced
 (`"causal": true`), a model whose logits at t can read tokens after t is scored exact-prefix, each

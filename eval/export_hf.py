@@ -7,13 +7,13 @@ generation_config.json, the tokenizer files (`eval.hf_tokenizer`) and README.md,
 naming the source run and step, the architecture, the data, the tokens seen and the held-out
 numbers with how they were evaluated. Only models with an exact transformers equivalent are
 exported (`eval.hf_format.family`); anything else is refused in one line. Every check runs before
-anything is written, and the folder appears whole or not at all (written beside `--out`, then
-renamed). docs/hf.md.
+anything is written. `--workdir` and `--out` may be local or gs://BUCKET/PATH (`data.storage`). A
+local folder appears whole or not at all (written beside `--out`, then renamed); a bucket has no
+rename, so there each file is uploaded whole and config.json last: a folder without it does not
+load. docs/hf.md.
 """
 
 import json
-import os
-import shutil
 import sys
 import tempfile
 
@@ -24,7 +24,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import cli, schema
-from data import corpus
+from data import corpus, storage
 from eval import hf_format, hf_tokenizer
 from model import plan
 from model.config import ConfigError
@@ -33,7 +33,7 @@ from train.checkpoint import Checkpointer
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
+  if storage.isfile(out) or (storage.listdir(out) and not overwrite):
     raise ConfigError(f'--out={out} exists and is not an empty directory (pass --overwrite)')
 
 
@@ -42,9 +42,9 @@ def _model_card(cfg: schema.Config, workdir: str, step: int, fam: str, spec: str
   layer_plan = plan.build(cfg.model, cfg.train.seq_len)
   tokens = step * cfg.train.batch_size * cfg.train.seq_len
   lines = [
-    f'# {os.path.basename(os.path.abspath(workdir))} (step {step})',
+    f'# {storage.basename(storage.resolve(workdir))} (step {step})',
     '',
-    f'Exported by `python -m eval.export_hf` from the run `{os.path.abspath(workdir)}`, checkpoint',
+    f'Exported by `python -m eval.export_hf` from the run `{storage.resolve(workdir)}`, checkpoint',
     f"step {step}, as `{hf_format.FAMILIES[fam]}`; its logits equal the source model's to float",
     'precision (the export refuses any model without an exact equivalent).',
     '',
@@ -59,11 +59,10 @@ def _model_card(cfg: schema.Config, workdir: str, step: int, fam: str, spec: str
     f'- {cfg.data.path or "the default corpus (the Python standard library source)"}; tokens seen: {tokens:,} '
     f'({step} steps of {cfg.train.batch_size} x {cfg.train.seq_len}).',
   ]
-  result_path = os.path.join(workdir, 'eval', f'step_{step}.json')
+  result_path = storage.join(workdir, 'eval', f'step_{step}.json')
   lines += ['', '## Held-out evaluation']
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      r = json.load(f)
+  if storage.exists(result_path):
+    r = storage.read_json(result_path)
     bpb = r.get('bits_per_byte')
     lines.append(
       f'- loss {r["loss"]:.4f} nats/token'
@@ -101,21 +100,10 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
       'README.md': _model_card(cfg, workdir, step, fam, spec),
     }
   )
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
-  try:
-    metadata = {'format': 'pt', 'source_run': os.path.abspath(workdir), 'source_step': str(step)}
-    safetensors.numpy.save_file(tensors, os.path.join(staging, 'model.safetensors'), metadata)
-    for name, text in files.items():
-      with open(os.path.join(staging, name), 'w') as f:
-        f.write(text)
-    if os.path.isdir(out):
-      shutil.rmtree(out)
-    os.replace(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+  metadata = {'format': 'pt', 'source_run': storage.resolve(workdir), 'source_step': str(step)}
+  blobs = {'model.safetensors': safetensors.numpy.save(tensors, metadata)}
+  blobs.update({name: text.encode('utf-8') for name, text in files.items()})
+  _write_folder(out, blobs)
   return {
     'workdir': workdir,
     'step': step,
@@ -124,6 +112,26 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
     'tensors': len(tensors),
     'tokenizer': spec,
   }
+
+
+def _write_folder(out: str, blobs: dict[str, bytes]) -> None:
+  """The folder `out` holding `blobs` ({name: bytes}) and nothing else (see the module docstring)."""
+  if storage.is_remote(out):
+    storage.rmtree(out)  # --overwrite (checked): the old folder goes first, config.json with it
+    for name in sorted(blobs, key=lambda n: n == 'config.json'):  # config.json last
+      storage.write_bytes(storage.join(out, name), blobs[name])
+    return
+  parent = storage.parent(storage.resolve(out))
+  storage.makedirs(parent)
+  staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  try:
+    for name, data in blobs.items():
+      storage.write_bytes(storage.join(staging, name), data)
+    storage.rmtree(out)
+    storage.move(staging, out)
+  except BaseException:
+    storage.rmtree(staging)
+    raise
 
 
 def main(argv):

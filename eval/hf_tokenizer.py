@@ -21,6 +21,7 @@ import os
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
+from data import storage
 from data.tokenizer import get_tokenizer
 from eval.hf_format import ExportError
 
@@ -89,8 +90,7 @@ def sentencepiece_tokenizer(path: str) -> tokenizers.Tokenizer:
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
 
   proto = sentencepiece_model_pb2.ModelProto()
-  with open(path, 'rb') as f:
-    proto.ParseFromString(f.read())
+  proto.ParseFromString(storage.read_bytes(path))
   norm, trainer = proto.normalizer_spec, proto.trainer_spec
   if trainer.model_type != 1:  # UNIGRAM
     raise ExportError(
@@ -123,8 +123,9 @@ def verification_texts(chunk: int = 2000, limit: int = 400_000) -> list[str]:
     ' ',
   ]
   total = 0
-  for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), '*.py'))):
-    with open(path, encoding='utf-8', errors='replace') as f:
+  stdlib = os.path.dirname(os.__file__)  # local: this interpreter's standard library
+  for path in sorted(glob.glob(os.path.join(stdlib, '*.py'))):  # local: the standard library
+    with open(path, encoding='utf-8', errors='replace') as f:  # local: the standard library
       source = f.read()
     texts += [source[i : i + chunk] for i in range(0, len(source), chunk)]
     total += len(source)

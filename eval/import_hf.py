@@ -7,15 +7,17 @@ architecture, or an option we do not implement, is refused in one line naming it
 (training, data, mesh) from the experiment `--config` (default configs/base.py). The tokenizer: a
 folder exported from a byte-level run is our `byte` tokenizer again; any other tokenizer.json is
 copied into the run directory and used as `hf:DIR/tokenizer.json`. Every check runs before
-anything is written, and the run directory appears whole or not at all. docs/hf.md.
+anything is written, and the run directory appears whole or not at all: it is written beside
+`--workdir`, then moved in, config.json last. Both folders may be local or gs://BUCKET/PATH
+(`data.storage`; on a bucket the move is a copy, so a reader may see checkpoints/ before
+config.json, never a config.json without its checkpoint). docs/hf.md.
 """
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import tempfile
+import uuid
 
 import jax
 import numpy as np
@@ -25,7 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import cli, schema, sharding
-from data import corpus
+from data import corpus, storage
 from data.tokenizer import TokenizerError, get_tokenizer
 from eval import hf_format, hf_tokenizer
 from model.config import ConfigError
@@ -38,47 +40,59 @@ _ONE_DEVICE = schema.MeshConfig(shape=(1, 1, 1, 1), rules='dp')
 
 def read_tensors(model_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of the folder's model.safetensors (or of the shards its index lists)."""
-  index = os.path.join(model_dir, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  elif os.path.exists(os.path.join(model_dir, 'model.safetensors')):
+  index = storage.join(model_dir, 'model.safetensors.index.json')
+  if storage.exists(index):
+    files = sorted(set(storage.read_json(index)['weight_map'].values()))
+  elif storage.exists(storage.join(model_dir, 'model.safetensors')):
     files = ['model.safetensors']
   else:
     raise hf_format.ExportError(f'--model_dir={model_dir} has no model.safetensors')
   tensors = {}
   for name in files:
+    path = storage.join(model_dir, name)
     try:
-      tensors.update(safetensors.numpy.load_file(os.path.join(model_dir, name)))
+      tensors.update(safetensors.numpy.load(storage.read_bytes(path)))
     except Exception as e:  # safetensors raises assorted types for a bad or unreadable file
-      raise hf_format.ExportError(f'{os.path.join(model_dir, name)} does not load: {e}') from None
+      raise hf_format.ExportError(f'{path} does not load: {_first_line(e)}') from None
   return tensors
 
 
 def _tokenizer_spec(model_dir: str, staging: str) -> str:
   """'byte' for our own byte tokenizer, else 'hf:PATH' of the copy in the run directory."""
-  path = os.path.join(model_dir, 'tokenizer.json')
-  if not os.path.exists(path):
+  path = storage.join(model_dir, 'tokenizer.json')
+  if not storage.exists(path):
     raise hf_format.ExportError(f'--model_dir={model_dir} has no tokenizer.json')
-  with open(path) as f:
-    theirs = json.load(f)
-  if theirs == json.loads(hf_tokenizer.byte_tokenizer().to_str()):
+  text = storage.read_bytes(path)
+  if json.loads(text) == json.loads(hf_tokenizer.byte_tokenizer().to_str()):
     return 'byte'
-  shutil.copy(path, os.path.join(staging, 'tokenizer.json'))
-  return 'hf:' + os.path.join(staging, 'tokenizer.json')
+  storage.write_bytes(storage.join(staging, 'tokenizer.json'), text)
+  return 'hf:' + storage.join(staging, 'tokenizer.json')
+
+
+def _staging(workdir: str) -> str:
+  """A new empty directory beside `workdir` (a fresh prefix on a bucket)."""
+  parent = storage.parent(workdir)
+  if storage.is_remote(workdir):
+    return storage.join(parent, f'.import-{uuid.uuid4().hex[:12]}')
+  storage.makedirs(parent)
+  return tempfile.mkdtemp(prefix='.import-', dir=parent)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
 
 
 def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
   """Writes the run directory `workdir` from the Hugging Face folder `model_dir`."""
-  config_path = os.path.join(model_dir, 'config.json')
-  if not os.path.exists(config_path):
+  config_path = storage.join(model_dir, 'config.json')
+  if not storage.exists(config_path):
     raise hf_format.ExportError(f'--model_dir={model_dir} has no config.json')
-  if os.path.exists(os.path.join(workdir, 'config.json')) or os.path.exists(
-    os.path.join(workdir, 'checkpoints')
+  if storage.exists(storage.join(workdir, 'config.json')) or storage.exists(
+    storage.join(workdir, 'checkpoints')
   ):
     raise ConfigError(f'--workdir={workdir} already holds a run; choose a new directory')
-  with open(config_path) as f:
-    hf = json.load(f)
+  hf = storage.read_json(config_path)
   if experiment is None:
     from configs import base  # pylint: disable=g-import-not-at-top
 
@@ -88,12 +102,10 @@ def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
   fam = hf_format.family(model)
   seq_len = min(cfg.train.seq_len, hf.get('max_position_embeddings') or cfg.train.seq_len)
   tensors = read_tensors(model_dir)
-  parent = os.path.dirname(os.path.abspath(workdir))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.import-', dir=parent)
+  staging = _staging(storage.resolve(workdir))
   try:
     spec = _tokenizer_spec(model_dir, staging)
-    final_spec = spec.replace(staging, os.path.abspath(workdir))
+    final_spec = spec.replace(staging, storage.resolve(workdir))
     tokenizer = get_tokenizer(spec)
     if tokenizer.vocab_size > model.vocab_size:
       raise hf_format.ExportError(
@@ -114,16 +126,15 @@ def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
       state['model'],
       jax.tree.map(lambda a: np.asarray(a, dtype=model.param_dtype), params),
     )
-    with open(os.path.join(staging, 'config.json'), 'w') as f:
-      json.dump(cfg.to_dict(), f, indent=2)
+    storage.write_json(storage.join(staging, 'config.json'), cfg.to_dict(), indent=2)
     ckpt = Checkpointer(staging, cfg.checkpoint)
     ckpt.save(0, state)
     ckpt.close()
-    os.makedirs(workdir, exist_ok=True)
-    for name in os.listdir(staging):
-      os.replace(os.path.join(staging, name), os.path.join(workdir, name))
+    storage.makedirs(workdir)
+    for name in sorted(storage.listdir(staging), key=lambda n: n == 'config.json'):
+      storage.move(storage.join(staging, name), storage.join(workdir, name))
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.rmtree(staging)
   return {
     'model_dir': model_dir,
     'workdir': workdir,

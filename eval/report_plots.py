@@ -1,13 +1,14 @@
 """The routing report's figures: one function per PNG, from data that eval.routing_report extracts.
 
-Each takes plain Python/numpy data and a path, writes the PNG with matplotlib's Agg backend and
-returns the path. matplotlib is imported inside the functions, so importing this module (and the
-report) stays cheap.
+Each takes plain Python/numpy data and a location (a local path or gs://..., written through
+`data.storage`), renders the PNG with matplotlib's Agg backend and returns the location.
+matplotlib is imported inside the functions, so importing this module (and the report) stays
+cheap.
 """
 
-import os
-
 import numpy as np
+
+from data import storage
 
 Series = dict[int, tuple[list[int], list[float]]]  # {layer: (steps, values)}
 ENTROPY_PANELS = (
@@ -40,8 +41,7 @@ def _save(plt, fig, path: str, title: str = '') -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  storage.write_figure(fig, path, dpi=110)
   plt.close(fig)
   return path
 

@@ -20,12 +20,12 @@ of 8- and 32-token segments whose experts fit a cache of 2·top_k experts (eval/
   values and the alpha = 1 line;
 - `routing_report.md` (summary, plots with captions, per-layer tables) and `routing_report.json`
   (the same data: what `report` returns). A dense run gets `loss.png` and the tables.
-Plots are drawn by eval/report_plots.py; this module extracts the data.
+Plots are drawn by eval/report_plots.py; this module extracts the data. DIR and OUT may be local
+or gs://BUCKET/PATH (everything is read and written through `data.storage`).
 """
 
 import json
 import math
-import os
 import re
 import sys
 
@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import cli, schema
+from data import storage
 from eval import report_markdown
 from train.metrics import read_eval_metrics, read_metrics  # public here too, as before
 
@@ -48,14 +49,13 @@ markdown_table = (
 
 def read_config(workdir: str) -> dict:
   """DIR/config.json as a plain dict (no jax); a one-line error if it is missing or unreadable."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'config.json')
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'{path} not found: --workdir must be a directory written by train.train'
     )
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except ValueError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from None
 
@@ -198,9 +198,9 @@ def checkpoint_summary(workdir: str, step: int | None = None) -> dict:
   (eval/segment_cache.py)."""
   from eval import evaluate, segment_cache  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not storage.isdir(storage.join(workdir, 'checkpoints')):
     raise FileNotFoundError(
-      f'no complete checkpoint in {os.path.join(workdir, "checkpoints")}: '
+      f'no complete checkpoint in {storage.join(workdir, "checkpoints")}: '
       'the report restores one for alpha* and the segment cache hit '
       '(--nocheckpoint skips it)'
     )
@@ -278,7 +278,7 @@ def plot_all(
   made = []
 
   def add(name, draw, *args, **kwargs):
-    draw(*args, os.path.join(out, name), title=title, **kwargs)
+    draw(*args, storage.join(out, name), title=title, **kwargs)
     made.append({'file': name, 'caption': report_markdown.CAPTIONS[name]})
 
   steps = [r['step'] for r in records]
@@ -335,22 +335,19 @@ def report(
   """Writes the plots, routing_report.md and routing_report.json of a run; returns the JSON data.
 
   `checkpoint=False` leaves out the checkpoint metrics (for a run without checkpoints)."""
-  out = out or os.path.join(workdir, 'report')
+  out = out or storage.join(workdir, 'report')
   config, records, heldout = read_config(workdir), read_metrics(workdir), read_eval_metrics(workdir)
   if not records:
     raise ValueError(
-      f'{os.path.join(workdir, "metrics.jsonl")} has no training records (with loss)'
+      f'{storage.join(workdir, "metrics.jsonl")} has no training records (with loss)'
     )
   ckpt = checkpoint_summary(workdir, step) if checkpoint else {}
   data = build(workdir, config, records, heldout, ckpt)
-  os.makedirs(out, exist_ok=True)
   data['plots'] = plot_all(
-    config, records, heldout, ckpt, out, title=os.path.basename(os.path.normpath(workdir))
+    config, records, heldout, ckpt, out, title=storage.basename(storage.resolve(workdir))
   )
-  with open(os.path.join(out, 'routing_report.json'), 'w') as f:
-    json.dump(data, f, indent=2)
-  with open(os.path.join(out, 'routing_report.md'), 'w') as f:
-    f.write(report_markdown.render(data))
+  storage.write_json(storage.join(out, 'routing_report.json'), data, indent=2)
+  storage.write_text(storage.join(out, 'routing_report.md'), report_markdown.render(data))
   return data
 
 
@@ -363,7 +360,7 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(os.path.join(f.out or os.path.join(f.workdir, 'report'), 'routing_report.md'))
+  print(storage.join(f.out or storage.join(f.workdir, 'report'), 'routing_report.md'))
   print(json.dumps(data))
 
 

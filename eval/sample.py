@@ -3,7 +3,7 @@
 
 Restores a checkpoint like eval/evaluate.py (config from DIR/config.json, model state only) and
 samples a continuation of the prompt; the same seed gives the same ids, for every model type.
-Prints the continuation, then one JSON line last.
+Prints the continuation, then one JSON line last. DIR may be local or gs://BUCKET/PATH.
 
 Decoding runs one fixed buffer per call (no KV cache): the prompt and the tokens drawn so far,
 padded to a length bucket (the next power of two >= prompt + max_new_tokens, at least 64), so one

@@ -8,9 +8,7 @@ is scored teacher-forced, one whose logits at t can read tokens after t exact-pr
 import collections
 import dataclasses
 import functools
-import json
 import math
-import os
 import zlib
 
 import jax
@@ -22,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from configs import schema, sharding
-from data import corpus, pipeline
+from data import corpus, pipeline, storage
 from data.tokenizer import get_tokenizer
 from model import erc, plan
 from model.config import ConfigError
@@ -278,8 +276,7 @@ def evaluate_checkpoint(
     init = evaluate_model(fns, fns.init(), tokens, cfg, tokenizer, step_fn, positions_per_window)
     result.update({f'init_{k}': v for k, v in init.items() if k != 'tokens'})
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, 'eval')
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'step_{restored.step}.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    storage.write_json(
+      storage.join(workdir, 'eval', f'step_{restored.step}.json'), result, indent=2
+    )
   return result

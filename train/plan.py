@@ -47,13 +47,13 @@ if __name__ == '__main__':  # `cpu:N` needs N host devices, set before jax start
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import cli, schema  # noqa: E402
+from data import storage  # noqa: E402
 from model.config import REMAT_POLICIES, ConfigError  # noqa: E402
 from train import aot, topology  # noqa: E402
 from train.memory import fmt_bytes  # noqa: E402
@@ -186,13 +186,11 @@ def _main(argv, flag) -> int:
     )
     print(describe_fit(rows))
     report['fit'] = [dataclasses.asdict(r) for r in rows]
-  name = os.path.splitext(os.path.basename(report['config']))[0].replace(':', '-')
-  out = flag['out'].value or os.path.join(
-    'runs', 'plans', f'{name}-{topo.name.replace(":", "-")}.json'
+  name = os.path.splitext(os.path.basename(report['config']))[0]  # local: the config file's name
+  out = flag['out'].value or storage.join(
+    'runs', 'plans', f'{name.replace(":", "-")}-{topo.name.replace(":", "-")}.json'
   )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(report, f, indent=1)
+  storage.write_json(out, report, indent=1)
   print(f'report: {out}')
   m = report['memory_per_device']
   if not m['fits']:
@@ -217,7 +215,7 @@ def run():
       'fit_max_rows', 256, '--fit: the largest per-device micro-batch tried (rows).'
     ),
     'out': flags.DEFINE_string(
-      'out', '', 'JSON report path (default runs/plans/CONFIG-TOPOLOGY.json).'
+      'out', '', 'JSON report, local or gs:// (default runs/plans/CONFIG-TOPOLOGY.json).'
     ),
   }
   flags.mark_flags_as_required(['config', 'topology'])

@@ -6,16 +6,14 @@
 """
 
 import dataclasses
-import json
 import math
-import os
 from typing import NamedTuple
 
 import jax
 from flax import nnx
 
 from configs import schema, sharding
-from data import corpus
+from data import corpus, storage
 from data.tokenizer import get_tokenizer
 from model import axes
 from model.config import ConfigError
@@ -43,22 +41,20 @@ class RestoredModel(NamedTuple):
 
 def read_run_config(workdir: str) -> schema.Config:
   """The frozen config a run was trained with, from DIR/config.json."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
+  config_path = storage.join(workdir, 'config.json')
+  if not storage.exists(config_path):
     raise ConfigError(
       f'{config_path} not found: --workdir must be a directory written by train.train'
     )
-  with open(config_path) as f:
-    return schema.from_dict(json.load(f))
+  return schema.from_dict(storage.read_json(config_path))
 
 
 def run_tokenizer_identity(workdir: str, data_cfg: schema.DataConfig) -> TokenizerIdentity:
   """The fingerprint and spec of the tokenizer a run was trained with: DIR/dataset.json (written by
   train.train), else the metadata of the run's own dataset (`data_cfg`)."""
-  path = os.path.join(workdir, 'dataset.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      ident = json.load(f)
+  path = storage.join(workdir, 'dataset.json')
+  if storage.exists(path):
+    ident = storage.read_json(path)
     return TokenizerIdentity(ident['tokenizer'], ident['tokenizer_spec'])
   info = corpus.load_metadata(corpus.resolve_dataset(data_cfg))['tokenizer']
   return TokenizerIdentity(info['fingerprint'], info['spec'])

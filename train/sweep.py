@@ -9,12 +9,15 @@ and ROOT/results.md list the runs' overrides with their final training loss, fin
 metrics and best held-out metrics over training (in-training evaluations, `eval.every_steps`, and
 the final checkpoint), and ROOT/<key>.png plots the held-out loss against each swept numeric
 value. Held-out numbers are exact-prefix for a model that reads the future (with its standard
-error; the `evaluation` column says which, docs/causality.md). `--print` writes one `python -m train.train ...` command per run instead, for a cluster
-scheduler (a SLURM array or a TPU launcher takes one line each).
+error; the `evaluation` column says which, docs/causality.md). ROOT is a local directory or
+gs://BUCKET/PATH (everything above is written through `data.storage`). `--print` writes one
+`python -m train.train ...` command per run instead, for a cluster scheduler (a SLURM array or a
+TPU launcher takes one line each).
 """
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import re
@@ -25,6 +28,7 @@ from typing import NamedTuple
 from absl import app, flags, logging
 
 from configs import cli, schema
+from data import storage
 from model.config import ConfigError
 
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config file (configs/NAME.py[:ARG]).')
@@ -39,7 +43,7 @@ _PRINT = flags.DEFINE_bool('print', False, 'Print one train command per run inst
 
 def _load_module(path: str):
   spec = importlib.util.spec_from_file_location('sweep_config', path)
-  if spec is None or not os.path.exists(path):
+  if spec is None or not os.path.exists(path):  # local: a Python file, imported
     raise ConfigError(f'--config={path}: no such config file')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -108,7 +112,7 @@ def commands(config: str, root: str, runs: list[dict]) -> list[str]:
       '-m',
       'train.train',
       f'--config={config}',
-      f'--workdir={os.path.join(root, run_name(overrides))}',
+      f'--workdir={storage.join(root, run_name(overrides))}',
     ]
     args += [
       f'--config.{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}'
@@ -121,7 +125,7 @@ def commands(config: str, root: str, runs: list[dict]) -> list[str]:
 def finished(workdir: str, steps: int) -> bool:
   from train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not storage.isdir(storage.join(workdir, 'checkpoints')):
     return False
   return Checkpointer(workdir, schema.CheckpointConfig(), read_only=True).latest_step() == steps
 
@@ -139,7 +143,7 @@ def run_sweep(config: str, name: str, root: str) -> list[dict]:
     cfg = schema.load(
       apply_overrides(base.copy_and_resolve_references(), overrides), jax.device_count()
     )
-    workdir = os.path.join(root, run_name(overrides))
+    workdir = storage.join(root, run_name(overrides))
     if finished(workdir, cfg.train.steps):
       logging.info('sweep: %s finished already; skipped', workdir)
     else:
@@ -176,14 +180,14 @@ def best_heldout(heldout: list[dict], final: dict) -> dict:
 def write_results(root: str, rows: list[dict]) -> None:
   """ROOT/results.csv and ROOT/results.md, one row per run."""
   keys = list(dict.fromkeys(k for r in rows for k in r))
-  with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=keys)
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_text(storage.join(root, 'results.csv'), table.getvalue())
   lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
   lines += ['| ' + ' | '.join(_fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
-  with open(os.path.join(root, 'results.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  storage.write_text(storage.join(root, 'results.md'), '\n'.join(lines) + '\n')
 
 
 def plot_results(
@@ -213,8 +217,8 @@ def plot_results(
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(os.path.join(root, f'{re.sub(r"[^A-Za-z0-9_.=-]", "_", key)}.png'))
-    fig.savefig(paths[-1], dpi=100)
+    paths.append(storage.join(root, f'{re.sub(r"[^A-Za-z0-9_.=-]", "_", key)}.png'))
+    storage.write_figure(fig, paths[-1], dpi=100)
     plt.close(fig)
   return paths
 
@@ -227,10 +231,10 @@ def main(argv):
       _, runs = load_sweep(_CONFIG.value, _SWEEP.value)
       print('\n'.join(commands(_CONFIG.value, _WORKDIR.value, runs)))
       return
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    storage.makedirs(_WORKDIR.value)
     rows = run_sweep(_CONFIG.value, _SWEEP.value, _WORKDIR.value)
-    print(f'{len(rows)} runs; results in {os.path.join(_WORKDIR.value, "results.md")}')
-  except ConfigError as e:
+    print(f'{len(rows)} runs; results in {storage.join(_WORKDIR.value, "results.md")}')
+  except (ConfigError, storage.StorageError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -15,8 +15,6 @@ held-out windows (`max_logit_change`), and states whether the config is at full 
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 
 import jax
@@ -27,7 +25,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import cli, schema, sharding
-from data import corpus, pipeline
+from data import corpus, pipeline, storage
 from model import uoe_convert
 from model.config import ConfigError
 from train import mesh as mesh_lib
@@ -76,7 +74,7 @@ def convert_run(
   """Writes step 0 of `workdir` from `dense_workdir`'s checkpoint (module docstring)."""
   dense_cfg = restore.read_run_config(dense_workdir)
   _check_architecture(dense_cfg, target)
-  if os.path.exists(os.path.join(workdir, 'checkpoints')):
+  if storage.exists(storage.join(workdir, 'checkpoints')):
     raise ConfigError(f'--workdir={workdir} already has checkpoints; choose a new directory')
   step = restore.checkpoint_step(
     Checkpointer(dense_workdir, dense_cfg.checkpoint, read_only=True), step
@@ -91,10 +89,11 @@ def convert_run(
   )
   state = fns.init()
   nnx.replace_by_pure_dict(state['model'], converted)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(target.to_dict(), f, indent=2)
-  shutil.copy(os.path.join(dense_workdir, 'dataset.json'), os.path.join(workdir, 'dataset.json'))
+  storage.write_json(storage.join(workdir, 'config.json'), target.to_dict(), indent=2)
+  storage.write_bytes(
+    storage.join(workdir, 'dataset.json'),
+    storage.read_bytes(storage.join(dense_workdir, 'dataset.json')),
+  )
   ckpt = Checkpointer(workdir, target.checkpoint)
   ckpt.save(0, state)
   ckpt.close()

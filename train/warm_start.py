@@ -14,13 +14,12 @@ Every parameter's shape is checked against what this run's config builds; all mi
 in one line, before anything is written.
 """
 
-import os
-
 import jax
 import numpy as np
 from flax import nnx
 
 from configs import schema
+from data import storage
 from model import plan, uoe_convert
 from model.config import ConfigError
 from train.checkpoint import Checkpointer
@@ -112,7 +111,7 @@ def load(cfg: schema.Config) -> dict:
   misfits = _misfits(new, abstract)
   if misfits:
     raise ConfigError(
-      f'train.init_from={os.path.abspath(path)}@{step} ({t.init_from_mode}) does not fit this '
+      f'train.init_from={storage.resolve(path)}@{step} ({t.init_from_mode}) does not fit this '
       f'model in {len(misfits)} arrays: ' + '; '.join(misfits)
     )
   return jax.tree.map(lambda a, s: np.asarray(a, dtype=s.dtype), new, abstract)
