@@ -6,7 +6,7 @@ from flax import nnx
 
 from model import axes, flash
 from model.config import ModelConfig
-from model.layers import apply_rope, init_normal
+from model.layers import apply_rope, init_normal, token_matmul
 
 
 def attention_impl(impl: str, dtype, platform: str | None = None) -> str:
@@ -118,9 +118,9 @@ class Attention(nnx.Module):
   ) -> jax.Array:
     cast = lambda w: w[...].astype(self.dtype)
     x_BLD = x_BLD.astype(self.dtype)
-    q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
-    k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wk))
-    v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
+    q_BLHK = token_matmul(x_BLD, cast(self.wq))
+    k_BLGK = token_matmul(x_BLD, cast(self.wk))
+    v_BLGK = token_matmul(x_BLD, cast(self.wv))
     if hasattr(self, 'q_norm'):
       q_BLHK = qk_norm(q_BLHK, self.q_norm[...], self.norm_eps)
       k_BLGK = qk_norm(k_BLGK, self.k_norm[...], self.norm_eps)
@@ -131,7 +131,7 @@ class Attention(nnx.Module):
     v_BLGK = axes.constrain(v_BLGK, ('batch', 'length', 'act_kv_heads', 'act_kv'))
     o_BLHK = self.attend(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL)
     o_BLHK = axes.constrain(o_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
-    return jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
+    return token_matmul(o_BLHK, cast(self.wo))
 
   def attend(
     self, q_BLHK: jax.Array, k_BLGK: jax.Array, v_BLGK: jax.Array, segment_ids_BL: jax.Array | None

@@ -20,7 +20,7 @@ from flax import nnx
 
 from model import axes, flash, validity
 from model.config import ModelConfig
-from model.layers import apply_rope, init_normal
+from model.layers import apply_rope, init_normal, token_matmul
 from model.local_attention import local_attention
 from model.routing_attention import (
   commitment_loss,
@@ -84,13 +84,13 @@ class RoutingAttention(nnx.Module):
     x_BLD = x_BLD.astype(self.dtype)
     b, l, _ = x_BLD.shape
     r = self.r
-    q_BLHK = jnp.einsum('bld,dhk->blhk', x_BLD, cast(self.wq))
+    q_BLHK = token_matmul(x_BLD, cast(self.wq))
     q_BLHK = axes.constrain(q_BLHK, ('batch', 'length', 'act_heads', 'act_kv'))
     outs = []
 
     # routing heads: shared QK, LN without affine, balanced k-means clusters
     qr_BLRK = layer_norm(q_BLHK[:, :, :r])
-    vr_BLRK = jnp.einsum('bld,drk->blrk', x_BLD, cast(self.wv_routing))
+    vr_BLRK = token_matmul(x_BLD, cast(self.wv_routing))
     means_RNK = self.means[...]
     window = min(self.window, l)  # a prefix shorter than the window (sampling) is one dense cluster
     # selection from the f32 LN(q) and means; attention inside the clusters in the compute dtype,
@@ -110,8 +110,8 @@ class RoutingAttention(nnx.Module):
 
     # local heads: RoPE, blocked causal sliding window
     if self.g:
-      k_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wk))
-      v_BLGK = jnp.einsum('bld,dgk->blgk', x_BLD, cast(self.wv))
+      k_BLGK = token_matmul(x_BLD, cast(self.wk))
+      v_BLGK = token_matmul(x_BLD, cast(self.wv))
       q_loc = apply_rope(q_BLHK[:, :, r:], positions_BL, self.rope_theta)
       k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
       local_w, seg = min(self.local_window, l), segment_ids_BL
@@ -124,7 +124,7 @@ class RoutingAttention(nnx.Module):
       outs.append(o_loc)
     o_BLHK = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     o_BLHK = axes.constrain(o_BLHK.astype(self.dtype), ('batch', 'length', 'act_heads', 'act_kv'))
-    y_BLD = jnp.einsum('blhk,hkd->bld', o_BLHK, cast(self.wo))
+    y_BLD = token_matmul(o_BLHK, cast(self.wo))
 
     valid_BL = validity.valid_tokens(segment_ids_BL, b, l)
     stats = kmeans_stats(qr_BLRK, means_RNK, valid_BL)
