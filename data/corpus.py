@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import sysconfig
-import uuid
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def prepare_default_corpus(data_cfg) -> str:
   final = storage.join(_cache_root(data_cfg), name)
   if _is_complete(final):
     return final
-  tmp = storage.join(_cache_root(data_cfg), f'.tmp-{name}-{uuid.uuid4().hex[:8]}')
+  tmp = storage.sibling(final, 'tmp')
   try:
     meta = prepare.prepare_dataset(
       os.path.join(root, '**/*.py'),  # local: the stdlib (recorded as the input, never globbed)
@@ -93,15 +92,15 @@ def prepare_default_corpus(data_cfg) -> str:
 
 def _move_into_place(tmp: str, final: str) -> None:
   """Moves `tmp` to `final`; a complete `final` that appeared meanwhile wins. On object storage,
-  which cannot rename a directory, file by file with metadata.json last: a reader never sees it
-  before the rest, and two preparers racing write the same bytes (preparing is deterministic)."""
+  which cannot rename a directory, `storage.move_into` moves it piece by piece with metadata.json
+  last: a reader never sees it before the rest, and two preparers racing write the same bytes
+  (preparing is deterministic)."""
   if storage.is_remote(final):
     if not _is_complete(final):
-      for rel in sorted(storage.walk_files(tmp), key=lambda rel: rel == 'metadata.json'):
-        storage.move(storage.join(tmp, rel), storage.join(final, rel))
+      storage.move_into(tmp, final, last='metadata.json')
     return
   if storage.isdir(final) and not _is_complete(final):
-    stale = storage.join(storage.parent(final), f'.stale-{uuid.uuid4().hex[:8]}')
+    stale = storage.sibling(final, 'stale')
     try:
       if not _is_complete(final):
         storage.move(final, stale)  # incomplete leftovers: set aside

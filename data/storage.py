@@ -12,8 +12,13 @@ on hold on both kinds of storage:
   with the precondition "no live generation"), which makes the workdir lock work on a bucket.
 - `probe` writes and deletes one small object, so a run refuses storage it cannot write before
   step 1, in one line naming the URL.
+- `move_into` publishes a directory written beside its target with one file last (the one readers
+  wait for), where a bucket cannot rename a directory.
 
-No other module calls `os.path` or `open()` on a user path (tests/test_storage.py checks this).
+The two gs:// operations epath cannot express (a create-only-if-absent upload, a probe without
+retries) are in data/gcs.py.
+
+No other module calls `os.path` or `open()` on a user path (tests/test_storage_static.py checks this).
 """
 
 import contextlib
@@ -221,12 +226,17 @@ def write_json(location: str, obj, **kwargs) -> None:
   write_text(location, json.dumps(obj, **kwargs))
 
 
+def _write_rendered(location: str, render) -> None:
+  """`render(buffer)` writes into memory; the bytes are then written as `write_bytes` does."""
+  buffer = io.BytesIO()
+  render(buffer)
+  write_bytes(location, buffer.getvalue())
+
+
 def save_npy(location: str, array) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  buffer = io.BytesIO()
-  np.save(buffer, array)
-  write_bytes(location, buffer.getvalue())
+  _write_rendered(location, lambda buffer: np.save(buffer, array))
 
 
 def load_npy(location: str):
@@ -239,9 +249,7 @@ def save_npz(location: str, **arrays) -> None:
   """An uncompressed .npz of `arrays`, written atomically (as `write_bytes`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  write_bytes(location, buffer.getvalue())
+  _write_rendered(location, lambda buffer: np.savez(buffer, **arrays))
 
 
 @contextlib.contextmanager
@@ -276,6 +284,24 @@ def move(source: str, target: str) -> None:
     os.replace(resolve(source), resolve(target))
 
 
+def sibling(location: str, tag: str) -> str:
+  """A fresh, unused location beside `location` (where to write before moving in)."""
+  return join(parent(resolve(location)), f'.{tag}-{uuid.uuid4().hex[:12]}')
+
+
+def move_into(staging: str, target: str, last: str) -> None:
+  """Moves the directory `staging` to `target` so that `target/last` appears after everything
+  else: locally, onto a `target` that does not exist yet, one rename; otherwise (object storage
+  cannot rename a directory) entry by entry, `last` at the end, then `staging` is removed."""
+  if not is_remote(target) and not exists(target):
+    makedirs(parent(resolve(target)))
+    move(staging, target)
+    return
+  for name in sorted(listdir(staging), key=lambda name: name == last):
+    move(join(staging, name), join(target, name))
+  rmtree(staging)
+
+
 def create_exclusive(location: str, data: bytes) -> bool:
   """Creates `location` holding `data` if it does not exist; False (nothing written) if it does."""
   kind = scheme(location)
@@ -293,28 +319,9 @@ def create_exclusive(location: str, data: bytes) -> bool:
     raise StorageError(
       f'{location}: exclusive creation (the workdir lock) needs gs:// or a local path'
     )
-  from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+  from data import gcs  # pylint: disable=g-import-not-at-top
 
-  bucket, key = bucket_and_key(location)
-  blob = _gcs_client(location).bucket(bucket).blob(key)
-  try:
-    blob.upload_from_string(data, if_generation_match=0, timeout=30)
-  except exceptions.PreconditionFailed:
-    return False
-  return True
-
-
-def _gcs_client(location: str):
-  from google.auth import exceptions as auth_exceptions  # pylint: disable=g-import-not-at-top
-  from google.cloud import storage  # pylint: disable=g-import-not-at-top
-
-  try:
-    return storage.Client()
-  except auth_exceptions.DefaultCredentialsError:
-    raise StorageError(
-      f'{location}: no Google Cloud credentials found; run `gcloud auth application-default '
-      'login` or set GOOGLE_APPLICATION_CREDENTIALS (a local emulator: STORAGE_EMULATOR_HOST)'
-    ) from None
+  return gcs.create_if_absent(location, data)
 
 
 def probe(location: str) -> None:
@@ -323,7 +330,9 @@ def probe(location: str) -> None:
   location = resolve(location)
   name = join(location, f'.write-probe-{uuid.uuid4().hex[:12]}')
   if scheme(location) == 'gs':
-    _probe_gcs(location, name)
+    from data import gcs  # pylint: disable=g-import-not-at-top
+
+    gcs.probe(location, name)
     return
   try:
     write_bytes(name, b'probe')
@@ -332,30 +341,8 @@ def probe(location: str) -> None:
     raise StorageError(f'{location}: cannot write there ({e.strerror or e})') from None
 
 
-def _probe_gcs(location: str, name: str) -> None:
-  """Through the client library without retries: an unreachable endpoint fails in seconds, not
-  after gcsfs's minute of retrying."""
-  from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-
-  bucket, key = bucket_and_key(name)
-  endpoint = os.environ.get('STORAGE_EMULATOR_HOST', 'https://storage.googleapis.com')
-  try:
-    blob = _gcs_client(location).bucket(bucket).blob(key)
-    blob.upload_from_string(b'probe', timeout=20, retry=None)
-    blob.delete(timeout=20, retry=None)
-  except exceptions.NotFound:
-    raise StorageError(f'{location}: bucket {bucket!r} does not exist (at {endpoint})') from None
-  except (exceptions.Forbidden, exceptions.Unauthorized) as e:
-    raise StorageError(f'{location}: no permission to write ({e.code}: {_first_line(e)})') from None
-  except StorageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (connection refused, DNS, timeouts)
-    raise StorageError(
-      f'{location}: cannot reach {endpoint} ({type(e).__name__}: {_first_line(e)})'
-    ) from None
-
-
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (at most 200 characters), for one-line errors."""
   text = str(e).strip().splitlines()
   return text[0][:200] if text else type(e).__name__
 
@@ -397,7 +384,6 @@ class AppendLog:
 def write_figure(fig, location: str, **kwargs) -> str:
   """Writes a matplotlib figure to `location` (format from its extension, default PNG), rendered in
   memory and written atomically like `write_bytes`; returns `location`."""
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format=posixpath.splitext(str(location))[1][1:] or 'png', **kwargs)
-  write_bytes(location, buffer.getvalue())
+  kind = posixpath.splitext(str(location))[1][1:] or 'png'
+  _write_rendered(location, lambda buffer: fig.savefig(buffer, format=kind, **kwargs))
   return location

@@ -15,7 +15,6 @@ load. docs/hf.md.
 
 import json
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -121,9 +120,7 @@ def _write_folder(out: str, blobs: dict[str, bytes]) -> None:
     for name in sorted(blobs, key=lambda n: n == 'config.json'):  # config.json last
       storage.write_bytes(storage.join(out, name), blobs[name])
     return
-  parent = storage.parent(storage.resolve(out))
-  storage.makedirs(parent)
-  staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+  staging = storage.sibling(out, 'export')
   try:
     for name, data in blobs.items():
       storage.write_bytes(storage.join(staging, name), data)

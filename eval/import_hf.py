@@ -16,8 +16,6 @@ config.json, never a config.json without its checkpoint). docs/hf.md.
 import dataclasses
 import json
 import sys
-import tempfile
-import uuid
 
 import jax
 import numpy as np
@@ -53,7 +51,7 @@ def read_tensors(model_dir: str) -> dict[str, np.ndarray]:
     try:
       tensors.update(safetensors.numpy.load(storage.read_bytes(path)))
     except Exception as e:  # safetensors raises assorted types for a bad or unreadable file
-      raise hf_format.ExportError(f'{path} does not load: {_first_line(e)}') from None
+      raise hf_format.ExportError(f'{path} does not load: {storage.first_line(e)}') from None
   return tensors
 
 
@@ -67,20 +65,6 @@ def _tokenizer_spec(model_dir: str, staging: str) -> str:
     return 'byte'
   storage.write_bytes(storage.join(staging, 'tokenizer.json'), text)
   return 'hf:' + storage.join(staging, 'tokenizer.json')
-
-
-def _staging(workdir: str) -> str:
-  """A new empty directory beside `workdir` (a fresh prefix on a bucket)."""
-  parent = storage.parent(workdir)
-  if storage.is_remote(workdir):
-    return storage.join(parent, f'.import-{uuid.uuid4().hex[:12]}')
-  storage.makedirs(parent)
-  return tempfile.mkdtemp(prefix='.import-', dir=parent)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0] if text else type(e).__name__
 
 
 def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
@@ -102,7 +86,7 @@ def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
   fam = hf_format.family(model)
   seq_len = min(cfg.train.seq_len, hf.get('max_position_embeddings') or cfg.train.seq_len)
   tensors = read_tensors(model_dir)
-  staging = _staging(storage.resolve(workdir))
+  staging = storage.sibling(workdir, 'import')
   try:
     spec = _tokenizer_spec(model_dir, staging)
     final_spec = spec.replace(staging, storage.resolve(workdir))
@@ -130,9 +114,7 @@ def import_folder(model_dir: str, workdir: str, experiment=None) -> dict:
     ckpt = Checkpointer(staging, cfg.checkpoint)
     ckpt.save(0, state)
     ckpt.close()
-    storage.makedirs(workdir)
-    for name in sorted(storage.listdir(staging), key=lambda n: n == 'config.json'):
-      storage.move(storage.join(staging, name), storage.join(workdir, name))
+    storage.move_into(staging, workdir, last='config.json')
   finally:
     storage.rmtree(staging)
   return {

@@ -22,7 +22,7 @@ import pytest
 from configs import schema, tiny
 from data import corpus, pipeline, prepare, sources, verify
 from data.errors import DataError
-from tests.tiny_runs import checkpoint_state, metrics_rows, tiny_train_config
+from tests.tiny_runs import checkpoint_state, metrics_rows, tiny_train_config, train_command
 from train import train as train_lib
 from train.checkpoint import Checkpointer
 from train.train import TrainingError, train_and_evaluate
@@ -268,17 +268,13 @@ def test_a_resumed_run_keeps_one_metrics_record_per_step(tmp_path):
 )
 def test_signal_writes_checkpoint_that_resumes(tmp_path, cache_dir, sig, code):
   workdir = tmp_path / 'preempt'
-  args = [
-    sys.executable,
-    '-m',
-    'train.train',
-    '--config=configs/tiny.py',
-    f'--workdir={workdir}',
-    f'--config.data.cache_dir={cache_dir}',
+  args = train_command(
+    workdir,
+    cache_dir,
     '--config.train.steps=100000',
     '--config.checkpoint.every_steps=100000',
     '--config.train.log_every=1',
-  ]
+  )
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.Popen(
     args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -5,7 +5,6 @@ on the bucket, and refuses storage it cannot write before step 1."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from data import storage
-from tests.tiny_runs import checkpoint_state, metrics_rows, tiny_train_config
+from tests.tiny_runs import checkpoint_state, metrics_rows, tiny_train_config, train_command
 from train.checkpoint import Checkpointer
 from train.lock import LOCK_NAME, WorkdirLocked
 from train.train import train_and_evaluate
@@ -53,17 +52,13 @@ def test_a_killed_run_on_a_bucket_resumes_exactly(bucket, cache_dir, tmp_path, s
   leaves its lock behind, and possibly a step half-uploaded); the rerun takes over the stale lock,
   resumes from the newest complete checkpoint and matches a straight local run bit for bit."""
   workdir = storage.join(bucket, 'run')
-  args = [
-    sys.executable,
-    '-m',
-    'train.train',
-    '--config=configs/tiny.py',
-    f'--workdir={workdir}',
-    f'--config.data.cache_dir={cache_dir}',
+  args = train_command(
+    workdir,
+    cache_dir,
     f'--config.train.steps={_STEPS}',
     '--config.train.log_every=1',
     '--config.checkpoint.every_steps=4',
-  ]
+  )
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 180
   while time.time() < deadline and _logged_step(workdir) < 9 and proc.poll() is None:
@@ -139,14 +134,7 @@ def test_an_unreachable_endpoint_is_refused_in_one_line_within_seconds(monkeypat
 
 def test_the_command_prints_one_line_for_a_bad_url(cache_dir):
   proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'train.train',
-      '--config=configs/tiny.py',
-      '--workdir=ftp://host/run',
-      f'--config.data.cache_dir={cache_dir}',
-    ],
+    train_command('ftp://host/run', cache_dir),
     cwd=ROOT,
     capture_output=True,
     text=True,

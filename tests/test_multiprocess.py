@@ -18,7 +18,7 @@ import pytest
 from configs import schema, tiny
 from data import corpus, pipeline
 from model.config import ConfigError
-from tests.tiny_runs import metrics_rows
+from tests.tiny_runs import metrics_rows, train_command
 from train import distributed, launch
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
@@ -134,16 +134,7 @@ def _cfg(cache_dir, **train):
 
 
 def _train_args(workdir, cache_dir, *extra):
-  return [
-    sys.executable,
-    '-m',
-    'train.train',
-    '--config=configs/tiny.py',
-    f'--workdir={workdir}',
-    f'--config.data.cache_dir={cache_dir}',
-    '--config.train.log_every=1',
-    *extra,
-  ]
+  return train_command(workdir, cache_dir, '--config.train.log_every=1', *extra)
 
 
 def _launch(args, **kw):

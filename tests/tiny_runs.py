@@ -43,6 +43,21 @@ def tiny_train_config(cache_dir, **train) -> schema.Config:
   return schema.load(c, jax.device_count())
 
 
+def train_command(workdir, cache_dir, *extra) -> list[str]:
+  """`python -m train.train` on configs/tiny.py (run from the repository root)."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  return [
+    sys.executable,
+    '-m',
+    'train.train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    f'--config.data.cache_dir={cache_dir}',
+    *extra,
+  ]
+
+
 def metrics_rows(workdir) -> list[dict]:
   """Every row of DIR/metrics.jsonl as written (no de-duplication: tests check there is none)."""
   from data import storage  # pylint: disable=g-import-not-at-top  (the workdir may be gs://)
