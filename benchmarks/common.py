@@ -9,7 +9,7 @@ import jax
 
 from configs import cli
 
-cli.leave_out_absent_tpu()  # a benchmark starts jax as the commands do (no absent TPU runtime)
+cli.prepare_process()  # a benchmark starts jax as the commands do (host memory, no absent TPU)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 

@@ -32,7 +32,7 @@ from absl import app, flags
 
 from benchmarks import common
 from benchmarks import step_roofline as sr
-from configs import demo, schema
+from configs import cli, demo, schema
 from model import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,11 +92,11 @@ def spec_of(cfg) -> dict:
 class Worker:
   """A persistent worker subprocess spoken to in JSON lines; its stderr kept for error lines."""
 
-  def __init__(self, system: str, argv: list[str]):
+  def __init__(self, system: str, argv: list[str], env: dict):
     self.system, self.err = system, tempfile.TemporaryFile('w+')
     t0 = time.perf_counter()
     self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.err, text=True, bufsize=1)  # fmt: skip
+                                 stderr=self.err, text=True, bufsize=1, env=env)  # fmt: skip
     self.info = self._read()
     self.info['startup_s'] = time.perf_counter() - t0  # process start to warmed up
 
@@ -124,7 +124,21 @@ class Worker:
     self.err.close()
 
 
-def run(shape: str, moe: bool, rounds: int, steps: int, torch_python: str, nanodo_src: str | None):
+def worker_env(malloc: str) -> dict:
+  """Every worker's environment. 'same': glibc puts large blocks on transparent huge pages in every
+  worker from its start, as our commands do on a CPU-only jax (configs/cli.py), torch's worker
+  included; 'default': glibc's defaults everywhere."""
+  env = dict(os.environ)
+  env.pop('GLIBC_TUNABLES', None)
+  if malloc == 'same':
+    return dict(env, GLIBC_TUNABLES=cli.HUGE_PAGES_TUNABLE)
+  if malloc == 'default':
+    return dict(env, **{cli.HOST_MEMORY_ENV: 'system'})
+  raise PeerError(f'--malloc={malloc!r}: expected same or default')
+
+
+def run(shape: str, moe: bool, rounds: int, steps: int, torch_python: str, nanodo_src: str | None,
+        malloc: str = 'same'):  # fmt: skip
   """The whole comparison as one dict (see the module docstring)."""
   cfg = resolve_shape(shape, moe)
   versions = {'python': platform.python_version(), 'jax': jax.__version__,
@@ -142,12 +156,13 @@ def run(shape: str, moe: bool, rounds: int, steps: int, torch_python: str, nanod
   if nanodo_src:
     argvs['nanodo'] = me + ['nanodo', json.dumps({'spec': spec, 'nanodo_src': nanodo_src})]
   argvs['torch'] = [torch_python, TORCH_WORKER, json.dumps(spec)]
+  env = worker_env(malloc)
   workers, times = {}, {name: [] for name in argvs}
   load_before = os.getloadavg()
   try:
     for name, argv in argvs.items():  # one at a time: each warms up on an otherwise idle host
       print(f'warming up {name} ...', file=sys.stderr, flush=True)
-      workers[name] = Worker(name, argv)
+      workers[name] = Worker(name, argv, env)
     names = list(workers)
     for r in range(rounds):  # the order rotates from round to round
       for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -174,7 +189,7 @@ def run(shape: str, moe: bool, rounds: int, steps: int, torch_python: str, nanod
     'attention_impl': getattr(cfg.attention, 'impl', None), 'cpu': _cpu_model(),
     'cpu_count': os.cpu_count(), 'versions': versions,
     'loadavg_1_5_15': {'before': load_before, 'after': os.getloadavg()},
-    'rounds': rounds, 'steps_per_round': steps, 'plan_flops_per_step': flops,
+    'rounds': rounds, 'steps_per_round': steps, 'malloc': malloc, 'plan_flops_per_step': flops,
     'systems': systems, 'ratios_of_medians': ratios, 'notes': notes,
     'method': ('persistent worker per system, each warmed up alone (first_step_s: build + '
                'compile + first step; then 3 untimed steps); then per round each worker in turn '
@@ -211,7 +226,7 @@ def _print(result: dict) -> None:
 def _define_flags() -> None:
   """The command-line flags, defined only when run as a program (importing this module, as the
   tests do, defines none, so several benchmarks can be imported into one process)."""
-  global _SHAPE, _MOE, _ROUNDS, _STEPS, _NANODO, _TORCH, _SMOKE
+  global _SHAPE, _MOE, _ROUNDS, _STEPS, _NANODO, _TORCH, _SMOKE, _MALLOC
   _SHAPE = flags.DEFINE_string('shape', 'demo', 'Model shape: demo | large.')
   _MOE = flags.DEFINE_bool('moe', False, '8 experts top-2 of width mlp / 2, dropless.')
   _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds.')
@@ -220,6 +235,12 @@ def _define_flags() -> None:
   _TORCH = flags.DEFINE_string('torch_python', os.path.join(ROOT, '.venv-hf', 'bin', 'python'),
                                'Python of the torch + transformers venv (`make hf-check`).')  # fmt: skip
   _SMOKE = flags.DEFINE_bool('smoke', False, 'Toy size, 1 round of 2 steps; writes nothing.')
+  _MALLOC = flags.DEFINE_string(
+    'malloc',
+    'same',
+    'same: every worker with glibc large blocks on huge pages (configs/cli.py); '
+    'default: glibc defaults everywhere.',
+  )
 
 
 def main(argv):
@@ -230,7 +251,7 @@ def main(argv):
     if not smoke and shape not in ('demo', 'large'):
       raise PeerError(f'unknown shape {shape!r}; known: demo, large')
     result = run(shape, _MOE.value, 1 if smoke else _ROUNDS.value, 2 if smoke else _STEPS.value,
-                 os.path.abspath(_TORCH.value), _NANODO.value)  # fmt: skip
+                 os.path.abspath(_TORCH.value), _NANODO.value, _MALLOC.value)  # fmt: skip
   except PeerError as e:
     print(f'peer_step: {e}', file=sys.stderr)
     sys.exit(1)

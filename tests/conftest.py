@@ -18,6 +18,12 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_ROOT, '.cache',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, _ROOT)
+# As every command arranges on a CPU-only jax (configs/cli.py: huge_pages_environment): glibc's
+# large blocks on huge pages in the commands the tests start, and no restart of pytest itself.
+if os.environ.get('ROUTED_HOST_MEMORY', 'huge_pages') == 'huge_pages':
+  _TUNABLES = os.environ.get('GLIBC_TUNABLES', '')
+  if 'glibc.malloc.hugetlb' not in _TUNABLES:
+    os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, (_TUNABLES, 'glibc.malloc.hugetlb=1')))
 
 import pytest  # noqa: E402  (the environment above must be set before any import of jax)
 

@@ -240,7 +240,7 @@ def main(argv):
 
 
 def run():
-  cli.leave_out_absent_tpu()
+  cli.prepare_process()
   flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
   app.run(main)
 
