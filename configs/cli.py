@@ -130,7 +130,10 @@ def prepare_process() -> None:
   if env is not None and getattr(sys, 'orig_argv', None):
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    try:
+      os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:  # the restart is an optimisation: carry on with glibc's defaults
+      pass
 
 
 def parse_flags(argv: list[str]) -> list[str]:

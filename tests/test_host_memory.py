@@ -96,3 +96,14 @@ def test_an_unknown_choice_is_one_line_naming_the_variable(monkeypatch, capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err == "error: ROUTED_HOST_MEMORY='sometimes': expected huge_pages or system"
+
+
+@pytest.mark.slow  # two worker processes compiling the smoke step; the tool is under test
+def test_benchmark_smoke_runs_both_workers_to_the_same_loss():
+  from benchmarks import host_memory  # pylint: disable=g-import-not-at-top
+
+  result = host_memory.run('smoke', False, rounds=2, steps=2)
+  assert set(result['modes']) == {'huge_pages', 'system'} and result['same_final_loss']
+  assert result['huge_pages_in_effect'] == _APPLICABLE
+  for m in result['modes'].values():
+    assert m['steps'] == 4 and 0 < m['min_s'] <= m['median_s'] and m['max_rss_mb'] > 0
