@@ -124,17 +124,19 @@ def _dropless_ragged(
 
 def block_rows(assignments: int, num_experts: int, width: int, block_size: int) -> int:
   """Rows per block of the 'scan' kernel: `block_size`, or with 0 (auto) the largest power of two
-  up to half the mean rows per expert and up to 2**17 / `width` (the model width), within
+  up to a quarter of the mean rows per expert and up to 2**17 / `width` (the model width), within
   [128, 512].
 
-  The rule fits three measurements on 2 CPU cores (docs/performance.md, docs/moe.md):
-  - width 128, 1024 rows per expert: 512 fastest (0.94x the step at 128);
-  - width 256, 512 rows per expert: 256 fastest (at 512, half of the blocks would be padding);
+  Each expert's last block is half padding on average, so smaller blocks waste fewer rows, and
+  larger ones multiply faster. The rule fits these measurements on 2 CPU cores (whole train steps,
+  interleaved, glibc's large blocks on huge pages; docs/performance.md, docs/moe.md):
+  - width 128, 1024 rows per expert: 256 took 0.87-0.93x the step time of 512 (two runs);
+  - width 256, 512 rows per expert: 128 and 256 equal, 512 1.16x slower;
   - width 512, 2048 rows per expert: 256 beat 128 and 512 (the layer alone).
   """
   if block_size:
     return block_size
-  limit = min(max(1, assignments // num_experts // 2), max(1, (1 << 17) // width))
+  limit = min(max(1, assignments // num_experts // 4), max(1, (1 << 17) // width))
   return min(512, max(128, 1 << (limit.bit_length() - 1)))
 
 
