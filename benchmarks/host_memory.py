@@ -21,28 +21,24 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, peer_protocol, peer_step
 from benchmarks import step_roofline as sr
 from configs import cli, demo
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ('huge_pages', 'system')
 
 
 def _serve(shape: str, moe: bool) -> None:
   """Worker: build and warm the step, then answer {"steps": n} lines with times and rusage."""
-  proto = os.fdopen(os.dup(1), 'w')
-  os.dup2(2, 1)
-  step, fns, batch = sr.random_batch_step(sr.build_config(demo.get_config(), shape, moe))
+  proto = peer_protocol.protocol_stream()
+  _, fns, batch = sr.random_batch_step(sr.build_config(demo.get_config(), shape, moe))
   state, loss = [fns.init()], [None]
 
   def run():
@@ -80,34 +76,23 @@ def run(shape: str, moe: bool, rounds: int, steps: int) -> dict:
   """Both workers, taking turns (the order alternates each round); the result as one dict."""
   argv = [sys.executable, '-m', 'benchmarks.host_memory', f'--worker_shape={shape}']
   argv += ['--moe'] if moe else []
-  workers = {}
+  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  workers, replies = {}, {mode: [] for mode in MODES}
   try:
     for mode in MODES:
-      env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-      env[cli.HOST_MEMORY_ENV] = mode
-      err = tempfile.TemporaryFile('w+')
-      proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                              text=True, bufsize=1, env=env, cwd=ROOT)  # fmt: skip
-      workers[mode] = (proc, err, json.loads(_line(proc, err, mode)))
-    replies = {mode: [] for mode in MODES}
+      workers[mode] = peer_step.Worker(mode, argv, dict(base, **{cli.HOST_MEMORY_ENV: mode}))
     for r in range(rounds):
       for mode in MODES[r % 2 :] + MODES[: r % 2]:
-        proc, err, _ = workers[mode]
-        proc.stdin.write(json.dumps({'steps': steps}) + '\n')
-        replies[mode].append(json.loads(_line(proc, err, mode)))
+        replies[mode].append(workers[mode].request(steps))
   finally:
-    for proc, err, _ in workers.values():
-      if proc.poll() is None:
-        proc.stdin.write('{}\n')
-        proc.stdin.close()
-        proc.wait(timeout=60)
-      err.close()
+    for w in workers.values():
+      w.close()
   per_mode = {}
   for mode, rs in replies.items():
     times = [t for r in rs for t in r['times']]
     n = len(times)
     per_mode[mode] = {
-      'tunables': workers[mode][2]['tunables'],
+      'tunables': workers[mode].info['tunables'],
       'median_s': statistics.median(times), 'min_s': min(times), 'steps': n,
       'page_faults_per_step': sum(r['minflt'] for r in rs) / n,
       'kernel_s_per_step': sum(r['sys_s'] for r in rs) / n,
@@ -124,15 +109,6 @@ def run(shape: str, moe: bool, rounds: int, steps: int) -> dict:
     'method': ('two worker processes run the bare jitted train step on one fixed random batch, '
                'taking turns (order alternating per round); rusage deltas over the timed steps'),
   }  # fmt: skip
-
-
-def _line(proc, err, mode: str) -> str:
-  line = proc.stdout.readline()
-  if not line:
-    err.seek(0)
-    last = ([ln for ln in err.read().splitlines() if ln.strip()] or ['(no stderr)'])[-1]
-    raise RuntimeError(f'{mode} worker failed (exit {proc.wait()}): {last.strip()}')
-  return line
 
 
 def _define_flags() -> None:
@@ -156,7 +132,7 @@ def main(argv):
       raise ValueError(f'unknown shape {shape!r}; known: demo, large')
     result = run(shape, _MOE.value, 1 if _SMOKE.value else _ROUNDS.value,
                  2 if _SMOKE.value else _STEPS.value)  # fmt: skip
-  except (ValueError, RuntimeError) as e:
+  except (ValueError, peer_step.PeerError) as e:
     print(f'host_memory: {e}', file=sys.stderr)
     sys.exit(1)
   rows = [{'malloc': mode, 'median_ms': round(m['median_s'] * 1e3, 1),
@@ -164,6 +140,10 @@ def main(argv):
            'kernel_s/step': round(m['kernel_s_per_step'], 3),
            'max_rss_MB': round(m['max_rss_mb']), 'final_loss': m['final_loss']}
           for mode, m in result['modes'].items()]  # fmt: skip
+  print(
+    f'bare train step, shape {shape}{" MoE" if _MOE.value else ""}, on {common.device_description()}: '
+    f'{result["rounds"]} rounds of {result["steps_per_round"]} synchronised steps per worker'
+  )
   common.print_table(rows)
   print(f'huge_pages / system: {result["huge_pages_over_system"]:.2f}x; '
         f'same final loss: {result["same_final_loss"]}')  # fmt: skip

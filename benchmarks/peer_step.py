@@ -109,9 +109,13 @@ class Worker:
       raise PeerError(f'{self.system} worker failed (exit {rc}): {last.strip()}')
     return json.loads(line)
 
-  def steps(self, n: int) -> list[float]:
+  def request(self, n: int) -> dict:
+    """The worker's whole reply to {"steps": n}."""
     self.proc.stdin.write(json.dumps({'steps': n}) + '\n')
-    return self._read()['times']
+    return self._read()
+
+  def steps(self, n: int) -> list[float]:
+    return self.request(n)['times']
 
   def close(self) -> None:
     if self.proc.poll() is None:

@@ -18,12 +18,14 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(_ROOT, '.cache',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, _ROOT)
-# As every command arranges on a CPU-only jax (configs/cli.py: huge_pages_environment): glibc's
-# large blocks on huge pages in the commands the tests start, and no restart of pytest itself.
-if os.environ.get('ROUTED_HOST_MEMORY', 'huge_pages') == 'huge_pages':
-  _TUNABLES = os.environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.hugetlb' not in _TUNABLES:
-    os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, (_TUNABLES, 'glibc.malloc.hugetlb=1')))
+
+from configs import cli  # noqa: E402  (absl only: no jax yet)
+
+# As every command arranges on a CPU-only jax: glibc's large blocks on huge pages in the commands
+# the tests start; pytest itself is not restarted (its commands then find the tunable set).
+_HUGE_PAGES = cli.huge_pages_environment(cpu_only=True)
+if _HUGE_PAGES:
+  os.environ['GLIBC_TUNABLES'] = _HUGE_PAGES['GLIBC_TUNABLES']
 
 import pytest  # noqa: E402  (the environment above must be set before any import of jax)
 
