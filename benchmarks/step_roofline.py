@@ -262,6 +262,11 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   variants = variant_configs(cfg)
   if moe:  # the dense step of equal active FLOPs, in the same run: the MoE/dense ratio
     variants['dense_equal_active_flops'] = build_config(config, shape, moe=False)
+    for rows in (128, 512):  # the expert scan's block rows against `auto` (model.moe.block_rows)
+      moe_cfg = dataclasses.replace(cfg.model.moe, block_size=rows)
+      variants[f'moe_blocks_{rows}'] = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, moe=moe_cfg)
+      )
   variants = interleaved_steps(variants, calls_each=steps)
   flops_tok = plan.build(cfg.model, cfg.train.seq_len).flops_per_token
   tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -296,7 +301,8 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
     'variants': variants,
     'variants_note': ('bare train step of the same shape with the attention reference kernel '
                       "('xla') and/or the other layer loop (scan or unrolled), and for --moe the "
-                      'dense step of equal active FLOPs, called in turn in this run (timed_calls '
+                      'dense step of equal active FLOPs and the MoE step with blocks of 128 and 512 '
+                      'rows (auto: model.moe.block_rows), called in turn in this run (timed_calls '
                       'each): median and min seconds per step'),
     'moe_over_dense': (variants['as_configured']['median_s']
                        / variants['dense_equal_active_flops']['median_s']) if moe else None,

@@ -77,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   e.execution = 'dropless'  # token-choice execution: dropless (sort + grouped matmul) | capacity (einsum dispatch, drops overflow)
   e.gmm_impl = 'auto'  # dropless grouped matmul (model/gmm.py): auto (cpu scan, tpu megablox, gpu mgpu > tokamax > scan) | scan | ragged_dot | tokamax | megablox | mgpu
-  e.block_size = 0  # rows per block of the blocked (CPU) grouped matmul; 0: auto (model.moe.block_rows: 128-512 by rows per expert and width)
+  e.block_size = 0  # rows per block of the blocked (CPU) grouped matmul; 0: auto (model.moe.block_rows: 256, or 128 under 512 rows per expert)
   e.capacity_factor = 1.25  # slots per expert = ceil(factor * tokens * top_k / num_experts) (capacity execution; expert choice: top_k = 1, factor = experts per token)
   e.balance_weight = 1e-2  # weight of the Switch load-balancing loss (token choice)
   e.balance_convention = 'assignments'  # Switch loss f_i: assignments (share of the T*k assignments; HF's value / k) | tokens (share of tokens; HF's Mixtral/OLMoE value)

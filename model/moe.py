@@ -123,21 +123,22 @@ def _dropless_ragged(
 
 
 def block_rows(assignments: int, num_experts: int, width: int, block_size: int) -> int:
-  """Rows per block of the 'scan' kernel: `block_size`, or with 0 (auto) the largest power of two
-  up to a quarter of the mean rows per expert and up to 2**17 / `width` (the model width), within
-  [128, 512].
+  """Rows per block of the 'scan' kernel: `block_size`, or with 0 (auto) 256, or 128 where that is
+  more than half the mean rows per expert. `width` (the model width) is not used by the rule.
 
   Each expert's last block is half padding on average, so smaller blocks waste fewer rows, and
-  larger ones multiply faster. The rule fits these measurements on 2 CPU cores (whole train steps,
-  interleaved, glibc's large blocks on huge pages; docs/performance.md, docs/moe.md):
-  - width 128, 1024 rows per expert: 256 took 0.87-0.93x the step time of 512 (two runs);
-  - width 256, 512 rows per expert: 128 and 256 equal, 512 1.16x slower;
+  larger ones multiply faster. The rule fits these measurements on 2 x86 CPU cores (glibc's large
+  blocks on huge pages; docs/performance.md, docs/moe.md):
+  - width 128, 1024 rows per expert: 256 took 0.87-0.93x the train step of 512 with XLA's YNNPACK
+    dots; with Eigen dots (the CPU default) 256, 384 and 512 took the same time (the layer alone);
+  - width 256, 512 rows per expert, the layer alone: Eigen dots 256 took 0.92x the time of 128
+    (512 the same as 256), YNNPACK dots 128 and 256 the same;
   - width 512, 2048 rows per expert: 256 beat 128 and 512 (the layer alone).
   """
+  del width
   if block_size:
     return block_size
-  limit = min(max(1, assignments // num_experts // 4), max(1, (1 << 17) // width))
-  return min(512, max(128, 1 << (limit.bit_length() - 1)))
+  return 256 if assignments // num_experts >= 512 else 128
 
 
 def _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b):
