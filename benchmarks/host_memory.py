@@ -35,6 +35,12 @@ from configs import cli, demo
 MODES = ('huge_pages', 'system')
 
 
+def library_dots() -> bool:
+  """Whether this process's XLA:CPU hands a matrix multiply to a library fusion (YNNPACK)."""
+  a = jax.numpy.ones((64, 64))
+  return '__ynn_fusion' in jax.jit(lambda x, y: x @ y).lower(a, a).compile().as_text()
+
+
 def _serve(shape: str, moe: bool) -> None:
   """Worker: build and warm the step, then answer {"steps": n} lines with times and rusage."""
   proto = peer_protocol.protocol_stream()
@@ -47,7 +53,10 @@ def _serve(shape: str, moe: bool) -> None:
 
   for _ in range(4):
     run()
-  ready = {'tunables': os.environ.get('GLIBC_TUNABLES', ''), 'pid': os.getpid()}
+  ready = {
+    'tunables': os.environ.get('GLIBC_TUNABLES', ''), 'pid': os.getpid(),
+    'xla_flags': os.environ.get('XLA_FLAGS', ''), 'library_dots': library_dots(),
+  }  # fmt: skip
   proto.write(json.dumps(ready) + '\n')
   proto.flush()
   for line in sys.stdin:
@@ -72,33 +81,45 @@ def _serve(shape: str, moe: bool) -> None:
     proto.flush()
 
 
-def run(shape: str, moe: bool, rounds: int, steps: int) -> dict:
-  """Both workers, taking turns (the order alternates each round); the result as one dict."""
+def take_turns(workers: dict, shape: str, rounds: int, steps: int) -> tuple[dict, dict]:
+  """One step-serving worker per entry of `workers` (name: (moe, environment)), taking turns (the
+  order rotates each round): each worker's ready message and its replies, by name."""
   argv = [sys.executable, '-m', 'benchmarks.host_memory', f'--worker_shape={shape}']
-  argv += ['--moe'] if moe else []
-  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  workers, replies = {}, {mode: [] for mode in MODES}
+  started, replies = {}, {name: [] for name in workers}
+  names = list(workers)
   try:
-    for mode in MODES:
-      workers[mode] = peer_step.Worker(mode, argv, dict(base, **{cli.HOST_MEMORY_ENV: mode}))
+    for name, (moe, env) in workers.items():
+      started[name] = peer_step.Worker(name, argv + ['--moe'] * moe, env)
     for r in range(rounds):
-      for mode in MODES[r % 2 :] + MODES[: r % 2]:
-        replies[mode].append(workers[mode].request(steps))
+      for name in names[r % len(names) :] + names[: r % len(names)]:
+        replies[name].append(started[name].request(steps))
   finally:
-    for w in workers.values():
+    for w in started.values():
       w.close()
-  per_mode = {}
-  for mode, rs in replies.items():
-    times = [t for r in rs for t in r['times']]
-    n = len(times)
-    per_mode[mode] = {
-      'tunables': workers[mode].info['tunables'],
-      'median_s': statistics.median(times), 'min_s': min(times), 'steps': n,
-      'page_faults_per_step': sum(r['minflt'] for r in rs) / n,
-      'kernel_s_per_step': sum(r['sys_s'] for r in rs) / n,
-      'user_s_per_step': sum(r['user_s'] for r in rs) / n,
-      'max_rss_mb': max(r['max_rss_mb'] for r in rs), 'final_loss': rs[-1]['loss'],
-    }  # fmt: skip
+  return {name: w.info for name, w in started.items()}, replies
+
+
+def summary(rs: list[dict]) -> dict:
+  """Step times and rusage per step over a worker's replies."""
+  times = [t for r in rs for t in r['times']]
+  n = len(times)
+  return {
+    'median_s': statistics.median(times), 'min_s': min(times), 'steps': n,
+    'page_faults_per_step': sum(r['minflt'] for r in rs) / n,
+    'kernel_s_per_step': sum(r['sys_s'] for r in rs) / n,
+    'user_s_per_step': sum(r['user_s'] for r in rs) / n,
+    'max_rss_mb': max(r['max_rss_mb'] for r in rs), 'final_loss': rs[-1]['loss'],
+  }  # fmt: skip
+
+
+def run(shape: str, moe: bool, rounds: int, steps: int) -> dict:
+  """Both workers, taking turns; the result as one dict."""
+  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  workers = {mode: (moe, dict(base, **{cli.HOST_MEMORY_ENV: mode})) for mode in MODES}
+  info, replies = take_turns(workers, shape, rounds, steps)
+  per_mode = {
+    mode: dict(tunables=info[mode]['tunables'], **summary(rs)) for mode, rs in replies.items()
+  }
   huge, system = per_mode['huge_pages'], per_mode['system']
   return {
     'shape': shape, 'moe': moe, 'rounds': rounds, 'steps_per_round': steps,

@@ -1,12 +1,14 @@
 """Command-line parsing that turns every flag or config-override mistake into one clear line, and
 keeps the console to the run's own lines (library INFO logging only with an explicit --verbosity).
 Before parsing, `prepare_process` sets up the process: jax on the CPU alone where a TPU runtime is
-installed without chips, and glibc's large blocks on huge pages on a CPU-only jax."""
+installed without chips, and on a CPU-only jax Eigen matrix multiplies and glibc's large blocks on
+huge pages."""
 
 import ctypes
 import importlib.util
 import logging
 import os
+import platform
 import re
 import sys
 from importlib import metadata
@@ -86,6 +88,31 @@ def huge_pages_environment(cpu_only: bool) -> dict | None:
   return dict(os.environ, GLIBC_TUNABLES=':'.join(filter(None, (tunables, HUGE_PAGES_TUNABLE))))
 
 
+# Matrix multiplies on a CPU-only jax (x86-64). jaxlib 0.10.2's XLA:CPU hands dots to its YNNPACK
+# library fusions by default; on 2 x86 cores XLA's own Eigen dots ran the model's matmuls faster:
+# the MoE layer's forward and backward took 0.84x the time, the demo train step ~0.9x (MoE and
+# dense), measured by benchmarks/cpu_dots.py (docs/performance.md). The flag below turns the
+# library fusions off; it is set in XLA_FLAGS before jax starts its backend, unless XLA_FLAGS
+# already names it. ROUTED_CPU_DOTS=xla keeps XLA's default; other machines (arm64) keep it too:
+# nothing was measured there.
+CPU_DOTS_ENV = 'ROUTED_CPU_DOTS'  # eigen (the default on x86-64) | xla
+EIGEN_DOTS_FLAG = '--xla_cpu_experimental_ynn_fusion_type='
+
+
+def cpu_dots_flags(cpu_only: bool) -> str | None:
+  """The XLA_FLAGS this process should start jax with so that XLA:CPU multiplies with Eigen; None
+  where they are already so, not wanted or not measured."""
+  choice = os.environ.get(CPU_DOTS_ENV, 'eigen')
+  if choice not in ('eigen', 'xla'):
+    raise ValueError(f'{CPU_DOTS_ENV}={choice!r}: expected eigen or xla')
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  if not cpu_only or choice == 'xla' or 'xla_cpu_experimental_ynn_fusion_type' in xla_flags:
+    return None
+  if platform.machine().lower() not in ('x86_64', 'amd64'):
+    return None
+  return ' '.join(filter(None, (xla_flags.strip(), EIGEN_DOTS_FLAG)))
+
+
 def _gpu_plugin_installed() -> bool:
   names = {(d.metadata['Name'] or '').lower().replace('_', '-') for d in metadata.distributions()}
   return any(n.startswith(('jax-cuda', 'jax-rocm')) for n in names)
@@ -120,10 +147,15 @@ def leave_out_absent_tpu() -> bool:
 
 
 def prepare_process() -> None:
-  """Before jax's first computation: leave an absent TPU out, and on a CPU-only jax restart once
-  with glibc's large blocks on huge pages (see `huge_pages_environment`)."""
+  """Before jax's first computation: leave an absent TPU out, and on a CPU-only jax multiply with
+  Eigen (`cpu_dots_flags`) and restart once with glibc's large blocks on huge pages
+  (`huge_pages_environment`)."""
   try:
-    env = huge_pages_environment(cpu_only=leave_out_absent_tpu())
+    cpu_only = leave_out_absent_tpu()
+    xla_flags = cpu_dots_flags(cpu_only)
+    if xla_flags is not None:  # before jax's backend starts (it reads XLA_FLAGS once)
+      os.environ['XLA_FLAGS'] = xla_flags
+    env = huge_pages_environment(cpu_only)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

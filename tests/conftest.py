@@ -26,6 +26,10 @@ from configs import cli  # noqa: E402  (absl only: no jax yet)
 _HUGE_PAGES = cli.huge_pages_environment(cpu_only=True)
 if _HUGE_PAGES:
   os.environ['GLIBC_TUNABLES'] = _HUGE_PAGES['GLIBC_TUNABLES']
+# As every command does on an x86-64 CPU-only jax, pytest too multiplies with XLA's Eigen dots.
+_DOTS = cli.cpu_dots_flags(cpu_only=True)
+if _DOTS:
+  os.environ['XLA_FLAGS'] = _DOTS
 
 import pytest  # noqa: E402  (the environment above must be set before any import of jax)
 
