@@ -74,12 +74,18 @@ def _transparent_huge_pages() -> str | None:
     return None
 
 
+def _choice(variable: str, choices: tuple[str, ...]) -> str:
+  """The environment variable's value, the first choice where unset; ValueError naming it else."""
+  value = os.environ.get(variable, choices[0])
+  if value not in choices:
+    raise ValueError(f'{variable}={value!r}: expected {" or ".join(choices)}')
+  return value
+
+
 def huge_pages_environment(cpu_only: bool) -> dict | None:
   """The environment to restart this process with so that glibc puts its large blocks on
   transparent huge pages; None where that is already so, not wanted or cannot help."""
-  choice = os.environ.get(HOST_MEMORY_ENV, 'huge_pages')
-  if choice not in ('huge_pages', 'system'):
-    raise ValueError(f'{HOST_MEMORY_ENV}={choice!r}: expected huge_pages or system')
+  choice = _choice(HOST_MEMORY_ENV, ('huge_pages', 'system'))
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   if not cpu_only or choice == 'system' or 'glibc.malloc.hugetlb' in tunables:
     return None
@@ -89,9 +95,10 @@ def huge_pages_environment(cpu_only: bool) -> dict | None:
 
 
 # Matrix multiplies on a CPU-only jax (x86-64). jaxlib 0.10.2's XLA:CPU hands dots to its YNNPACK
-# library fusions by default; on 2 x86 cores XLA's own Eigen dots ran the model's matmuls faster:
-# the MoE layer's forward and backward took 0.84x the time, the demo train step ~0.9x (MoE and
-# dense), measured by benchmarks/cpu_dots.py (docs/performance.md). The flag below turns the
+# library fusions by default; on 2 x86 cores XLA's own Eigen dots ran the model's matmuls faster
+# or as fast: the demo MoE train step took 0.91x the time, the dense one 0.99x, at the larger shape
+# 0.94x (dense) and 1.00x (MoE), measured by benchmarks/cpu_dots.py (docs/performance.md); the MoE
+# layer alone took ~0.84x at the demo shape. The flag below turns the
 # library fusions off; it is set in XLA_FLAGS before jax starts its backend, unless XLA_FLAGS
 # already names it. ROUTED_CPU_DOTS=xla keeps XLA's default; other machines (arm64) keep it too:
 # nothing was measured there.
@@ -102,9 +109,7 @@ EIGEN_DOTS_FLAG = '--xla_cpu_experimental_ynn_fusion_type='
 def cpu_dots_flags(cpu_only: bool) -> str | None:
   """The XLA_FLAGS this process should start jax with so that XLA:CPU multiplies with Eigen; None
   where they are already so, not wanted or not measured."""
-  choice = os.environ.get(CPU_DOTS_ENV, 'eigen')
-  if choice not in ('eigen', 'xla'):
-    raise ValueError(f'{CPU_DOTS_ENV}={choice!r}: expected eigen or xla')
+  choice = _choice(CPU_DOTS_ENV, ('eigen', 'xla'))
   xla_flags = os.environ.get('XLA_FLAGS', '')
   if not cpu_only or choice == 'xla' or 'xla_cpu_experimental_ynn_fusion_type' in xla_flags:
     return None
