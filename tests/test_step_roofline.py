@@ -30,6 +30,14 @@ def test_smoke_result_fields():
   assert result['moe_over_dense'] is None
 
 
+@pytest.mark.slow  # the MoE smoke step in five more variants
+def test_smoke_moe_times_the_dense_step_and_other_block_rows_in_the_same_run():
+  result = step_roofline.run(demo.get_config(), 'smoke', moe=True, steps=2)
+  assert {'dense_equal_active_flops', 'moe_blocks_128', 'moe_blocks_512'} <= set(result['variants'])
+  assert result['moe_config']['block_size'] == 0  # as configured: auto
+  assert result['moe_over_dense'] > 0
+
+
 @pytest.mark.parametrize('impl', ['xla', 'chunked'])
 def test_gemm_flops_are_the_plan_flops_less_the_unscored_pairs(impl):
   """With the reference kernel the listed matmuls sum exactly to the plan's FLOPs (which count
