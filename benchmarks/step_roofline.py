@@ -8,7 +8,8 @@ forward+backward, optimizer, non-finite guard, metrics), and the top ops of a pr
 
 Usage: python -m benchmarks.step_roofline [--shape=demo|large] [--moe] [--steps=10] [--smoke]
 Hardware: any; on 2 CPU cores the demo shape takes about a minute. Writes
-benchmarks/results/step_roofline_<shape>[_moe].json (--smoke: a toy size, writes nowhere).
+benchmarks/results/step_roofline_<shape>[_moe[_<gmm_impl>]].json (the kernel where
+--config.moe.gmm_impl names one; --smoke: a toy size, writes nowhere).
 """
 
 import collections
@@ -262,7 +263,8 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   variants = variant_configs(cfg)
   if moe:  # the dense step of equal active FLOPs, in the same run: the MoE/dense ratio
     variants['dense_equal_active_flops'] = build_config(config, shape, moe=False)
-    for rows in (128, 512):  # the expert scan's block rows against `auto` (model.moe.block_rows)
+    scan = cfg.model.moe.gmm_impl in ('auto', 'scan') and jax.default_backend() == 'cpu'
+    for rows in (128, 512) if scan else ():  # the scan's block rows against model.moe.block_rows
       moe_cfg = dataclasses.replace(cfg.model.moe, block_size=rows)
       variants[f'moe_blocks_{rows}'] = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, moe=moe_cfg)
@@ -341,6 +343,8 @@ def main(argv):
   if not _SMOKE.value:
     result['command'] = 'python -m benchmarks.step_roofline ' + ' '.join(sys.argv[1:])
     name = f'step_roofline_{shape}' + ('_moe' if _MOE.value else '')
+    if _MOE.value and result['moe_config']['gmm_impl'] != 'auto':  # e.g. --config.moe.gmm_impl=blas
+      name += '_' + result['moe_config']['gmm_impl']
     print(f'wrote {common.write_result(name, result)}')
 
 

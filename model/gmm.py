@@ -3,6 +3,8 @@
 `y[rows of group g] = x[rows of group g] @ w[g]`, rows sorted by group, `sizes_G` rows each.
 - 'scan': groups padded to blocks, a scan multiplies each block by its expert's SwiGLU weights
   (`model.moe._blocked`); exact and fast where XLA has no grouped matmul (CPU). Runs everywhere.
+- 'blas': one sgemm per group from NumPy's OpenBLAS, an XLA FFI custom call built on first use
+  (model/host_blas.py); CPU and float32 only, no padding. Opt-in: 'auto' does not pick it yet.
 - 'ragged_dot': `jax.lax.ragged_dot`. Exact, but XLA:CPU and XLA:GPU (this jaxlib) lower it
   densely over every group (E times the FLOPs), so 'auto' never picks it.
 - 'megablox': the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (its own VJP:
@@ -26,11 +28,13 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from model import host_blas
 from model import platform as target_platform
 from model.config import MOE_GMM_IMPLS, ConfigError
 
-RAGGED = ('ragged_dot', 'megablox', 'mgpu', 'tokamax')  # the plain (x, w, sizes) kernels
-PALLAS = ('megablox', 'mgpu', 'tokamax')  # custom kernels XLA cannot partition (moe.py shards them)
+RAGGED = ('ragged_dot', 'blas', 'megablox', 'mgpu', 'tokamax')  # the plain (x, w, sizes) kernels
+PALLAS = ('megablox', 'mgpu', 'tokamax')  # the Pallas kernels (interpret mode on CPU)
+UNPARTITIONED = (*PALLAS, 'blas')  # custom calls XLA cannot partition (moe.py shards them)
 
 
 def _compute_capability() -> str | None:
@@ -50,6 +54,8 @@ def missing(impl: str, platform: str, interpret: bool = False) -> str | None:
   `interpret` runs the Pallas kernels in interpret mode (any platform; tests)."""
   if impl in ('scan', 'ragged_dot'):
     return None
+  if impl == 'blas':
+    return host_blas.missing(platform)
   if impl == 'megablox':
     return (
       None
@@ -92,6 +98,8 @@ def resolve(impl: str, platform: str | None = None, interpret: bool = False, dty
   why = missing(impl, platform, interpret)
   if why:
     raise ConfigError(f'moe.gmm_impl={impl!r}: {why}')
+  if impl == 'blas' and dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    raise ConfigError(f"moe.gmm_impl='blas': needs float32 (model.dtype); got {jnp.dtype(dtype)}")
   return impl
 
 
@@ -119,6 +127,12 @@ def ragged_vjp(fwd, fwd_t, tgmm):
 
   gmm.defvjp(gmm_fwd, gmm_bwd)
   return gmm
+
+
+@functools.cache
+def _blas():
+  """The host BLAS kernel (model/host_blas.py) as a differentiable grouped matmul."""
+  return ragged_vjp(host_blas.gmm, host_blas.gmm_t, host_blas.tgmm)
 
 
 def _megablox(x_MK, w_GKN, sizes_G, interpret):
@@ -175,6 +189,8 @@ def ragged_matmul(impl: str, x_MK, w_GKN, sizes_G, interpret: bool = False):
   """[M, N]: rows of group g (sorted, `sizes_G` each) times w_GKN[g], by the kernel `impl`."""
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+  if impl == 'blas':
+    return _blas()(x_MK, w_GKN, sizes_G)
   if impl == 'megablox':
     return _megablox(x_MK, w_GKN, sizes_G, interpret)
   if impl == 'mgpu':

@@ -94,7 +94,7 @@ def experts_dropless(
   kernel = gmm.resolve(impl, interpret=interpret, dtype=x_TD.dtype)
   args = (x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
   ragged = functools.partial(_dropless_ragged, kernel=kernel, interpret=interpret)
-  if kernel in gmm.PALLAS:  # XLA cannot partition them: each device sorts its own tokens
+  if kernel in gmm.UNPARTITIONED:  # XLA cannot partition them: each device sorts its own tokens
     token, whole = ('batch', None), (None, None, None)
     return axes.shard_call(ragged, *args, names=(token,) * 3 + (whole,) * 3)
   if kernel != 'scan':

@@ -121,7 +121,7 @@ def _close(actual, desired):
   np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5 * np.abs(desired).max())
 
 
-@pytest.mark.parametrize('impl', ['scan', 'ragged_dot', 'megablox'])
+@pytest.mark.parametrize('impl', ['scan', 'blas', 'ragged_dot', 'megablox'])
 def test_kernels_equal_reference_values_and_gradients(impl):
   k = 2
   x, logits, ws = _problem(k=k)
@@ -151,3 +151,20 @@ def test_ragged_vjp_wiring_against_ragged_dot():
   g_ref = jax.grad(loss(jax.lax.ragged_dot), (0, 1))(x_MK, w_GKN)
   for a, b in zip(g, g_ref):
     _close(a, b)
+
+
+def test_blas_refusals_are_one_line(monkeypatch):
+  """'blas' runs on the CPU backend only, in float32 only; 'auto' does not pick it."""
+  with pytest.raises(
+    ConfigError, match=r"^moe.gmm_impl='blas': needs the CPU backend \(this process has gpu\)$"
+  ):
+    gmm.resolve('blas', 'gpu')
+  with pytest.raises(
+    ConfigError, match=r"^moe.gmm_impl='blas': needs float32 \(model.dtype\); got bfloat16$"
+  ):
+    gmm.resolve('blas', 'cpu', dtype=jnp.bfloat16)
+  assert gmm.resolve('blas', 'cpu', dtype=jnp.float32) == 'blas'
+  assert gmm.resolve('auto', 'cpu', dtype=jnp.float32) == 'scan'
+  monkeypatch.setattr(gmm.host_blas, '_register', lambda: "needs NumPy's bundled OpenBLAS")
+  with pytest.raises(ConfigError, match=r"^moe.gmm_impl='blas': needs NumPy's bundled OpenBLAS$"):
+    gmm.resolve('blas', 'cpu')

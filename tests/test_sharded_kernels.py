@@ -66,9 +66,10 @@ def test_splash_per_shard_equals_the_reference(kv_heads, shape):
   _close(_values_and_grads(splash, args, 'fsdp_tp', shape), want)
 
 
-def test_megablox_dropless_per_shard_equals_the_reference():
+@pytest.mark.parametrize('kernel', ['megablox', 'blas'])
+def test_custom_call_dropless_per_shard_equals_the_reference(kernel):
   """Tokens over data x fsdp x expert (fsdp_ep): each device sorts its own tokens; the expert
-  weights are gathered whole."""
+  weights are gathered whole. megablox in Pallas interpret mode; blas the host BLAS custom call."""
   t, e, k, d, f = 32, 4, 2, 16, 32
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
   x = jax.random.normal(keys[0], (t, d))
@@ -87,4 +88,4 @@ def test_megablox_dropless_per_shard_equals_the_reference():
     return run
 
   want = _values_and_grads(layer(None), (x, logits, *ws))
-  _close(_values_and_grads(layer('megablox'), (x, logits, *ws), 'fsdp_ep', (2, 2, 1, 2)), want)
+  _close(_values_and_grads(layer(kernel), (x, logits, *ws), 'fsdp_ep', (2, 2, 1, 2)), want)

@@ -1,0 +1,102 @@
+"""The 'blas' grouped matmul of the dropless MoE on CPU: one sgemm per expert's rows, no padding.
+
+XLA:CPU has no grouped matmul (ragged_dot runs densely over every group), and the 'scan' kernel
+pads each expert's rows to blocks and pays a scan's bookkeeping per block. This kernel is an XLA
+FFI custom call (model/blas_gmm.cc) that calls NumPy's bundled OpenBLAS (`scipy_cblas_sgemm64_`)
+once per group. The library is compiled on first use with the C++ compiler (`$CXX`, else `c++`)
+against jaxlib's FFI headers and cached under $ROUTED_CACHE (else ~/.cache/routed_transformers),
+keyed by the source and the jaxlib version. float32 only. `missing()` says why it cannot run.
+"""
+
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'blas_gmm.cc')  # local: source
+_TARGET = 'routed_grouped_matmul'
+
+
+def _openblas() -> str | None:
+  """NumPy's bundled OpenBLAS (Linux wheels), None where NumPy links another BLAS."""
+  libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), 'numpy.libs')
+  found = sorted(glob.glob(os.path.join(libs, 'libscipy_openblas64_*.so')))
+  return found[0] if found else None
+
+
+def _library_path() -> str:
+  with open(_SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()[:16]
+  root = os.environ.get('ROUTED_CACHE') or os.path.expanduser('~/.cache/routed_transformers')
+  return os.path.join(root, 'blas_gmm', key, 'libblas_gmm.so')
+
+
+def _build(path: str) -> None:
+  compiler = os.environ.get('CXX') or 'c++'
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f'needs a C++ compiler to build the kernel ({compiler!r} not found)')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  cmd = [compiler, '-O2', '-shared', '-fPIC', '-std=c++17', '-w', f'-I{jax.ffi.include_dir()}',
+         _SOURCE, '-o', tmp, '-ldl']  # fmt: skip
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    os.remove(tmp)
+    last = (out.stderr.strip().splitlines() or ['no output'])[-1]
+    raise RuntimeError(f'building model/blas_gmm.cc failed: {last}')
+  os.replace(tmp, path)  # atomic: concurrent builders leave one whole library
+
+
+@functools.cache
+def _register() -> str | None:
+  """Build (once), load and register the kernel; None when done, else why it cannot run."""
+  blas = _openblas()
+  if blas is None:
+    return "needs NumPy's bundled OpenBLAS (a Linux NumPy wheel)"
+  try:
+    path = _library_path()
+    if not os.path.exists(path):
+      _build(path)
+    ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.RoutedGroupedMatmul), platform='cpu')
+  except (RuntimeError, OSError) as e:
+    return str(e)
+  return None
+
+
+def missing(platform: str) -> str | None:
+  """Why the kernel cannot run on `platform`, or None when it can (builds it the first time)."""
+  if platform != 'cpu':
+    return f'needs the CPU backend (this process has {platform})'
+  return _register()
+
+
+def _call(a, b, sizes_G, mode: int, shape):
+  out = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ffi.ffi_call(_TARGET, out)(a, b, sizes_G.astype(jnp.int32), mode=np.int64(mode))
+
+
+def gmm(x_MK, w_GKN, sizes_G):
+  """[M, N]: rows of group g (sorted, `sizes_G` each) times w_GKN[g]; rows past the groups: 0."""
+  return _call(x_MK, w_GKN, sizes_G, 0, (x_MK.shape[0], w_GKN.shape[2]))
+
+
+def gmm_t(dy_MN, w_GKN, sizes_G):
+  """[M, K]: rows of group g times w_GKN[g].T."""
+  return _call(dy_MN, w_GKN, sizes_G, 1, (dy_MN.shape[0], w_GKN.shape[1]))
+
+
+def tgmm(x_MK, dy_MN, sizes_G):
+  """[G, K, N]: x[rows of g].T @ dy[rows of g]."""
+  return _call(x_MK, dy_MN, sizes_G, 2, (sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1]))
