@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     0  # always-active shared experts (a dense SwiGLU of width shared_experts * expert width)
   )
   e.execution = 'dropless'  # token-choice execution: dropless (sort + grouped matmul) | capacity (einsum dispatch, drops overflow)
-  e.gmm_impl = 'auto'  # dropless grouped matmul (model/gmm.py): auto (cpu scan, tpu megablox, gpu mgpu > tokamax > scan) | scan | blas (cpu, f32) | ragged_dot | tokamax | megablox | mgpu
+  e.gmm_impl = 'auto'  # dropless grouped matmul (model/gmm.py): auto (cpu f32 blas > scan, tpu megablox, gpu mgpu > tokamax > scan) | scan | blas (cpu, f32) | ragged_dot | tokamax | megablox | mgpu
   e.block_size = 0  # rows per block of the blocked (CPU) grouped matmul; 0: auto (model.moe.block_rows: 256, or 128 under 512 rows per expert)
   e.capacity_factor = 1.25  # slots per expert = ceil(factor * tokens * top_k / num_experts) (capacity execution; expert choice: top_k = 1, factor = experts per token)
   e.balance_weight = 1e-2  # weight of the Switch load-balancing loss (token choice)

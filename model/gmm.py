@@ -4,7 +4,7 @@
 - 'scan': groups padded to blocks, a scan multiplies each block by its expert's SwiGLU weights
   (`model.moe._blocked`); exact and fast where XLA has no grouped matmul (CPU). Runs everywhere.
 - 'blas': one sgemm per group from NumPy's OpenBLAS, an XLA FFI custom call built on first use
-  (model/host_blas.py); CPU and float32 only, no padding. Opt-in: 'auto' does not pick it yet.
+  (model/host_blas.py); CPU and float32 only, no padding.
 - 'ragged_dot': `jax.lax.ragged_dot`. Exact, but XLA:CPU and XLA:GPU (this jaxlib) lower it
   densely over every group (E times the FLOPs), so 'auto' never picks it.
 - 'megablox': the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (its own VJP:
@@ -15,7 +15,8 @@
 - 'tokamax': `tokamax.ragged_dot` restricted to its Mosaic GPU kernel: its default list ends in
   'xla', the dense fallback. tokamax 0.0.17 needs Python >= 3.12 and jax >= 0.11.1 (the `gpu`
   extra installs it there); imported lazily.
-'auto' picks the fastest exact kernel of the platform: cpu -> scan, tpu -> megablox,
+'auto' picks the fastest exact kernel of the platform: cpu -> blas for float32 where it builds, else
+scan; tpu -> megablox,
 gpu -> mgpu on Hopper, else tokamax if installed, else scan (never ragged_dot: dense on GPU);
 for f32 on GPU scan (the GPU kernels' wgmma takes f32 as tf32, not exact).
 A kernel that cannot run here is refused in one line naming what is missing: never a fallback.
@@ -94,6 +95,9 @@ def resolve(impl: str, platform: str | None = None, interpret: bool = False, dty
       for name in ('mgpu', 'tokamax'):
         if missing(name, platform) is None:
           return name
+    if platform == 'cpu' and dtype is not None and jnp.dtype(dtype) == jnp.float32:
+      if missing('blas', platform) is None:  # else (no NumPy OpenBLAS, no compiler): scan
+        return 'blas'
     return 'scan'
   why = missing(impl, platform, interpret)
   if why:

@@ -7,8 +7,9 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
   the inverse permutation. The grouped matmul is chosen by `impl` (`moe.gmm_impl`, model/gmm.py):
   'scan' pads the groups to blocks of `block_size` rows (MegaBlocks-style) and a scan multiplies
   each block by its expert's weights (only routed work plus < E blocks of padding; the CPU
-  default: XLA:CPU runs ragged_dot densely over every group, measured 10x the dense time at E=8,
-  k=2); 'ragged_dot', 'megablox', 'mgpu', 'tokamax' are plain grouped-matmul kernels.
+  fallback: XLA:CPU runs ragged_dot densely over every group, measured 10x the dense time at E=8,
+  k=2); 'blas' (the CPU default for float32), 'ragged_dot', 'megablox', 'mgpu', 'tokamax' are
+  plain grouped-matmul kernels.
   Row permutations are gathers in both directions (`_take_rows`): no scatter-add in the backward.
 - `experts_capacity`: GShard/Switch one-hot dispatch and combine einsums with
   C = ceil(capacity_factor * T * K / E) slots per expert; first choices take slots before second

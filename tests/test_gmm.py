@@ -28,7 +28,8 @@ def test_auto_per_platform(monkeypatch, platform, hopper, tokamax, expected):
   monkeypatch.setattr(gmm, '_has_tokamax', lambda: tokamax)
   assert gmm.resolve('auto', platform) == expected
   assert gmm.resolve('auto', platform, dtype=jnp.bfloat16) == expected
-  f32 = 'megablox' if platform == 'tpu' else 'scan'  # the GPU kernels take f32 as tf32
+  # The GPU kernels take f32 as tf32; on CPU f32 gets the host BLAS kernel (it builds here).
+  f32 = {'tpu': 'megablox', 'cpu': 'blas'}.get(platform, 'scan')
   assert gmm.resolve('auto', platform, dtype=jnp.float32) == f32
 
 
@@ -154,7 +155,8 @@ def test_ragged_vjp_wiring_against_ragged_dot():
 
 
 def test_blas_refusals_are_one_line(monkeypatch):
-  """'blas' runs on the CPU backend only, in float32 only; 'auto' does not pick it."""
+  """'blas' runs on the CPU backend only, in float32 only; 'auto' picks it there where it builds,
+  and the scan where it does not."""
   with pytest.raises(
     ConfigError, match=r"^moe.gmm_impl='blas': needs the CPU backend \(this process has gpu\)$"
   ):
@@ -164,7 +166,9 @@ def test_blas_refusals_are_one_line(monkeypatch):
   ):
     gmm.resolve('blas', 'cpu', dtype=jnp.bfloat16)
   assert gmm.resolve('blas', 'cpu', dtype=jnp.float32) == 'blas'
-  assert gmm.resolve('auto', 'cpu', dtype=jnp.float32) == 'scan'
+  assert gmm.resolve('auto', 'cpu', dtype=jnp.float32) == 'blas'  # it builds here
+  assert gmm.resolve('auto', 'cpu', dtype=jnp.bfloat16) == 'scan'
   monkeypatch.setattr(gmm.host_blas, '_register', lambda: "needs NumPy's bundled OpenBLAS")
   with pytest.raises(ConfigError, match=r"^moe.gmm_impl='blas': needs NumPy's bundled OpenBLAS$"):
     gmm.resolve('blas', 'cpu')
+  assert gmm.resolve('auto', 'cpu', dtype=jnp.float32) == 'scan'
