@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from benchmarks import common, xla_profile
 from configs import schema, sharding
-from model import axes, chunked_attention, flash, plan
+from model import axes, chunked_attention, flash, gmm, plan
 from train import memory
 from train import mesh as mesh_lib
 from train import step as step_lib
@@ -261,10 +261,10 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   parts, step_fn = step_breakdown(cfg, steps)
   profile = xla_profile.top_ops(step_fn, n_steps=3, unmeasurable=Unmeasurable)
   variants = variant_configs(cfg)
+  kernel = gmm.resolve(cfg.model.moe.gmm_impl, dtype=jnp.dtype(cfg.model.dtype)) if moe else None
   if moe:  # the dense step of equal active FLOPs, in the same run: the MoE/dense ratio
     variants['dense_equal_active_flops'] = build_config(config, shape, moe=False)
-    scan = cfg.model.moe.gmm_impl in ('auto', 'scan') and jax.default_backend() == 'cpu'
-    for rows in (128, 512) if scan else ():  # the scan's block rows against model.moe.block_rows
+    for rows in (128, 512) if kernel == 'scan' else ():  # block rows against moe.block_rows
       moe_cfg = dataclasses.replace(cfg.model.moe, block_size=rows)
       variants[f'moe_blocks_{rows}'] = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, moe=moe_cfg)
@@ -276,6 +276,7 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
     'shape': shape,
     'moe': moe,
     'model': dict(SHAPES[shape], vocab=cfg.model.vocab_size),
+    'gmm_kernel': kernel,  # what moe.gmm_impl resolved to on this device
     'moe_config': {
       k: getattr(cfg.moe, k)
       for k in (
@@ -303,8 +304,8 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
     'variants': variants,
     'variants_note': ('bare train step of the same shape with the attention reference kernel '
                       "('xla') and/or the other layer loop (scan or unrolled), and for --moe the "
-                      'dense step of equal active FLOPs and the MoE step with blocks of 128 and 512 '
-                      'rows (auto: model.moe.block_rows), called in turn in this run (timed_calls '
+                      'dense step of equal active FLOPs and, with the scan kernel, the MoE step with '
+                      'blocks of 128 and 512 rows (auto: model.moe.block_rows), called in turn in this run (timed_calls '
                       'each): median and min seconds per step'),
     'moe_over_dense': (variants['as_configured']['median_s']
                        / variants['dense_equal_active_flops']['median_s']) if moe else None,

@@ -104,15 +104,8 @@ class AttentionConfig:
 
 MOE_SCORES = ('softmax', 'sigmoid')
 MOE_EXECUTIONS = ('dropless', 'capacity')
-MOE_GMM_IMPLS = (
-  'auto',
-  'scan',
-  'blas',
-  'ragged_dot',
-  'tokamax',
-  'megablox',
-  'mgpu',
-)  # model/gmm.py
+# model/gmm.py
+MOE_GMM_IMPLS = ('auto', 'scan', 'blas', 'ragged_dot', 'tokamax', 'megablox', 'mgpu')
 MOE_BALANCE_CONVENTIONS = ('assignments', 'tokens')
 
 

@@ -103,7 +103,7 @@ def experts_dropless(
   e = w_gate_EDF.shape[0]
   x_AD = jnp.repeat(x_TD, experts_TK.shape[1], axis=0)  # row t*K + j is token t's j-th assignment
   experts_A, _, rank_A, sizes_E = _sort(experts_TK, e)
-  b = block_rows(x_AD.shape[0], e, x_AD.shape[1], block_size)
+  b = block_rows(x_AD.shape[0], e, block_size)
   return _combine(
     _blocked(x_AD, experts_A, rank_A, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, b), weights_TK
   )
@@ -123,9 +123,9 @@ def _dropless_ragged(
   return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
 
 
-def block_rows(assignments: int, num_experts: int, width: int, block_size: int) -> int:
+def block_rows(assignments: int, num_experts: int, block_size: int) -> int:
   """Rows per block of the 'scan' kernel: `block_size`, or with 0 (auto) 256, or 128 where that is
-  more than half the mean rows per expert. `width` (the model width) is not used by the rule.
+  more than half the mean rows per expert.
 
   Each expert's last block is half padding on average, so smaller blocks waste fewer rows, and
   larger ones multiply faster. The rule fits these measurements on 2 x86 CPU cores (glibc's large
@@ -136,7 +136,6 @@ def block_rows(assignments: int, num_experts: int, width: int, block_size: int) 
     (512 the same as 256), YNNPACK dots 128 and 256 the same;
   - width 512, 2048 rows per expert: 256 beat 128 and 512 (the layer alone).
   """
-  del width
   if block_size:
     return block_size
   return 256 if assignments // num_experts >= 512 else 128

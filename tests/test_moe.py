@@ -125,12 +125,12 @@ def test_dropless_equals_reference(impl, t, e, k):
 def test_block_rows_auto_rule_and_auto_blocks_equal_reference():
   """0 picks 256 rows per block, or 128 where the mean rows per expert are under 512; the blocked
   kernel with the picked rows (128, most of them padding) equals the reference."""
-  assert moe.block_rows(8192, 8, 128, 0) == 256  # the demo shape: 1024 rows per expert
-  assert moe.block_rows(4096, 8, 256, 0) == 256  # 512 rows per expert
-  assert moe.block_rows(4088, 8, 256, 0) == 128  # 511
-  assert moe.block_rows(16384, 8, 512, 0) == 256 and moe.block_rows(10**6, 8, 64, 0) == 256
-  assert moe.block_rows(64, 8, 64, 0) == 128
-  assert moe.block_rows(8192, 8, 128, 64) == 64  # an explicit size is kept
+  assert moe.block_rows(8192, 8, 0) == 256  # the demo shape: 1024 rows per expert
+  assert moe.block_rows(4096, 8, 0) == 256  # 512 rows per expert
+  assert moe.block_rows(4088, 8, 0) == 128  # 511
+  assert moe.block_rows(16384, 8, 0) == 256 and moe.block_rows(10**6, 8, 0) == 256
+  assert moe.block_rows(64, 8, 0) == 128
+  assert moe.block_rows(8192, 8, 64) == 64  # an explicit size is kept
   x, logits, ws = _problem(40, 4, 2)
   (_, y_ref), g_ref = _value_and_grads(moe.experts_reference, 2, x, logits, ws)
   (_, y), g = _value_and_grads(lambda *a: moe.experts_dropless(*a, impl='scan'), 2, x, logits, ws)

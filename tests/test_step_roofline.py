@@ -32,7 +32,10 @@ def test_smoke_result_fields():
 
 @pytest.mark.slow  # the MoE smoke step in five more variants
 def test_smoke_moe_times_the_dense_step_and_other_block_rows_in_the_same_run():
-  result = step_roofline.run(demo.get_config(), 'smoke', moe=True, steps=2)
+  config = demo.get_config()
+  config.moe.gmm_impl = 'scan'  # the kernel with blocks
+  result = step_roofline.run(config, 'smoke', moe=True, steps=2)
+  assert result['gmm_kernel'] == 'scan'
   assert {'dense_equal_active_flops', 'moe_blocks_128', 'moe_blocks_512'} <= set(result['variants'])
   assert result['moe_config']['block_size'] == 0  # as configured: auto
   assert result['moe_over_dense'] > 0
