@@ -176,8 +176,9 @@ def random_batch_step(cfg) -> tuple[callable, step_lib.StepFns, dict]:
   return step, fns, batch
 
 
-def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
-  """Median seconds of the whole step and of each part jitted on its own; also the step fn."""
+def step_breakdown(cfg, reps: int) -> tuple[dict, callable, str]:
+  """Median seconds of the whole step and of each part jitted on its own; also the step fn and
+  its compiled HLO text."""
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), sharding.rules(cfg.mesh.rules)
   train_step, fns, batch = random_batch_step(cfg)
   state = fns.init()
@@ -225,7 +226,8 @@ def step_breakdown(cfg, reps: int) -> tuple[dict, callable]:
   out['step'] = _median_s(train_step, reps)
   out['backward_only'] = out['forward_backward'] - out['forward']
   out['unaccounted'] = out['step'] - sum(out[k] for k in parts if k != 'forward')
-  return out, train_step
+  hlo_text = fns.train_step.lower(state, batch).compile().as_text()  # the profile's source lines
+  return out, train_step, hlo_text
 
 
 def variant_configs(cfg: schema.Config) -> dict[str, schema.Config]:
@@ -258,8 +260,8 @@ def run(config, shape: str, moe: bool, steps: int) -> dict:
   """The whole measurement as one dict (see the module docstring)."""
   cfg = build_config(config, shape, moe)
   roof = matmul_roofline(cfg, reps=max(3, steps // 2))
-  parts, step_fn = step_breakdown(cfg, steps)
-  profile = xla_profile.top_ops(step_fn, n_steps=3, unmeasurable=Unmeasurable)
+  parts, step_fn, hlo_text = step_breakdown(cfg, steps)
+  profile = xla_profile.top_ops(step_fn, n_steps=3, unmeasurable=Unmeasurable, hlo_text=hlo_text)
   variants = variant_configs(cfg)
   kernel = gmm.resolve(cfg.model.moe.gmm_impl, dtype=jnp.dtype(cfg.model.dtype)) if moe else None
   if moe:  # the dense step of equal active FLOPs, in the same run: the MoE/dense ratio
@@ -340,7 +342,10 @@ def main(argv):
   if result['moe_over_dense']:
     print(f'MoE step / dense step of equal active FLOPs: {result["moe_over_dense"]:.2f}')
   for op in result['profile']['top_ops']:
-    print(f'  {op["share_of_step"]:6.1%}  {op["op"]}')
+    print(f'  {op["share_of_step"]:6.1%}  {op["op"]}  ({op.get("source", "?")})')
+  print('by source line:')
+  for src in result['profile'].get('top_sources', []):
+    print(f'  {src["share_of_step"]:6.1%}  {src["source"]}')
   if not _SMOKE.value:
     result['command'] = 'python -m benchmarks.step_roofline ' + ' '.join(sys.argv[1:])
     name = f'step_roofline_{shape}' + ('_moe' if _MOE.value else '')

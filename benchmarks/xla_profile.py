@@ -2,7 +2,9 @@
 
 Used by benchmarks/step_roofline.py. On XLA:CPU the HLO thunks run on the client and intra-op
 pool threads; their complete events are summed by name, without executor envelopes and without
-control-flow containers (whose bodies are counted op by op).
+control-flow containers (whose bodies are counted op by op). Given the compiled program's HLO
+text, each op is also named by the source line that made it (`op_sources`), and the ops' time is
+summed per source line: `ffi_call.69` says nothing, `model/gmm.py:197` does.
 """
 
 import collections
@@ -17,9 +19,51 @@ import time
 import jax
 
 
-def top_ops(step_fn, n_steps: int, top: int = 15, unmeasurable=RuntimeError) -> dict:
+def op_sources(hlo_text: str) -> dict[str, str]:
+  """{HLO op name: 'file:line' of the innermost Python frame that traced it} from a compiled
+  program's text (its FileNames / FileLocations / StackFrames tables and each op's
+  stack_frame_id). Files in this repository are relative to it, library files start at their
+  package (`optax/_src/update.py:42`); ops without a frame are left out."""
+  tables = {name: {} for name in _TABLES}
+  section, sources = None, {}
+  for line in hlo_text.splitlines():
+    if line in _TABLES:
+      section = line
+      continue
+    row = re.match(r'(\d+) (.*)', line) if section else None
+    if row:
+      tables[section][int(row.group(1))] = row.group(2)
+      continue
+    section = None if line.strip() else section
+    op = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{[^}]*stack_frame_id=(\d+)', line)
+    if op:
+      sources[op.group(1)] = int(op.group(2))
+  where = {}
+  for frame_id, text in tables['StackFrames'].items():
+    location = tables['FileLocations'].get(int(_field(text, 'file_location_id')), '')
+    file_name = tables['FileNames'].get(int(_field(location, 'file_name_id') or -1), '').strip('"')
+    if file_name:
+      where[frame_id] = f'{_short_path(file_name)}:{_field(location, "line")}'
+  return {name: where[frame] for name, frame in sources.items() if frame in where}
+
+
+def _field(text: str, key: str) -> str | None:
+  found = re.search(rf'\b{key}=(\d+)', text)
+  return found.group(1) if found else None
+
+
+def _short_path(path: str) -> str:
+  if 'site-packages' + os.sep in path:  # a library, wherever its environment is
+    return path.split('site-packages' + os.sep, 1)[1]
+  return os.path.relpath(path, _REPO) if path.startswith(_REPO + os.sep) else path
+
+
+def top_ops(
+  step_fn, n_steps: int, top: int = 15, unmeasurable=RuntimeError, hlo_text: str | None = None
+) -> dict:
   """Sums complete ('X') events by name over the perfetto trace's XLA execution threads; a
-  profiler that fails or writes no trace raises `unmeasurable` with one line."""
+  profiler that fails or writes no trace raises `unmeasurable` with one line. With the step's
+  compiled HLO text, each op also gets its source line and `top_sources` sums the ops by line."""
   jax.block_until_ready(step_fn())
   with tempfile.TemporaryDirectory() as d:
     try:
@@ -51,8 +95,13 @@ def top_ops(step_fn, n_steps: int, top: int = 15, unmeasurable=RuntimeError) -> 
         continue
       (containers if _CONTAINER.match(name) else totals)[name] += sec
       count += 1
-  ops = [{'op': name, 'seconds_per_step': s / n_steps, 'share_of_step': s / wall}
+  sources = op_sources(hlo_text) if hlo_text else {}
+  ops = [{'op': name, 'seconds_per_step': s / n_steps, 'share_of_step': s / wall,
+          **({'source': sources.get(name, '?')} if hlo_text else {})}
          for name, s in totals.most_common(top)]  # fmt: skip
+  by_source = collections.Counter()
+  for name, s in totals.items():
+    by_source[sources.get(name, '?')] += s
   return {
     'threads_counted': sorted({threads[k] for k in exec_threads}),
     'events_counted': count,
@@ -60,6 +109,8 @@ def top_ops(step_fn, n_steps: int, top: int = 15, unmeasurable=RuntimeError) -> 
     'profiled_steps': n_steps, 'profiled_wall_s': wall,
     'ops_s_per_step': sum(totals.values()) / n_steps,
     'top_ops': ops,
+    **({'top_sources': [{'source': src, 'seconds_per_step': s / n_steps, 'share_of_step': s / wall}
+                        for src, s in by_source.most_common(top)]} if hlo_text else {}),
     'containers_s_per_step': {k: v / n_steps for k, v in containers.most_common(8)},
     'note': ('complete (ph X) events summed by name on the XLA:CPU execution threads named in '
              'threads_counted, without the executor envelopes (ThunkExecutor*, end: *, '
@@ -67,11 +118,14 @@ def top_ops(step_fn, n_steps: int, top: int = 15, unmeasurable=RuntimeError) -> 
              'cond, conditional, call: their bodies are counted op by op; their totals are in '
              'containers_s_per_step); '
              'share = summed duration / wall time of the profiled steps; ops on different threads '
-             'overlap, so ops_s_per_step can exceed the step time')
+             'overlap, so ops_s_per_step can exceed the step time; top_sources: the same sums by '
+             "the source line that traced each op ('?': no frame in the HLO metadata)")
     if ops else 'the trace has no per-op events on the XLA execution threads here',
   }  # fmt: skip
 
 
+_TABLES = ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')  # HLO text's frame tables
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local: this repository
 _EXEC_THREADS = ('tf_XLAPjRtCpuClient', 'tf_XLAEigen')  # XLA:CPU: the client and intra-op pool
 _SKIP = ('ThunkExecutor', 'ThreadpoolListener', 'SlinkyThreadPool', 'end: ')  # envelopes, waits
 _CONTAINER = re.compile(r'(while|conditional|cond|call)(\.\d+)?$')  # bodies are counted op by op

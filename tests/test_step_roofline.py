@@ -20,6 +20,7 @@ def test_smoke_result_fields():
   assert isinstance(result['profile']['top_ops'], list)
   for op in result['profile']['top_ops']:
     assert op['seconds_per_step'] >= 0 and 0 <= op['share_of_step'] <= 1.5
+  assert any(s['source'].startswith('model/') for s in result['profile']['top_sources'])
   assert set(result['variants']) == {
     'as_configured',
     'attention_impl_xla',
