@@ -1,7 +1,15 @@
-// Grouped matmul on the host CPU for the dropless MoE (`moe.gmm_impl='blas'`, model/host_blas.py):
+// Grouped matmuls on the host CPU for the dropless MoE (`moe.gmm_impl='blas'`, model/host_blas.py):
 // one BLAS sgemm per group of rows, no padding. The sgemm is NumPy's bundled OpenBLAS
 // (`scipy_cblas_sgemm64_`, ILP64), loaded into the process before this library, one thread per
-// sgemm; the groups' rows are shared out over XLA's own CPU thread pool.
+// sgemm; the work is shared out over XLA's own CPU thread pool.
+//
+// Two kinds of kernel:
+// - RoutedGroupedMatmul: one grouped matmul (three modes: forward, dX, dW);
+// - RoutedSwigluForward / RoutedSwigluBackward: the experts' whole SwiGLU,
+//   y = (silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g], forward and backward in one call each.
+//   Each task keeps its rows' hidden activations in its own cache-sized buffer, so the three
+//   matmuls and the elementwise work of a group's rows run back to back on one core, and a layer
+//   makes two calls (one wake-up of the pool each) instead of nine.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -9,6 +17,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -39,30 +48,21 @@ void SingleThreadedHere() {
   done = true;
 }
 
-struct Task {
-  int64_t rows, n, k, a_off, b_off, y_off;
-  int trans_a, trans_b;
-  int64_t lda, ldb, ldc;
-};
-
-// The tasks shared by the calling thread and the helpers it schedules: each takes the next task
-// until none is left; the caller waits for the last one. Helpers that start late find no work.
-struct Work {
-  std::vector<Task> tasks;
-  const float *a, *b;
-  float* y;
-  Sgemm sgemm;
+// Tasks 0..n-1 shared by the calling thread and the pool threads it schedules: each takes the
+// next task until none is left; the caller returns when the last one is done. Helpers that start
+// late find no work.
+struct Parallel {
+  int64_t n;
+  std::function<void(int64_t)> fn;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mu;
   std::condition_variable cv;
 
   void Run() {
     SingleThreadedHere();
-    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
-      const Task& t = tasks[i];
-      sgemm(kRowMajor, t.trans_a, t.trans_b, t.rows, t.n, t.k, 1.0f, a + t.a_off, t.lda,
-            b + t.b_off, t.ldb, 0.0f, y + t.y_off, t.ldc);
-      if (done.fetch_add(1) + 1 == static_cast<int64_t>(tasks.size())) {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) {
+      fn(i);
+      if (done.fetch_add(1) + 1 == n) {
         std::lock_guard<std::mutex> lock(mu);
         cv.notify_all();
       }
@@ -70,59 +70,212 @@ struct Work {
   }
 };
 
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
+  if (n <= 0) return;
+  auto work = std::make_shared<Parallel>();
+  work->n = n;
+  work->fn = std::move(fn);
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done.load() == n; });
+}
+
+struct Rows {
+  int64_t group, begin, count;
+};
+
+// Each group's rows in equal parts of at most a quarter of each thread's share of all m rows (at
+// least 64): a balanced routing gives about one task per group, and a large group is still spread
+// over the pool. Returns the tasks and sets `used` to the rows covered by the groups.
+std::vector<Rows> RowTasks(const int32_t* size, int64_t groups, int64_t m, int64_t threads,
+                           int64_t* used) {
+  const int64_t chunk = std::max<int64_t>(64, (m + 4 * threads - 1) / (4 * threads));
+  std::vector<Rows> tasks;
+  int64_t row = 0;
+  for (int64_t g = 0; g < groups && row < m; ++g) {
+    const int64_t rows = std::min<int64_t>(std::max<int32_t>(size[g], 0), m - row);
+    const int64_t parts = (rows + chunk - 1) / chunk;
+    const int64_t step = parts > 0 ? (rows + parts - 1) / parts : 1;
+    for (int64_t r = 0; r < rows; r += step) tasks.push_back({g, row + r, std::min(step, rows - r)});
+    row += rows;
+  }
+  *used = row;
+  return tasks;
+}
+
+ffi::Error NoSgemm() {
+  return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "scipy_cblas_sgemm64_ is not loaded");
+}
+
 // mode 0: y[rows of g] = a[rows of g] @ b[g]    (a [M, K], b [G, K, N], y [M, N])
 // mode 1: y[rows of g] = a[rows of g] @ b[g].T  (a [M, K], b [G, N, K], y [M, N])
 // mode 2: y[g] = a[rows of g].T @ b[rows of g]  (a [M, K], b [M, N], y [G, K, N])
 // Rows past the last group are zero in modes 0 and 1; an empty group's y[g] is zero in mode 2.
-// Each group's rows (modes 0, 1) or each group (mode 2) are split into single-threaded sgemm
-// tasks run on XLA's own CPU thread pool, so that no second pool competes for the cores.
 ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                          ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y,
                          int64_t mode) {
-  auto work = std::make_shared<Work>();
-  work->sgemm = LoadSgemm();
-  if (work->sgemm == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "scipy_cblas_sgemm64_ is not loaded");
-  }
-  work->a = a.typed_data();
-  work->b = b.typed_data();
-  work->y = y->typed_data();
-  const int64_t groups = sizes.dimensions()[0];
-  const int32_t* size = sizes.typed_data();
-  const int64_t m = a.dimensions()[0], k = a.dimensions()[1];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t row = 0;
+  const Sgemm sgemm = LoadSgemm();
+  if (sgemm == nullptr) return NoSgemm();
+  const float *pa = a.typed_data(), *pb = b.typed_data();
+  float* py = y->typed_data();
+  const int64_t groups = sizes.dimensions()[0], m = a.dimensions()[0], k = a.dimensions()[1];
+  int64_t used = 0;
+  std::vector<Rows> tasks = RowTasks(sizes.typed_data(), groups, m, pool.num_threads(), &used);
   if (mode == 2) {
     const int64_t n = b.dimensions()[1];
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t rows = std::min<int64_t>(size[g], m - row);
-      if (rows <= 0) {
-        std::memset(work->y + g * k * n, 0, sizeof(float) * k * n);
-        continue;
-      }
-      work->tasks.push_back({k, n, rows, row * k, row * n, g * k * n, kTrans, kNoTrans, k, n, n});
-      row += rows;
-    }
-  } else {
-    const int64_t n = mode == 0 ? b.dimensions()[2] : b.dimensions()[1];
-    for (int64_t g = 0; g < groups && row < m; ++g) {
-      const int64_t rows = std::min<int64_t>(size[g], m - row);
-      const int64_t step = std::max<int64_t>(64, (rows + threads - 1) / threads);
-      for (int64_t r = 0; r < rows; r += step) {
-        const int64_t part = std::min(step, rows - r);
-        work->tasks.push_back({part, n, k, (row + r) * k, g * k * n, (row + r) * n, kNoTrans,
-                               mode == 0 ? kNoTrans : kTrans, k, mode == 0 ? n : k, n});
-      }
-      row += std::max<int64_t>(rows, 0);
-    }
-    if (row < m) std::memset(work->y + row * n, 0, sizeof(float) * (m - row) * n);
+    std::vector<int64_t> start(groups + 1, 0);
+    for (const Rows& t : tasks) start[t.group + 1] = t.begin + t.count;
+    for (int64_t g = 0; g < groups; ++g) start[g + 1] = std::max(start[g + 1], start[g]);
+    ParallelFor(pool, groups, [&](int64_t g) {
+      const int64_t rows = start[g + 1] - start[g];
+      if (rows == 0) return (void)std::memset(py + g * k * n, 0, sizeof(float) * k * n);
+      sgemm(kRowMajor, kTrans, kNoTrans, k, n, rows, 1.0f, pa + start[g] * k, k,
+            pb + start[g] * n, n, 0.0f, py + g * k * n, n);
+    });
+    return ffi::Error::Success();
   }
-  if (work->tasks.empty()) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(threads, work->tasks.size()) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == static_cast<int64_t>(work->tasks.size()); });
+  const int64_t n = mode == 0 ? b.dimensions()[2] : b.dimensions()[1];
+  if (used < m) std::memset(py + used * n, 0, sizeof(float) * (m - used) * n);
+  ParallelFor(pool, tasks.size(), [&](int64_t i) {
+    const Rows& t = tasks[i];
+    sgemm(kRowMajor, kNoTrans, mode == 0 ? kNoTrans : kTrans, t.count, n, k, 1.0f,
+          pa + t.begin * k, k, pb + t.group * k * n, mode == 0 ? n : k, 0.0f, py + t.begin * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+// exp(x) for the sigmoid: Cephes' range reduction and degree-6 polynomial (about 1 ulp), in plain
+// arithmetic so that the loops below vectorise. x is clamped to [-87.3, 88.37], where 2^n stays a
+// normal float; a NaN stays NaN (comparisons with it are false, and the polynomial carries it).
+inline float Exp(float x) {
+  x = x > 88.37f ? 88.37f : x;
+  x = x < -87.3f ? -87.3f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#define ROUTED_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// h = silu(g) * u, silu(g) = g * sigmoid(g).
+ROUTED_VECTOR_CLONES void SwigluHidden(const float* g, const float* u, float* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) h[i] = g[i] / (1.0f + Exp(-g[i])) * u[i];
+}
+
+// From dh (overwritten by dg): h = silu(g) * u, du = dh * silu(g), dg = dh * u * silu'(g) with
+// silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
+ROUTED_VECTOR_CLONES void SwigluGrads(const float* g, const float* u, float* dh_dg, float* h,
+                                      float* du, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = 1.0f / (1.0f + Exp(-g[i])), silu = g[i] * s;
+    h[i] = silu * u[i];
+    du[i] = dh_dg[i] * silu;
+    dh_dg[i] = dh_dg[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+  }
+}
+
+float* Scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// x [M, D], w_gate/w_up [G, D, F], w_down [G, F, D] -> y [M, D] and the residuals gate, up
+// [M, F] (x @ w_gate[g], x @ w_up[g]). Rows past the last group are zero.
+ffi::Error SwigluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wg,
+                         ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                         ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y,
+                         ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
+  const Sgemm sgemm = LoadSgemm();
+  if (sgemm == nullptr) return NoSgemm();
+  const int64_t m = x.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
+  const float *px = x.typed_data(), *pg = wg.typed_data(), *pu = wu.typed_data();
+  const float* pd = wd.typed_data();
+  float *py = y->typed_data(), *pgate = gate->typed_data(), *pup = up->typed_data();
+  int64_t used = 0;
+  std::vector<Rows> tasks =
+      RowTasks(sizes.typed_data(), sizes.dimensions()[0], m, pool.num_threads(), &used);
+  std::memset(py + used * d, 0, sizeof(float) * (m - used) * d);
+  std::memset(pgate + used * f, 0, sizeof(float) * (m - used) * f);
+  std::memset(pup + used * f, 0, sizeof(float) * (m - used) * f);
+  ParallelFor(pool, tasks.size(), [&](int64_t i) {
+    const Rows& t = tasks[i];
+    const float* xr = px + t.begin * d;
+    float *gr = pgate + t.begin * f, *ur = pup + t.begin * f, *h = Scratch(t.count * f);
+    sgemm(kRowMajor, kNoTrans, kNoTrans, t.count, f, d, 1.0f, xr, d, pg + t.group * d * f, f,
+          0.0f, gr, f);
+    sgemm(kRowMajor, kNoTrans, kNoTrans, t.count, f, d, 1.0f, xr, d, pu + t.group * d * f, f,
+          0.0f, ur, f);
+    SwigluHidden(gr, ur, h, t.count * f);
+    sgemm(kRowMajor, kNoTrans, kNoTrans, t.count, d, f, 1.0f, h, f, pd + t.group * f * d, d, 0.0f,
+          py + t.begin * d, d);
+  });
+  return ffi::Error::Success();
+}
+
+// The backward of SwigluForward from dy [M, D]: dx [M, D], dw_gate, dw_up [G, D, F], dw_down
+// [G, F, D]; hidden, d_gate, d_up [M, F] are scratch the call fills (h and the two gradients of
+// the pre-activations) between its two rounds: rows first (dx), then one task per weight gradient
+// of each group.
+ffi::Error SwigluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wg,
+                          ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                          ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> gate,
+                          ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dwg,
+                          ffi::ResultBuffer<ffi::F32> dwu, ffi::ResultBuffer<ffi::F32> dwd,
+                          ffi::ResultBuffer<ffi::F32> hidden, ffi::ResultBuffer<ffi::F32> d_gate,
+                          ffi::ResultBuffer<ffi::F32> d_up) {
+  const Sgemm sgemm = LoadSgemm();
+  if (sgemm == nullptr) return NoSgemm();
+  const int64_t m = x.dimensions()[0], d = x.dimensions()[1], f = wg.dimensions()[2];
+  const int64_t groups = sizes.dimensions()[0];
+  const float *px = x.typed_data(), *pg = wg.typed_data(), *pu = wu.typed_data();
+  const float *pd = wd.typed_data(), *pgate = gate.typed_data(), *pup = up.typed_data();
+  const float* pdy = dy.typed_data();
+  float *pdx = dx->typed_data(), *ph = hidden->typed_data();
+  float *pdg = d_gate->typed_data(), *pdu = d_up->typed_data();
+  float* dw[3] = {dwd->typed_data(), dwg->typed_data(), dwu->typed_data()};
+  int64_t used = 0;
+  std::vector<Rows> tasks = RowTasks(sizes.typed_data(), groups, m, pool.num_threads(), &used);
+  std::memset(pdx + used * d, 0, sizeof(float) * (m - used) * d);
+  ParallelFor(pool, tasks.size(), [&](int64_t i) {
+    const Rows& t = tasks[i];
+    const int64_t at = t.begin * f;
+    sgemm(kRowMajor, kNoTrans, kTrans, t.count, f, d, 1.0f, pdy + t.begin * d, d,
+          pd + t.group * f * d, d, 0.0f, pdg + at, f);  // dh = dy @ w_down.T, then d_gate
+    SwigluGrads(pgate + at, pup + at, pdg + at, ph + at, pdu + at, t.count * f);
+    sgemm(kRowMajor, kNoTrans, kTrans, t.count, d, f, 1.0f, pdg + at, f, pg + t.group * d * f, f,
+          0.0f, pdx + t.begin * d, d);
+    sgemm(kRowMajor, kNoTrans, kTrans, t.count, d, f, 1.0f, pdu + at, f, pu + t.group * d * f, f,
+          1.0f, pdx + t.begin * d, d);
+  });
+  std::vector<int64_t> start(groups + 1, 0);
+  for (const Rows& t : tasks) start[t.group + 1] = t.begin + t.count;
+  for (int64_t g = 0; g < groups; ++g) start[g + 1] = std::max(start[g + 1], start[g]);
+  ParallelFor(pool, 3 * groups, [&](int64_t i) {
+    const int64_t g = i / 3, which = i % 3, rows = start[g + 1] - start[g], r0 = start[g];
+    float* out = dw[which] + g * d * f;
+    if (rows == 0) return (void)std::memset(out, 0, sizeof(float) * d * f);
+    if (which == 0) {  // dw_down[g] = h.T @ dy  [F, D]
+      sgemm(kRowMajor, kTrans, kNoTrans, f, d, rows, 1.0f, ph + r0 * f, f, pdy + r0 * d, d, 0.0f,
+            out, d);
+    } else {  // dw_gate[g] = x.T @ d_gate, dw_up[g] = x.T @ d_up  [D, F]
+      sgemm(kRowMajor, kTrans, kNoTrans, d, f, rows, 1.0f, px + r0 * d, d,
+            (which == 1 ? pdg : pdu) + r0 * f, f, 0.0f, out, f);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -136,3 +289,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutedGroupedMatmul, GroupedMatmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutedSwigluForward, SwigluForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_up
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sizes
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gate
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // up
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutedSwigluBackward, SwigluBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_up
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_down
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // sizes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // up
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_gate
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_up
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw_down
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // hidden (scratch)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_gate (scratch)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d_up (scratch)

@@ -4,7 +4,8 @@
 - 'scan': groups padded to blocks, a scan multiplies each block by its expert's SwiGLU weights
   (`model.moe._blocked`); exact and fast where XLA has no grouped matmul (CPU). Runs everywhere.
 - 'blas': one sgemm per group from NumPy's OpenBLAS, an XLA FFI custom call built on first use
-  (model/host_blas.py); CPU and float32 only, no padding.
+  (model/host_blas.py); CPU and float32 only, no padding. The experts' SwiGLU (`ragged_swiglu`)
+  runs fused in it: one call forward, one backward.
 - 'ragged_dot': `jax.lax.ragged_dot`. Exact, but XLA:CPU and XLA:GPU (this jaxlib) lower it
   densely over every group (E times the FLOPs), so 'auto' never picks it.
 - 'megablox': the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (its own VJP:
@@ -187,6 +188,15 @@ def _tokamax(x_MK, w_GKN, sizes_G):
   import tokamax  # pylint: disable=g-import-not-at-top  (Python >= 3.12 only)
 
   return tokamax.ragged_dot(x_MK, w_GKN, sizes_G, implementation='mosaic')
+
+
+def ragged_swiglu(impl: str, x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G, interpret=False):
+  """[M, D]: each group's SwiGLU on its rows (sorted, `sizes_G` each): three grouped matmuls by
+  `impl`, or one fused host call each way for 'blas' (model/host_blas.py: `swiglu`)."""
+  if impl == 'blas':
+    return host_blas.swiglu(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G)
+  mm = lambda x_MX, w_GXY: ragged_matmul(impl, x_MX, w_GXY, sizes_G, interpret)
+  return mm(jax.nn.silu(mm(x_MD, w_gate_GDF)) * mm(x_MD, w_up_GDF), w_down_GFD)
 
 
 def ragged_matmul(impl: str, x_MK, w_GKN, sizes_G, interpret: bool = False):

@@ -6,6 +6,10 @@ FFI custom call (model/blas_gmm.cc) that calls NumPy's bundled OpenBLAS (`scipy_
 once per group. The library is compiled on first use with the C++ compiler (`$CXX`, else `c++`)
 against jaxlib's FFI headers and cached under $ROUTED_CACHE (else ~/.cache/routed_transformers),
 keyed by the source and the jaxlib version. float32 only. `missing()` says why it cannot run.
+
+Besides the grouped matmul (`gmm`, `gmm_t`, `tgmm`), `swiglu` runs the experts' whole SwiGLU in
+one call forward and one backward: each task keeps its rows' hidden activations in a cache-sized
+buffer, and a layer wakes the thread pool twice instead of nine times.
 """
 
 import ctypes
@@ -24,6 +28,11 @@ import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'blas_gmm.cc')  # local: source
 _TARGET = 'routed_grouped_matmul'
+_SYMBOLS = {  # FFI target: symbol of model/blas_gmm.cc
+  _TARGET: 'RoutedGroupedMatmul',
+  'routed_swiglu_forward': 'RoutedSwigluForward',
+  'routed_swiglu_backward': 'RoutedSwigluBackward',
+}
 
 
 def _openblas() -> str | None:
@@ -47,7 +56,7 @@ def _build(path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
   os.close(fd)
-  cmd = [compiler, '-O2', '-shared', '-fPIC', '-std=c++17', '-w', f'-I{jax.ffi.include_dir()}',
+  cmd = [compiler, '-O3', '-shared', '-fPIC', '-std=c++17', '-w', f'-I{jax.ffi.include_dir()}',
          _SOURCE, '-o', tmp, '-ldl']  # fmt: skip
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode != 0:
@@ -69,7 +78,8 @@ def _register() -> str | None:
       _build(path)
     ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.RoutedGroupedMatmul), platform='cpu')
+    for target, symbol in _SYMBOLS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   except (RuntimeError, OSError) as e:
     return str(e)
   return None
@@ -82,9 +92,19 @@ def missing(platform: str) -> str | None:
   return _register()
 
 
+def _ready(target: str) -> str:
+  """`target`, registered (built the first time); RuntimeError in one line where it cannot be."""
+  why = _register()
+  if why is not None:
+    raise RuntimeError(f'the host BLAS kernel cannot run here: {why}')
+  return target
+
+
 def _call(a, b, sizes_G, mode: int, shape):
   out = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ffi.ffi_call(_TARGET, out)(a, b, sizes_G.astype(jnp.int32), mode=np.int64(mode))
+  return jax.ffi.ffi_call(_ready(_TARGET), out)(
+    a, b, sizes_G.astype(jnp.int32), mode=np.int64(mode)
+  )
 
 
 def gmm(x_MK, w_GKN, sizes_G):
@@ -100,3 +120,36 @@ def gmm_t(dy_MN, w_GKN, sizes_G):
 def tgmm(x_MK, dy_MN, sizes_G):
   """[G, K, N]: x[rows of g].T @ dy[rows of g]."""
   return _call(x_MK, dy_MN, sizes_G, 2, (sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1]))
+
+
+def _f32(*shapes):
+  return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+
+
+@jax.custom_vjp
+def swiglu(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G):
+  """[M, D]: (silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g] on the rows of each group g
+  (sorted, `sizes_G` each); rows past the groups: 0."""
+  return _swiglu_fwd(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G)[0]
+
+
+def _swiglu_fwd(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G):
+  m, d, f = *x_MD.shape, w_gate_GDF.shape[2]
+  sizes_G = sizes_G.astype(jnp.int32)
+  call = jax.ffi.ffi_call(_ready('routed_swiglu_forward'), _f32((m, d), (m, f), (m, f)))
+  y_MD, gate_MF, up_MF = call(x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G)
+  return y_MD, (x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G, gate_MF, up_MF)
+
+
+def _swiglu_bwd(res, dy_MD):
+  x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G, gate_MF, up_MF = res
+  m, f = gate_MF.shape
+  outs = _f32(x_MD.shape, w_gate_GDF.shape, w_up_GDF.shape, w_down_GFD.shape, *[(m, f)] * 3)
+  call = jax.ffi.ffi_call(_ready('routed_swiglu_backward'), outs)
+  dx, dwg, dwu, dwd, *_ = call(
+    x_MD, w_gate_GDF, w_up_GDF, w_down_GFD, sizes_G, gate_MF, up_MF, dy_MD
+  )
+  return dx, dwg, dwu, dwd, None
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -116,10 +116,8 @@ def _dropless_ragged(
   k = experts_TK.shape[1]
   x_AD = jnp.repeat(x_TD, k, axis=0)
   _, order_A, rank_A, sizes_E = _sort(experts_TK, w_gate_EDF.shape[0])
-  mm = lambda x_AX, w_EXY: gmm.ragged_matmul(kernel, x_AX, w_EXY, sizes_E, interpret)
   xs_AD = _take_rows(x_AD, order_A, rank_A)
-  h_AF = jax.nn.silu(mm(xs_AD, w_gate_EDF)) * mm(xs_AD, w_up_EDF)
-  ys_AD = mm(h_AF, w_down_EFD)
+  ys_AD = gmm.ragged_swiglu(kernel, xs_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E, interpret)
   return _combine(_take_rows(ys_AD, rank_A, order_A), weights_TK)
 
 
