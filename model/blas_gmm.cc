@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -87,11 +88,13 @@ struct Rows {
 };
 
 // Each group's rows in equal parts of at most a quarter of each thread's share of all m rows (at
-// least 64): a balanced routing gives about one task per group, and a large group is still spread
-// over the pool. Returns the tasks and sets `used` to the rows covered by the groups.
+// least 64, at most `max_rows`): a balanced routing gives about one task per group, and a large
+// group is still spread over the pool. Returns the tasks and sets `used` to the rows covered by
+// the groups.
 std::vector<Rows> RowTasks(const int32_t* size, int64_t groups, int64_t m, int64_t threads,
-                           int64_t* used) {
-  const int64_t chunk = std::max<int64_t>(64, (m + 4 * threads - 1) / (4 * threads));
+                           int64_t* used, int64_t max_rows = INT64_MAX) {
+  const int64_t share = (m + 4 * threads - 1) / (4 * threads);
+  const int64_t chunk = std::max<int64_t>(64, std::min(share, max_rows));
   std::vector<Rows> tasks;
   int64_t row = 0;
   for (int64_t g = 0; g < groups && row < m; ++g) {
@@ -205,8 +208,9 @@ ffi::Error SwigluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* pd = wd.typed_data();
   float *py = y->typed_data(), *pgate = gate->typed_data(), *pup = up->typed_data();
   int64_t used = 0;
-  std::vector<Rows> tasks =
-      RowTasks(sizes.typed_data(), sizes.dimensions()[0], m, pool.num_threads(), &used);
+  // A task's hidden activations stay within about 4 MB (its own buffer, kept per thread).
+  std::vector<Rows> tasks = RowTasks(sizes.typed_data(), sizes.dimensions()[0], m,
+                                     pool.num_threads(), &used, (int64_t{1} << 20) / f);
   std::memset(py + used * d, 0, sizeof(float) * (m - used) * d);
   std::memset(pgate + used * f, 0, sizeof(float) * (m - used) * f);
   std::memset(pup + used * f, 0, sizeof(float) * (m - used) * f);

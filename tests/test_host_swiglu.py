@@ -11,14 +11,14 @@ from model import host_blas
 SIZES = (5, 0, 9, 3)  # 17 of the 20 rows: group 1 empty, three rows past the groups
 
 
-def _problem(scale=0.3, m=20, d=8, f=12):
+def _problem(scale=0.3, m=20, d=8, f=12, sizes=SIZES):
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
-  g = len(SIZES)
+  g = len(sizes)
   x = jax.random.normal(keys[0], (m, d))
   ws = [
     jax.random.normal(k, s) * scale for k, s in zip(keys[1:], ((g, d, f), (g, d, f), (g, f, d)))
   ]
-  return x, ws, jnp.array(SIZES, jnp.int32)
+  return x, ws, jnp.array(sizes, jnp.int32)
 
 
 def _reference(x_MD, wg, wu, wd, sizes_G):
@@ -57,6 +57,17 @@ def test_values_and_gradients_equal_the_reference():
     for a, b in zip(grads, grads_ref):
       _close(a, b)
     assert not np.asarray(grads[2][1]).any()  # the empty group's weight gradient: zero
+
+
+def test_a_group_split_over_several_tasks():
+  """500 rows in one group: the kernel splits them into several row tasks (at least 64 rows, at
+  most a quarter of each thread's share), whose weight gradients are still one per group."""
+  x, ws, sizes = _problem(m=600, sizes=(500, 0, 60))
+  (_, y), grads = _value_and_grads(host_blas.swiglu, x, ws, sizes)
+  (_, y_ref), grads_ref = _value_and_grads(_reference, x, ws, sizes)
+  _close(y, y_ref)
+  for a, b in zip(grads, grads_ref):
+    _close(a, b)
 
 
 def test_a_nan_stays_in_its_row_and_its_group():
