@@ -8,8 +8,8 @@ All take `x_TD`, the router's `weights_TK, experts_TK` and stacked expert weight
   'scan' pads the groups to blocks of `block_size` rows (MegaBlocks-style) and a scan multiplies
   each block by its expert's weights (only routed work plus < E blocks of padding; the CPU
   fallback: XLA:CPU runs ragged_dot densely over every group, measured 10x the dense time at E=8,
-  k=2); 'blas' (the CPU default for float32), 'ragged_dot', 'megablox', 'mgpu', 'tokamax' are
-  plain grouped-matmul kernels.
+  k=2); 'ragged_dot', 'megablox', 'mgpu', 'tokamax' are plain grouped-matmul kernels, and 'blas'
+  (the CPU default for float32) runs the experts' whole SwiGLU in one host call each way.
   Row permutations are gathers in both directions (`_take_rows`): no scatter-add in the backward.
 - `experts_capacity`: GShard/Switch one-hot dispatch and combine einsums with
   C = ceil(capacity_factor * T * K / E) slots per expert; first choices take slots before second
@@ -112,7 +112,8 @@ def experts_dropless(
 def _dropless_ragged(
   x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD, kernel, interpret
 ):
-  """Dropless through a plain grouped-matmul kernel: sort, three ragged matmuls, unsort."""
+  """Dropless through a plain grouped-matmul kernel: sort, the experts' SwiGLU on the sorted rows
+  (`gmm.ragged_swiglu`: three ragged matmuls, or one fused host call for 'blas'), unsort."""
   k = experts_TK.shape[1]
   x_AD = jnp.repeat(x_TD, k, axis=0)
   _, order_A, rank_A, sizes_E = _sort(experts_TK, w_gate_EDF.shape[0])
