@@ -1,15 +1,11 @@
-// Grouped matmuls on the host CPU for the dropless MoE (`moe.gmm_impl='blas'`, model/host_blas.py):
-// one BLAS sgemm per group of rows, no padding. The sgemm is NumPy's bundled OpenBLAS
-// (`scipy_cblas_sgemm64_`, ILP64), loaded into the process before this library, one thread per
-// sgemm; the work is shared out over XLA's own CPU thread pool.
-//
-// Two kinds of kernel:
-// - RoutedGroupedMatmul: one grouped matmul (three modes: forward, dX, dW);
-// - RoutedSwigluForward / RoutedSwigluBackward: the experts' whole SwiGLU,
-//   y = (silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g], forward and backward in one call each.
-//   Each task keeps its rows' hidden activations in its own cache-sized buffer, so the three
-//   matmuls and the elementwise work of a group's rows run back to back on one core, and a layer
-//   makes two calls (one wake-up of the pool each) instead of nine.
+// The experts' SwiGLU of the dropless MoE on the host CPU (`moe.gmm_impl='blas'`,
+// model/host_blas.py): y = (silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_down[g] on each group g's
+// rows, forward and backward in one call each, with single-threaded sgemms from NumPy's bundled
+// OpenBLAS (`scipy_cblas_sgemm64_`, ILP64, loaded into the process before this library) and no
+// padding. The work is shared out over XLA's own CPU thread pool. Each task keeps its rows'
+// hidden activations in its own cache-sized buffer, so the three matmuls and the elementwise work
+// of a group's rows run back to back on one core, and a layer makes two calls (one wake-up of the
+// pool each) instead of nine.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -110,43 +106,6 @@ std::vector<Rows> RowTasks(const int32_t* size, int64_t groups, int64_t m, int64
 
 ffi::Error NoSgemm() {
   return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "scipy_cblas_sgemm64_ is not loaded");
-}
-
-// mode 0: y[rows of g] = a[rows of g] @ b[g]    (a [M, K], b [G, K, N], y [M, N])
-// mode 1: y[rows of g] = a[rows of g] @ b[g].T  (a [M, K], b [G, N, K], y [M, N])
-// mode 2: y[g] = a[rows of g].T @ b[rows of g]  (a [M, K], b [M, N], y [G, K, N])
-// Rows past the last group are zero in modes 0 and 1; an empty group's y[g] is zero in mode 2.
-ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                         ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y,
-                         int64_t mode) {
-  const Sgemm sgemm = LoadSgemm();
-  if (sgemm == nullptr) return NoSgemm();
-  const float *pa = a.typed_data(), *pb = b.typed_data();
-  float* py = y->typed_data();
-  const int64_t groups = sizes.dimensions()[0], m = a.dimensions()[0], k = a.dimensions()[1];
-  int64_t used = 0;
-  std::vector<Rows> tasks = RowTasks(sizes.typed_data(), groups, m, pool.num_threads(), &used);
-  if (mode == 2) {
-    const int64_t n = b.dimensions()[1];
-    std::vector<int64_t> start(groups + 1, 0);
-    for (const Rows& t : tasks) start[t.group + 1] = t.begin + t.count;
-    for (int64_t g = 0; g < groups; ++g) start[g + 1] = std::max(start[g + 1], start[g]);
-    ParallelFor(pool, groups, [&](int64_t g) {
-      const int64_t rows = start[g + 1] - start[g];
-      if (rows == 0) return (void)std::memset(py + g * k * n, 0, sizeof(float) * k * n);
-      sgemm(kRowMajor, kTrans, kNoTrans, k, n, rows, 1.0f, pa + start[g] * k, k,
-            pb + start[g] * n, n, 0.0f, py + g * k * n, n);
-    });
-    return ffi::Error::Success();
-  }
-  const int64_t n = mode == 0 ? b.dimensions()[2] : b.dimensions()[1];
-  if (used < m) std::memset(py + used * n, 0, sizeof(float) * (m - used) * n);
-  ParallelFor(pool, tasks.size(), [&](int64_t i) {
-    const Rows& t = tasks[i];
-    sgemm(kRowMajor, kNoTrans, mode == 0 ? kNoTrans : kTrans, t.count, n, k, 1.0f,
-          pa + t.begin * k, k, pb + t.group * k * n, mode == 0 ? n : k, 0.0f, py + t.begin * n, n);
-  });
-  return ffi::Error::Success();
 }
 
 // exp(x) for the sigmoid: Cephes' range reduction and degree-6 polynomial (about 1 ulp), in plain
@@ -284,15 +243,6 @@ ffi::Error SwigluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutedGroupedMatmul, GroupedMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("mode"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RoutedSwigluForward, SwigluForward,
                               ffi::Ffi::Bind()

@@ -3,9 +3,9 @@
 `y[rows of group g] = x[rows of group g] @ w[g]`, rows sorted by group, `sizes_G` rows each.
 - 'scan': groups padded to blocks, a scan multiplies each block by its expert's SwiGLU weights
   (`model.moe._blocked`); exact and fast where XLA has no grouped matmul (CPU). Runs everywhere.
-- 'blas': one sgemm per group from NumPy's OpenBLAS, an XLA FFI custom call built on first use
-  (model/host_blas.py); CPU and float32 only, no padding. The experts' SwiGLU (`ragged_swiglu`)
-  runs fused in it: one call forward, one backward.
+- 'blas': the experts' whole SwiGLU (`ragged_swiglu`) in one host call forward and one backward,
+  single-threaded sgemms from NumPy's OpenBLAS per group, an XLA FFI custom call built on first
+  use (model/host_blas.py); CPU and float32 only, no padding.
 - 'ragged_dot': `jax.lax.ragged_dot`. Exact, but XLA:CPU and XLA:GPU (this jaxlib) lower it
   densely over every group (E times the FLOPs), so 'auto' never picks it.
 - 'megablox': the Pallas TPU kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (its own VJP:
@@ -134,12 +134,6 @@ def ragged_vjp(fwd, fwd_t, tgmm):
   return gmm
 
 
-@functools.cache
-def _blas():
-  """The host BLAS kernel (model/host_blas.py) as a differentiable grouped matmul."""
-  return ragged_vjp(host_blas.gmm, host_blas.gmm_t, host_blas.tgmm)
-
-
 def _megablox(x_MK, w_GKN, sizes_G, interpret):
   from jax.experimental.pallas.ops.tpu.megablox import gmm  # pylint: disable=g-import-not-at-top
 
@@ -203,12 +197,11 @@ def ragged_matmul(impl: str, x_MK, w_GKN, sizes_G, interpret: bool = False):
   """[M, N]: rows of group g (sorted, `sizes_G` each) times w_GKN[g], by the kernel `impl`."""
   if impl == 'ragged_dot':
     return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
-  if impl == 'blas':
-    return _blas()(x_MK, w_GKN, sizes_G)
   if impl == 'megablox':
     return _megablox(x_MK, w_GKN, sizes_G, interpret)
   if impl == 'mgpu':
     return _mgpu()(x_MK, w_GKN, sizes_G)
   if impl == 'tokamax':
     return _tokamax(x_MK, w_GKN, sizes_G)
-  raise ConfigError(f'moe.gmm_impl={impl!r}: not a plain grouped matmul; expected one of {RAGGED}')
+  plain = tuple(k for k in RAGGED if k != 'blas')  # 'blas' runs only fused (ragged_swiglu)
+  raise ConfigError(f'moe.gmm_impl={impl!r}: not a plain grouped matmul; expected one of {plain}')

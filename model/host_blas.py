@@ -1,15 +1,15 @@
-"""The 'blas' grouped matmul of the dropless MoE on CPU: one sgemm per expert's rows, no padding.
+"""The 'blas' kernel of the dropless MoE on CPU: the experts' SwiGLU with sgemms per expert's rows.
 
 XLA:CPU has no grouped matmul (ragged_dot runs densely over every group), and the 'scan' kernel
 pads each expert's rows to blocks and pays a scan's bookkeeping per block. This kernel is an XLA
 FFI custom call (model/blas_gmm.cc) that calls NumPy's bundled OpenBLAS (`scipy_cblas_sgemm64_`)
-once per group. The library is compiled on first use with the C++ compiler (`$CXX`, else `c++`)
+on each group's rows, without padding. The library is compiled on first use with the C++ compiler (`$CXX`, else `c++`)
 against jaxlib's FFI headers and cached under $ROUTED_CACHE (else ~/.cache/routed_transformers),
 keyed by the source and the jaxlib version. float32 only. `missing()` says why it cannot run.
 
-Besides the grouped matmul (`gmm`, `gmm_t`, `tgmm`), `swiglu` runs the experts' whole SwiGLU in
-one call forward and one backward: each task keeps its rows' hidden activations in a cache-sized
-buffer, and a layer wakes the thread pool twice instead of nine times.
+`swiglu` runs the experts' whole SwiGLU in one call forward and one backward: each task keeps its
+rows' hidden activations in a cache-sized buffer, and a layer wakes the thread pool twice instead
+of nine times (three grouped matmuls forward and six backward).
 """
 
 import ctypes
@@ -27,9 +27,7 @@ import jaxlib
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'blas_gmm.cc')  # local: source
-_TARGET = 'routed_grouped_matmul'
 _SYMBOLS = {  # FFI target: symbol of model/blas_gmm.cc
-  _TARGET: 'RoutedGroupedMatmul',
   'routed_swiglu_forward': 'RoutedSwigluForward',
   'routed_swiglu_backward': 'RoutedSwigluBackward',
 }
@@ -98,28 +96,6 @@ def _ready(target: str) -> str:
   if why is not None:
     raise RuntimeError(f'the host BLAS kernel cannot run here: {why}')
   return target
-
-
-def _call(a, b, sizes_G, mode: int, shape):
-  out = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ffi.ffi_call(_ready(_TARGET), out)(
-    a, b, sizes_G.astype(jnp.int32), mode=np.int64(mode)
-  )
-
-
-def gmm(x_MK, w_GKN, sizes_G):
-  """[M, N]: rows of group g (sorted, `sizes_G` each) times w_GKN[g]; rows past the groups: 0."""
-  return _call(x_MK, w_GKN, sizes_G, 0, (x_MK.shape[0], w_GKN.shape[2]))
-
-
-def gmm_t(dy_MN, w_GKN, sizes_G):
-  """[M, K]: rows of group g times w_GKN[g].T."""
-  return _call(dy_MN, w_GKN, sizes_G, 1, (dy_MN.shape[0], w_GKN.shape[1]))
-
-
-def tgmm(x_MK, dy_MN, sizes_G):
-  """[G, K, N]: x[rows of g].T @ dy[rows of g]."""
-  return _call(x_MK, dy_MN, sizes_G, 2, (sizes_G.shape[0], x_MK.shape[1], dy_MN.shape[1]))
 
 
 def _f32(*shapes):
